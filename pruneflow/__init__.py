@@ -1,0 +1,8 @@
+"""pruneflow: how far can a network be pruned, and what does it buy on real hardware?
+
+Entry points (Fire CLIs): ``python -m pruneflow.train | .prune | .sweep | .submit | .report | .infer``.
+Heavy libraries (nni, ray, h5py, matplotlib, submitit) are imported inside the functions that need them,
+so ``--help`` and ``pruneflow.infer`` start fast.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,194 @@
+"""``python -m pruneflow.infer --ckpt FILE|DIR --device auto|cpu|cuda|mps``: latency and accuracy of checkpoints.
+
+With a directory, every ``*.safetensors`` in it is run and a JSON file (schema: docs/device-json.md) is
+written for the report's cross-device figure.
+"""
+
+import datetime
+import json
+import os
+import platform
+import socket
+import sys
+
+from .errors import UserError, check_writable_file, run_cli
+
+# torch and friends are imported inside the functions: `--help` must answer without loading torch.
+JSON_SCHEMA = "pruneflow-device/1"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float32", channels_last=False,
+          threads=None, dataset=None, data_root=None, accuracy=True, out=None):
+    """Time (and, where the data is present, score) pruneflow checkpoints on this machine.
+
+    Args:
+      ckpt: a checkpoint file, or a directory whose *.safetensors are all run (dense included).
+      device: auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps.
+      batch_size: images per timed forward pass (64 as in the seed; 1 for laptop latency).
+      warmup: untimed passes at the exact shape first.
+      trials: timed passes (25 as in the seed).
+      dtype: float32 | float16 | bfloat16 (where the device supports it).
+      channels_last: use the NHWC memory format (often faster for convolutions on GPUs).
+      threads: torch CPU threads (default: torch's choice).
+      dataset: data set for accuracy (default: the checkpoint's own).
+      data_root: where mnist / cifar10 are staged (digits needs none).
+      accuracy: measure test accuracy when the data set is available.
+      out: JSON output path in directory mode (default: DIR/devices/<host>-<device>.json).
+    """
+    import torch
+
+    from . import checkpoint as ckpt_io
+    from .device import resolve_device
+
+    batch_size, warmup, trials = _positive(batch_size, "batch size"), _nonneg(warmup, "warmup"), _positive(trials, "trials")
+    if str(dtype) not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    if dev.type == "cpu" and dtype == "float16":
+        raise UserError("float16 is not supported for CPU inference here; use bfloat16 or float32")
+    if threads is not None:
+        torch.set_num_threads(_positive(threads, "threads"))
+    path = os.fspath(ckpt)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise UserError(f"no *.safetensors checkpoints in directory {path}")
+        out = check_writable_file(out or os.path.join(path, "devices", f"{socket.gethostname()}-{dev.type}.json"))
+    else:
+        files = [path]
+    for f in files:  # validate every file before spending time on any
+        ckpt_io.read_meta(f)
+    settings = dict(batch_size=batch_size, warmup=warmup, trials=trials, dtype=dtype, channels_last=bool(channels_last))
+    rows = [run_one(f, dev, settings, dataset, data_root, accuracy) for f in files]
+    if len(files) == 1 and not os.path.isdir(path):
+        print_single(rows[0], dev, settings)
+        return None
+    add_speedups(rows)
+    print_table(rows, dev, settings)
+    doc = {"schema": JSON_SCHEMA, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "machine": machine(dev), "settings": settings, "checkpoints": rows}
+    tmp = f"{out}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return None
+
+
+def run_one(path, dev, settings, dataset, data_root, accuracy):
+    import torch
+
+    from . import checkpoint as ckpt_io
+    from .timing import summarize, time_forward
+
+    model, meta = ckpt_io.load(path)
+    dtype = getattr(torch, settings["dtype"])
+    memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+    model = model.to(device=dev, dtype=dtype, memory_format=memory_format)
+    x = torch.randn(settings["batch_size"], *meta["input_shape"], device=dev, dtype=dtype).contiguous(memory_format=memory_format)
+    samples = time_forward(model, x, settings["warmup"], settings["trials"])
+    stats = summarize(samples)
+    row = {
+        "file": os.path.basename(path), "arch": meta["arch"], "dataset": meta["dataset"],
+        "method": meta.get("method", "none"), "sparsity": float(meta.get("sparsity", 0.0)),
+        "params": ckpt_io.count_params(model), "macs": ckpt_io.count_macs(model.float(), meta["input_shape"], dev),
+        "latency": {**stats, "samples": samples}, "images_per_s": settings["batch_size"] / stats["median"],
+        "accuracy": None, "speedup_vs_dense": None,
+    }
+    model.to(dtype=dtype)
+    if accuracy:
+        row["accuracy"] = test_accuracy(model, dataset or meta["dataset"], data_root, dev, dtype, settings, meta)
+    return row
+
+
+def test_accuracy(model, dataset, data_root, dev, dtype, settings, meta):
+    """Top-1 accuracy on the test split, or None (with a note) when the data is not on this machine."""
+    import torch
+
+    from .data import Batches, load_split
+
+    try:
+        images, labels = load_split(dataset, "test", data_root)
+    except UserError as e:
+        print(f"note: no accuracy for {dataset}: {e}", file=sys.stderr)
+        return None
+    correct = 0
+    batches = Batches(images, labels, dataset, settings["batch_size"], dev, channels_last=settings["channels_last"])
+    with torch.inference_mode():
+        for xb, yb in batches:
+            correct += (model(xb.to(dtype)).argmax(1) == yb).sum().item()
+    return correct / len(labels)
+
+
+def add_speedups(rows):
+    dense = [r for r in rows if r["method"] == "none" and r["sparsity"] == 0]
+    if dense:
+        base = dense[0]["latency"]["median"]
+        for r in rows:
+            r["speedup_vs_dense"] = base / r["latency"]["median"]
+    rows.sort(key=lambda r: (r["method"] != "none", r["method"], r["sparsity"], r["file"]))
+
+
+def machine(dev):
+    import torch
+
+    from .device import describe
+
+    return {"hostname": socket.gethostname(), "os": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "device": dev.type, "device_name": describe(dev),
+            "cpu": describe("cpu"), "threads": torch.get_num_threads()}
+
+
+def print_single(r, dev, settings):
+    from .device import describe
+
+    lat = r["latency"]
+    acc = "n/a (data not found)" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f} %"
+    lines = [
+        ("model", f"{r['arch']} ({r['dataset']})"), ("method", r["method"]), ("sparsity", f"{r['sparsity']:.2f}"),
+        ("params", f"{r['params']:,}"), ("MACs", f"{r['macs']:,}"), ("device", f"{dev} ({describe(dev)})"),
+        ("batch size", f"{settings['batch_size']} ({settings['dtype']})"),
+        ("latency", f"{1e3 * lat['mean']:.3f} ± {1e3 * lat['std']:.3f} ms (median {1e3 * lat['median']:.3f}, "
+                    f"p95 {1e3 * lat['p95']:.3f}, n={lat['n']})"),
+        ("throughput", f"{r['images_per_s']:,.0f} images/s"), ("test accuracy", acc),
+    ]
+    for k, v in lines:
+        print(f"{k:>13}: {v}")
+
+
+def print_table(rows, dev, settings):
+    from .device import describe
+
+    print(f"device {dev} ({describe(dev)}), batch {settings['batch_size']}, {settings['dtype']}, "
+          f"{settings['trials']} timed trials after {settings['warmup']} warm-up")
+    head = f"{'method':<8} {'sparsity':>8} {'params':>12} {'MACs':>14} {'median ms':>10} {'p95 ms':>8} {'speedup':>8} {'acc %':>7}  file"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        sp = "" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}x"
+        acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
+        print(f"{r['method']:<8} {r['sparsity']:>8.2f} {r['params']:>12,} {r['macs']:>14,} "
+              f"{1e3 * r['latency']['median']:>10.3f} {1e3 * r['latency']['p95']:>8.3f} {sp:>8} {acc:>7}  {r['file']}")
+
+
+def _positive(v, what):
+    try:
+        iv = int(v)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a whole number, got {v!r}") from None
+    if iv < 1 or iv != v:
+        raise UserError(f"{what} must be a whole number >= 1, got {v!r}")
+    return iv
+
+
+def _nonneg(v, what):
+    return 0 if v == 0 else _positive(v, what)
+
+
+def main():
+    run_cli(infer, name="pruneflow.infer")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The portable checkpoint: one ``.safetensors`` file, the pruned state_dict plus JSON metadata.
+
+Loading builds the base architecture and resizes every Conv2d / BatchNorm2d / Linear to the stored tensor
+shapes (channel pruning changes only widths), then loads the weights strictly. Nothing is unpickled, so a
+checkpoint cannot run code on the machine that opens it.
+"""
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+from .arch import build_model
+from .errors import UserError
+
+FORMAT = "pruneflow-checkpoint/1"
+META_KEY = "pruneflow"
+# Metadata every checkpoint carries; the rest (method, sparsity, accuracy, config, ...) is free-form.
+REQUIRED = ("format", "arch", "num_classes", "in_channels", "stem", "input_shape", "dataset", "mean", "std")
+
+
+def save(model, path, meta):
+    """Write ``model`` and ``meta`` atomically (temp file + rename: a kill never leaves half a file)."""
+    from safetensors.torch import save_file
+
+    from .. import __version__ as version  # pruneflow/__init__.py is dependency-free
+
+    missing = [k for k in REQUIRED if k != "format" and k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {missing}")
+    meta = {"format": FORMAT, "pruneflow_version": version, **meta}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def read_meta(path):
+    """The checkpoint's metadata, after checking that it is a pruneflow safetensors file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a directory")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        raise UserError(
+            f"{path} is a pickle (torch.save) file; pruneflow loads only .safetensors because unpickling "
+            "can run arbitrary code. On a trusted machine convert it: "
+            f"python -m pruneflow.convert --src {path} --out {os.path.splitext(path)[0]}.safetensors --model ARCH"
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception as e:  # SafetensorError has no stable import path across versions
+        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
+    if raw is None:
+        raise UserError(f"{path} is a safetensors file without pruneflow metadata (not written by pruneflow)")
+    try:
+        meta = json.loads(raw)
+        missing = [k for k in REQUIRED if k not in meta]
+    except (ValueError, TypeError):
+        raise UserError(f"{path} has unreadable pruneflow metadata") from None
+    if missing:
+        raise UserError(f"{path} has incomplete pruneflow metadata (missing {', '.join(missing)})")
+    if meta["format"] != FORMAT:
+        raise UserError(f"{path} is in checkpoint format {meta['format']!r}; this pruneflow reads {FORMAT!r}")
+    return meta
+
+
+def load(path, device="cpu"):
+    """Rebuild the (possibly pruned) model stored in ``path``. Returns (model in eval mode, metadata)."""
+    from safetensors.torch import load_file
+
+    meta = read_meta(path)
+    try:
+        tensors = load_file(os.fspath(path), device="cpu")
+    except Exception as e:
+        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
+    model = build_model(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"], stem=meta["stem"])
+    try:
+        resize_to(model, tensors)
+        model.load_state_dict(tensors, strict=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{path}: tensors do not match its declared architecture {meta['arch']!r} ({first})") from None
+    return model.to(device).eval(), meta
+
+
+def resize_to(model, tensors):
+    """Replace each Conv2d / BatchNorm2d / Linear by one whose widths match the stored tensors."""
+    for name, module in list(model.named_modules()):
+        w = tensors.get(f"{name}.weight")
+        if w is None:
+            continue
+        if isinstance(module, nn.Conv2d):
+            if w.dim() != 4 or tuple(w.shape[2:]) != module.kernel_size:
+                raise ValueError(f"{name}.weight has shape {tuple(w.shape)}, expected kernel {module.kernel_size}")
+            new = nn.Conv2d(w.shape[1] * module.groups, w.shape[0], module.kernel_size, module.stride,
+                            module.padding, module.dilation, module.groups, module.bias is not None)
+        elif isinstance(module, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(w.shape[0], module.eps, module.momentum, module.affine, module.track_running_stats)
+        elif isinstance(module, nn.Linear):
+            if w.dim() != 2:
+                raise ValueError(f"{name}.weight has shape {tuple(w.shape)}, expected a matrix")
+            new = nn.Linear(w.shape[1], w.shape[0], module.bias is not None)
+        else:
+            continue
+        if new.weight.shape != w.shape:
+            raise ValueError(f"{name}.weight has shape {tuple(w.shape)}")
+        _set_submodule(model, name, new)
+
+
+def _set_submodule(model, name, new):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model, input_shape, device="cpu"):
+    """Multiply-accumulates of one forward pass on one image, from torch's own FLOP counter (FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, *input_shape, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def layer_widths(model):
+    """[(name, type, in, out)] for every Conv2d and Linear, in module order: where pruning cut."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            rows.append((name, "Conv2d", m.in_channels, m.out_channels))
+        elif isinstance(m, nn.Linear):
+            rows.append((name, "Linear", m.in_features, m.out_features))
+    return rows

@@ -1,0 +1,152 @@
+"""Data sets as uint8 tensors, and a device-resident batch iterator.
+
+The whole data path, top to bottom: ``load_split`` reads a split through torchvision's own dataset classes
+(or scikit-learn's bundled digits) into one uint8 tensor of images (N, C, H, W) and one int64 tensor of
+labels; ``Batches`` keeps both on the training device and, per batch, converts to float, augments (training
+only, on the device, for the whole batch at once) and normalises. No DataLoader, no per-image Python work.
+
+Torch + torchvision only (scikit-learn is imported lazily, for ``digits``), because ``pruneflow.infer``
+measures test accuracy with it on machines that have nothing else.
+"""
+
+import os
+
+import torch
+
+from .errors import UserError
+
+# name -> (channels, height, width, classes, mean, std, augment in training)
+DATASETS = {
+    # scikit-learn's 1,797 real 8x8 handwritten digits, upsampled to MNIST's 28x28: runs anywhere, offline.
+    "digits": dict(shape=(1, 28, 28), classes=10, mean=(0.3056,), std=(0.3247,), augment=False),
+    "mnist": dict(shape=(1, 28, 28), classes=10, mean=(0.1307,), std=(0.3081,), augment=False),
+    "cifar10": dict(shape=(3, 32, 32), classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), augment=True),
+}
+SPLITS = ("train", "test")
+DEFAULT_DATA_ROOT = os.environ.get("PRUNEFLOW_DATA", os.path.join("~", ".cache", "pruneflow", "data"))
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+def dataset_info(name):
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def load_split(name, split, root=None, download=False):
+    """Return (images uint8 (N,C,H,W), labels int64 (N,)) for one split of a data set."""
+    dataset_info(name)
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if name == "digits":
+        return _digits(split)
+    root = os.path.expanduser(os.fspath(root or DEFAULT_DATA_ROOT))
+    if not download and not os.path.isdir(root):
+        raise UserError(_missing(name, root, "the directory does not exist"))
+    import torchvision
+
+    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
+    try:
+        ds = cls(root, train=(split == "train"), download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found ..." / "... or corrupted"
+        raise UserError(_missing(name, root, str(e).split(".")[0].lower())) from None
+    except OSError as e:  # e.g. no network on a compute node while --download was asked for
+        raise UserError(f"could not download {name} into {root}: {e}") from None
+    except Exception as e:  # malformed files: torchvision raises whatever its parser hits
+        raise UserError(f"{name} files under {root} could not be read ({type(e).__name__}: {e})") from None
+    if name == "mnist":
+        images = ds.data.unsqueeze(1).contiguous()  # (N, 28, 28) uint8 -> (N, 1, 28, 28)
+        labels = ds.targets.long()
+    else:
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+        labels = torch.tensor(ds.targets, dtype=torch.long)
+    return images, labels
+
+
+def _missing(name, root, why):
+    folder = {"mnist": "MNIST/raw", "cifar10": "cifar-10-batches-py"}[name]
+    return (
+        f"{name} not found under {root} ({why}). Stage it on a machine with internet with "
+        f"`python -m pruneflow.data fetch {name} --data-root {root}` (or pass --download), "
+        f"then copy {os.path.join(root, folder)} to the same place here, or point --data-root at it"
+    )
+
+
+def _digits(split):
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UserError("the 'digits' data set needs scikit-learn: pip install scikit-learn") from None
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    # Bilinear upsampling to MNIST's size so the seed's SimpleCNN (fc1 4608 inputs) runs unchanged.
+    x = torch.nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    labels = torch.tensor(d.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(DIGITS_SPLIT_SEED)
+    order = torch.randperm(len(labels), generator=g)
+    n_test = int(round(len(labels) * DIGITS_TEST_FRACTION))
+    idx = order[n_test:] if split == "train" else order[:n_test]
+    return images[idx].contiguous(), labels[idx].contiguous()
+
+
+class Batches:
+    """Iterate over (inputs, labels) batches of a whole data set held on ``device``.
+
+    ``train=True`` shuffles (seeded per epoch) and applies the data set's augmentation; evaluation
+    (``train=False``) never augments. Inputs come out as normalised float tensors.
+    """
+
+    def __init__(self, images, labels, dataset, batch_size, device="cpu", train=False, seed=0,
+                 drop_last=False, channels_last=False):
+        info = dataset_info(dataset)
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+        self.train = train
+        self.augment = train and info["augment"]
+        self.drop_last = drop_last
+        self.channels_last = channels_last
+        self.mean = torch.tensor(info["mean"], device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(info["std"], device=device).view(1, -1, 1, 1) * 255
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self):
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(n, generator=g).to(self.device)
+            self.epoch += 1
+        else:
+            g, order = None, torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment:
+                x = random_crop_flip(x, pad=4, generator=g)
+            x = (x.float() - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]
+
+
+def random_crop_flip(x, pad, generator=None):
+    """torchvision's RandomCrop(size, padding=pad) + RandomHorizontalFlip for a whole uint8 batch at once."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # zero fill, as RandomCrop's default
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    flip = torch.rand(n, generator=generator).to(x.device) < 0.5
+    rows = dy[:, None] + torch.arange(h, device=x.device)[None, :]  # (n, h)
+    cols = dx[:, None] + torch.arange(w, device=x.device)[None, :]  # (n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]

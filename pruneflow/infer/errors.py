@@ -1,0 +1,70 @@
+"""One way to fail on bad input: a single clear line on stderr and a non-zero exit, never a traceback.
+
+Lives in ``pruneflow.infer`` (torch-free, in fact dependency-free) so that the portable inference package
+and the rest of pruneflow share it; ``pruneflow.infer`` must not import the rest of the package.
+"""
+
+import os
+import sys
+
+
+class UserError(Exception):
+    """Bad input the user can fix: printed as one line, exit code 2."""
+
+
+EXIT_USER_ERROR = 2
+
+
+def run_cli(component, name=None):
+    """Run a Fire CLI; turn UserError (and Ctrl-C) into one line on stderr and a non-zero exit.
+
+    ``PRUNEFLOW_DEBUG=1`` re-raises so developers still get the traceback.
+    """
+    import fire
+
+    try:
+        result = fire.Fire(component, name=name)
+    except UserError as e:
+        if os.environ.get("PRUNEFLOW_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    return result
+
+
+def check_writable_file(path):
+    """Fail early (before hours of work) if ``path`` cannot be created."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create directory {parent}: {e.strerror}") from None
+    if os.path.isdir(path):
+        raise UserError(f"output path {path} is a directory, expected a file name")
+    _probe_write(parent)
+    return path
+
+
+def check_writable_dir(path):
+    path = os.path.abspath(os.fspath(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {path}: {e.strerror}") from None
+    _probe_write(path)
+    return path
+
+
+def _probe_write(directory):
+    # A real write, not os.access: root passes os.access everywhere, read-only mounts do not.
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".pruneflow-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(f"output directory {directory} is not writable ({e.strerror})") from None

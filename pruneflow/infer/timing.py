@@ -1,0 +1,45 @@
+"""Inference timing that can be trusted; the one implementation the sweep and ``pruneflow.infer`` share.
+
+- The input batch is on the device before the clock starts: no data loading inside the timed region
+  (the seed timed a whole DataLoader pass, which made its MNIST curves flat).
+- Warm-up at the exact shape being timed (cuDNN autotuning, lazy allocations, MPS graph building).
+- The device is synchronised around each timed call. On MPS we use torch.mps.synchronize() and
+  time.perf_counter() rather than events (MPS events have had ordering bugs) or torch.utils.benchmark
+  (which does not synchronise MPS).
+"""
+
+import math
+import time
+
+import torch
+
+from .device import synchronize
+
+
+def time_forward(model, batch, warmup=5, trials=25):
+    """Seconds for each of ``trials`` forward passes of ``batch`` (already on the model's device)."""
+    if trials < 1:
+        raise ValueError("trials must be >= 1")
+    model.eval()
+    samples = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(batch)
+        synchronize(batch.device)
+        for _ in range(trials):
+            start = time.perf_counter()
+            model(batch)
+            synchronize(batch.device)
+            samples.append(time.perf_counter() - start)
+    return samples
+
+
+def summarize(samples):
+    """mean, std (sample), median, p95 of a list of seconds."""
+    xs = sorted(samples)
+    n = len(xs)
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    median = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    p95 = xs[min(n - 1, math.ceil(0.95 * n) - 1)]
+    return {"mean": mean, "std": std, "median": median, "p95": p95, "n": n}

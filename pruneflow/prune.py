@@ -1,0 +1,239 @@
+"""Pruning behind one function: ``prune(model, method, sparsity, input_shape, ...) -> (new_model, stats)``.
+
+It never mutates its input: the seed pruned the already-pruned model at every sparsity level, so its
+results compounded. Every call here starts from a deep copy.
+
+Methods (NNI 3.0): ``level`` is unstructured (same shapes, N % zeros, no speedup); ``l1``, ``l2`` and
+``fpgm`` remove whole output channels/neurons and go through NNI's ModelSpeedup, so the model is physically
+smaller. CLI: ``python -m pruneflow.prune --ckpt dense.safetensors --method l1 --sparsity 0.5 --out p.safetensors``.
+"""
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+
+import torch
+import torch.nn as nn
+
+from .infer.checkpoint import count_macs, count_params, layer_widths
+from .infer.errors import UserError
+
+NNI_PRUNERS = {"level": "LevelPruner", "l1": "L1NormPruner", "l2": "L2NormPruner", "fpgm": "FPGMPruner"}
+METHODS = tuple(NNI_PRUNERS)
+STRUCTURED = ("l1", "l2", "fpgm")
+OP_TYPES = ("Conv2d", "Linear")
+
+
+def check_method(method):
+    if method not in NNI_PRUNERS:
+        raise UserError(f"unknown pruning method {method!r}; valid methods: {', '.join(METHODS)}")
+
+
+def check_sparsity(sparsity):
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError):
+        raise UserError(f"sparsity must be a number in (0, 1), got {sparsity!r}") from None
+    if not 0.0 < s < 1.0:
+        raise UserError(f"sparsity must be in (0, 1) (the fraction removed), got {sparsity!r}")
+    return s
+
+
+def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=(), dependency_aware=False,
+          verbose=False):
+    """Prune a copy of ``model``; ``sparsity`` is the fraction of each targeted layer removed.
+
+    Returns (pruned model on CPU in eval mode, stats dict). ``dependency_aware`` groups residual-coupled
+    channels (NNI's auto_set_denpendency_group_ids) so they are pruned together and the speedup can remove
+    them; without it NNI merges disagreeing masks and removes far less than asked.
+    """
+    check_method(method)
+    sparsity = check_sparsity(sparsity)
+    bad = [t for t in op_types if t not in OP_TYPES]
+    if bad or not op_types:
+        raise UserError(f"op types {list(op_types)} invalid; choose from {', '.join(OP_TYPES)}")
+    model = copy.deepcopy(model).cpu().eval()
+    names = {n for n, _ in model.named_modules() if n}
+    unknown = [e for e in exclude if e not in names]
+    if unknown:
+        candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        raise UserError(f"excluded layer(s) {unknown} not in the model; its prunable layers: {', '.join(candidates[:12])}"
+                        + (" ..." if len(candidates) > 12 else ""))
+    example = torch.rand(2, *input_shape)
+    before = {"params": count_params(model), "macs": count_macs(model, input_shape), "widths": layer_widths(model)}
+    config = [{"op_types": list(op_types), "sparse_ratio": sparsity, "exclude_op_names": list(exclude)}]
+    with _quiet(verbose):
+        from nni.compression import pruning as nni_pruning
+
+        if dependency_aware and method in STRUCTURED:
+            from nni.compression.utils import auto_set_denpendency_group_ids
+
+            config = auto_set_denpendency_group_ids(model, config, example)
+        pruner = getattr(nni_pruning, NNI_PRUNERS[method])(model, config)
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
+        if method in STRUCTURED:
+            from nni.compression.speedup import ModelSpeedup
+
+            # NNI's own tracer crashes on torch >= 2.2; a torch.fx trace of the model works.
+            graph = torch.fx.symbolic_trace(model)
+            ModelSpeedup(model, example, masks, graph_module=graph, logger=_silent_logger(verbose)).speedup_model()
+        else:
+            # NNI 3.0 does not write the masks into the weights after unwrap_model(): do it here.
+            with torch.no_grad():
+                for layer, layer_masks in masks.items():
+                    module = model.get_submodule(layer)
+                    for param, mask in layer_masks.items():
+                        getattr(module, param).mul_(mask.to(getattr(module, param).dtype))
+    model.eval()
+    targets = [n for n, t, _, _ in before["widths"] if t in op_types and n not in exclude]
+    stats = {
+        "method": method, "sparsity": sparsity, "dependency_aware": bool(dependency_aware and method in STRUCTURED),
+        "params_dense": before["params"], "macs_dense": before["macs"], "widths_dense": before["widths"],
+        "params": count_params(model), "macs": count_macs(model, input_shape), "widths": layer_widths(model),
+        "nonzero_params": sum(int((p != 0).sum()) for p in model.parameters()),
+    }
+    stats["mac_reduction"] = stats["macs_dense"] / max(stats["macs"], 1)
+    stats["channel_sparsity"] = _channel_sparsity(before["widths"], stats["widths"], targets)
+    stats["weight_sparsity"] = _weight_sparsity(model, targets)
+    return model, stats
+
+
+def _channel_sparsity(widths_dense, widths, targets):
+    """Fraction of the targeted layers' output channels/neurons that were removed."""
+    dense = {n: out for n, _, _, out in widths_dense}
+    now = {n: out for n, _, _, out in widths}
+    total = sum(dense[n] for n in targets)
+    kept = sum(now.get(n, 0) for n in targets)
+    return 1.0 - kept / total if total else 0.0
+
+
+def _weight_sparsity(model, targets):
+    """Fraction of zeros among the targeted layers' weights (what unstructured pruning achieves)."""
+    zeros = total = 0
+    for n in targets:
+        w = model.get_submodule(n).weight
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return zeros / total if total else 0.0
+
+
+def zero_masks(model, threshold=0.0):
+    """{parameter: mask} freezing the zeros of every Conv2d/Linear weight that has any.
+
+    Fine-tuning an unstructured (level) pruned model must keep its zeros, or the optimiser regrows them;
+    call ``apply_masks`` after every optimiser step.
+    """
+    masks = {}
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and (m.weight == 0).any():
+            masks[m.weight] = (m.weight.detach().abs() > threshold).to(m.weight.dtype)
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(masks):
+    for param, mask in masks.items():
+        param.mul_(mask)
+
+
+def format_widths(stats):
+    """Per-layer width table, dense -> pruned, as the seed's appendix shows with print(model)."""
+    now = {n: (i, o) for n, _, i, o in stats["widths"]}
+    lines = [f"{'layer':<28} {'type':<7} {'in (dense->now)':>17} {'out (dense->now)':>18}"]
+    for n, t, i, o in stats["widths_dense"]:
+        ni, no = now.get(n, (0, 0))
+        lines.append(f"{n:<28} {t:<7} {f'{i}->{ni}':>17} {f'{o}->{no}':>18}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _quiet(verbose):
+    """NNI prints progress to stdout and logs at INFO; silence both unless asked for."""
+    if verbose:
+        yield
+        return
+    nni_logger = logging.getLogger("nni")
+    level = nni_logger.level
+    nni_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        nni_logger.setLevel(level)
+
+
+def _silent_logger(verbose):
+    logger = logging.getLogger("pruneflow.nni.speedup")
+    logger.setLevel(logging.INFO if verbose else logging.CRITICAL)
+    return logger
+
+
+def pruned_meta(meta, stats):
+    """Checkpoint metadata of a pruned model: the dense model's, plus what pruning did."""
+    keep = ("method", "sparsity", "dependency_aware", "params_dense", "macs_dense", "params", "macs",
+            "mac_reduction", "channel_sparsity", "weight_sparsity", "nonzero_params")
+    return {**meta, **{k: stats[k] for k in keep}, "accuracy": None}
+
+
+def _as_tuple(v):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return tuple(s for s in v.split(",") if s)
+    return tuple(v)
+
+
+def cli(ckpt, method, sparsity, out, op_types=None, exclude=None, dependency_aware=None, verbose=False):
+    """Prune a checkpoint with NNI and physically shrink it.
+
+    Args:
+      ckpt: dense (or any) pruneflow checkpoint (.safetensors).
+      method: level | l1 | l2 | fpgm.
+      sparsity: fraction removed from each targeted layer, in (0, 1).
+      out: where to write the pruned checkpoint (.safetensors).
+      op_types: comma list of layer types to prune (default: the seed's for this model).
+      exclude: comma list of layer names to keep whole (default: the classifier).
+      dependency_aware: prune residual-coupled channels together (default: on for ResNets).
+      verbose: show NNI's own output.
+    """
+    from .infer.checkpoint import load, save
+    from .infer.errors import check_writable_file
+    from .models import default_prune_targets
+
+    check_method(method)
+    sparsity = check_sparsity(sparsity)
+    out = check_writable_file(out)
+    model, meta = load(ckpt)
+    default_ops, default_exclude = default_prune_targets(meta["arch"])
+    if dependency_aware is None:
+        dependency_aware = meta["arch"] != "simple_cnn"
+    pruned, stats = prune(model, method, sparsity, meta["input_shape"], _as_tuple(op_types) or default_ops,
+                          _as_tuple(exclude) if exclude is not None else default_exclude, dependency_aware, verbose)
+    save(pruned, out, pruned_meta(meta, stats))
+    print(f"{meta['arch']} pruned with {method} at sparsity {sparsity:.2f}"
+          + (" (dependency-aware)" if stats["dependency_aware"] else ""))
+    print(f"params {stats['params_dense']:,} -> {stats['params']:,} ({stats['params'] / stats['params_dense']:.1%}); "
+          f"non-zero {stats['nonzero_params']:,}")
+    print(f"MACs   {stats['macs_dense']:,} -> {stats['macs']:,} ({stats['mac_reduction']:.2f}x fewer)")
+    if method in STRUCTURED:
+        print(f"channels removed from pruned layers: {stats['channel_sparsity']:.1%}")
+    else:
+        print(f"unstructured: same shapes, {stats['weight_sparsity']:.1%} zeros in pruned layers, no speedup")
+    print(format_widths(stats))
+    if verbose:
+        print("\nbefore:\n" + str(model) + "\nafter:\n" + str(pruned))
+    print(f"wrote {out}")
+
+
+def main():
+    from .infer.errors import run_cli
+
+    run_cli(cli, name="pruneflow.prune")
+
+
+if __name__ == "__main__":
+    main()

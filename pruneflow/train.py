@@ -1,0 +1,267 @@
+"""Training and fine-tuning: ``fit`` and ``evaluate``, the seed's recipes by name, and the train CLI.
+
+``python -m pruneflow.train --model simple_cnn --dataset digits --epochs 5 --out results/demo/dense.safetensors``
+trains a dense model; ``--init CKPT`` fine-tunes an existing (pruned) checkpoint instead.
+"""
+
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .infer.errors import UserError
+
+# The seed's recipes. lr is per batch of `batch_size` images; milestones are fractions of the epochs.
+RECIPES = {
+    # MNIST (PyTorch's classic example, which the seed followed): Adadelta, lr decays 0.7x per epoch.
+    "mnist": dict(optimizer="adadelta", lr=1.0, momentum=0.0, weight_decay=0.0, schedule="step", gamma=0.7, batch_size=64),
+    # CIFAR-10 ResNet (seed: 180 epochs): SGD, lr /10 at 50 % and 75 % of training.
+    "cifar_resnet": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="multistep", gamma=0.1,
+                         milestones=(0.5, 0.75), batch_size=64),
+    # Fine-tuning after pruning (seed: 3 epochs MNIST, 20 ResNet): SGD lr 0.01, constant.
+    "finetune": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="constant", batch_size=64),
+}
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss became NaN/inf: the trial fails (and may be retried) instead of writing garbage."""
+
+
+def get_recipe(name, **overrides):
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
+    recipe = dict(RECIPES[name], name=name)
+    recipe.update({k: v for k, v in overrides.items() if v is not None})
+    return recipe
+
+
+def default_recipe(arch):
+    return "mnist" if arch == "simple_cnn" else "cifar_resnet"
+
+
+def make_optimizer(model, recipe, epochs):
+    params = model.parameters()
+    if recipe["optimizer"] == "adadelta":
+        opt = torch.optim.Adadelta(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    else:
+        opt = torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"])
+    if recipe["schedule"] == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=recipe["gamma"])
+    elif recipe["schedule"] == "multistep":
+        milestones = sorted({max(1, round(f * epochs)) for f in recipe["milestones"]})
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=recipe["gamma"])
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return opt, sched
+
+
+def train_one_epoch(model, batches, opt, masks=None, progress=False, desc=""):
+    """One pass over ``batches``; returns (mean loss, accuracy). ``masks`` keep pruned zeros at zero."""
+    from .prune import apply_masks
+
+    model.train()
+    total_loss = correct = seen = 0
+    it = batches
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(batches, desc=desc, leave=False, unit="batch")
+    for x, y in it:
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss.item()} during training")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if masks:
+            apply_masks(masks)
+        total_loss += loss.item() * len(y)
+        correct += (out.argmax(1) == y).sum().item()
+        seen += len(y)
+    return total_loss / seen, correct / seen
+
+
+@torch.no_grad()
+def evaluate(model, batches):
+    """(mean loss, accuracy) without augmentation, in eval mode."""
+    model.eval()
+    total_loss = correct = seen = 0
+    for x, y in batches:
+        out = model(x)
+        total_loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        seen += len(y)
+    return total_loss / seen, correct / seen
+
+
+def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress=False, on_epoch=None,
+        resume=None):
+    """Train for ``epochs``; returns the per-epoch history (train/val loss and accuracy, lr, seconds).
+
+    ``on_epoch(epoch, history, model, opt, sched)`` runs after each epoch (checkpointing for requeue);
+    ``resume`` is a state dict written from such a callback ({epoch, history, model, optimizer, scheduler}).
+    """
+    opt, sched = make_optimizer(model, recipe, epochs)
+    history, start = [], 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        history, start = list(resume["history"]), int(resume["epoch"])
+        train_batches.epoch = start  # same shuffling as an uninterrupted run
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]
+        train_loss, train_acc = train_one_epoch(model, train_batches, opt, masks, progress, f"epoch {epoch + 1}/{epochs}")
+        val_loss, val_acc = evaluate(model, test_batches)
+        sched.step()
+        history.append(dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+                            val_acc=val_acc, lr=lr, seconds=time.perf_counter() - t0))
+        if progress:
+            print(f"epoch {epoch + 1:>3}/{epochs}  train loss {train_loss:.4f} acc {100 * train_acc:6.2f} %  "
+                  f"val loss {val_loss:.4f} acc {100 * val_acc:6.2f} %  lr {lr:.4g}  {history[-1]['seconds']:.1f} s",
+                  flush=True)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, history, model, opt, sched)
+    return history
+
+
+def seed_everything(seed):
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_meta(arch, dataset, stem, num_classes):
+    """The checkpoint metadata that describes how to rebuild and feed a model."""
+    from .data import dataset_info
+
+    info = dataset_info(dataset)
+    return dict(arch=arch, dataset=dataset, stem=stem, num_classes=num_classes, in_channels=info["shape"][0],
+                input_shape=list(info["shape"]), mean=list(info["mean"]), std=list(info["std"]),
+                method="none", sparsity=0.0)
+
+
+def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, device="auto", data_root=None,
+                download=False, progress=True, batch_size=None, lr=None, config=None):
+    """Train a dense model and write its checkpoint; resumable (Slurm requeue) through ``OUT.resume.pt``.
+
+    Returns (checkpoint path, history).
+    """
+    from .data import dataset_info, train_test_batches
+    from .infer import checkpoint as ckpt_io
+    from .infer.device import resolve_device
+    from .infer.errors import check_writable_file
+    from .models import build_model
+
+    out = check_writable_file(out)
+    info = dataset_info(dataset)
+    recipe = get_recipe(recipe or default_recipe(arch), batch_size=batch_size, lr=lr)
+    dev = resolve_device(device)
+    seed_everything(seed)
+    model = build_model(arch, num_classes=info["classes"], in_channels=info["shape"][0], stem=stem).to(dev)
+    train_b, test_b = train_test_batches(dataset, recipe["batch_size"], dev, seed, data_root, download)
+    meta = dict(model_meta(arch, dataset, stem, info["classes"]), seed=seed, recipe=recipe, epochs=epochs,
+                config=config or {})
+    state_path = out + ".resume.pt"
+    resume = None
+    if os.path.exists(state_path):
+        resume = torch.load(state_path, map_location=dev, weights_only=True)
+        if resume.get("meta") != json.dumps(meta, sort_keys=True):
+            resume = None  # a different run's state: start over rather than mix
+        elif progress:
+            print(f"resuming dense training from epoch {resume['epoch']} ({state_path})")
+
+    def save_state(epoch, history, model, opt, sched):
+        tmp = state_path + ".tmp"
+        torch.save(dict(epoch=epoch, history=history, model=model.state_dict(), optimizer=opt.state_dict(),
+                        scheduler=sched.state_dict(), meta=json.dumps(meta, sort_keys=True)), tmp)
+        os.replace(tmp, state_path)
+
+    history = fit(model, train_b, test_b, recipe, epochs, progress=progress, on_epoch=save_state, resume=resume)
+    meta.update(accuracy=history[-1]["val_acc"] if history else None, history=history)
+    ckpt_io.save(model, out, meta)
+    if os.path.exists(state_path):
+        os.remove(state_path)
+    return out, history
+
+
+def finetune(model, meta, epochs, recipe="finetune", seed=0, device="auto", data_root=None, download=False,
+             progress=False, batch_size=None, lr=None):
+    """Fine-tune a (pruned) model in place; unstructured zeros stay zero. Returns the history."""
+    from .data import train_test_batches
+    from .infer.device import resolve_device
+    from .prune import zero_masks
+
+    recipe = get_recipe(recipe, batch_size=batch_size, lr=lr)
+    dev = resolve_device(device)
+    seed_everything(seed)
+    model.to(dev)
+    masks = zero_masks(model) if meta.get("method") == "level" else None
+    train_b, test_b = train_test_batches(meta["dataset"], recipe["batch_size"], dev, seed, data_root, download)
+    if epochs == 0:
+        loss, acc = evaluate(model, test_b)
+        return [dict(epoch=0, train_loss=math.nan, train_acc=math.nan, val_loss=loss, val_acc=acc, lr=0.0, seconds=0.0)]
+    return fit(model, train_b, test_b, recipe, epochs, masks=masks, progress=progress)
+
+
+def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="cifar", init=None, seed=0,
+        device="auto", data_root=None, download=False, batch_size=None, lr=None):
+    """Train a dense model, or fine-tune a checkpoint (--init), and write a portable checkpoint.
+
+    Args:
+      out: output checkpoint (.safetensors); per-epoch metrics are stored in its metadata and OUT.json.
+      model: simple_cnn | resnet18 | resnet34 | resnet50 | resnet101 | resnet152.
+      dataset: digits (embedded, offline) | mnist | cifar10.
+      epochs: training epochs.
+      recipe: mnist | cifar_resnet | finetune (default: the seed's for the model; finetune with --init).
+      stem: cifar (3x3 conv, no pool) | imagenet (torchvision's 7x7/2 + max-pool, as the seed) — ResNets only.
+      init: fine-tune this checkpoint instead of training from scratch (pruned zeros stay zero).
+      seed: random seed (recorded in the checkpoint).
+      device: auto | cpu | cuda | mps.
+      data_root: where mnist / cifar10 are staged.
+      download: download the data set if missing (needs internet).
+      batch_size: override the recipe's batch size.
+      lr: override the recipe's learning rate.
+    """
+    from .infer import checkpoint as ckpt_io
+    from .infer.errors import check_writable_file
+    from .models import ARCHITECTURES
+
+    epochs = _whole(epochs, "epochs", 0 if init else 1)
+    if init is None:
+        if model not in ARCHITECTURES:
+            raise UserError(f"unknown model {model!r}; valid models: {', '.join(ARCHITECTURES)}")
+        path, history = train_dense(model, dataset, out, epochs, recipe, stem, seed, device, data_root, download,
+                                    batch_size=batch_size, lr=lr)
+    else:
+        path = check_writable_file(out)
+        net, meta = ckpt_io.load(init)
+        history = finetune(net, meta, epochs, recipe or "finetune", seed, device, data_root, download, True,
+                           batch_size, lr)
+        ckpt_io.save(net, path, dict(meta, accuracy=history[-1]["val_acc"], finetune_epochs=epochs, history=history))
+    with open(path + ".json", "w") as f:
+        json.dump(history, f, indent=1)
+    last = history[-1]
+    print(f"val accuracy {100 * last['val_acc']:.2f} % after {epochs} epoch(s); wrote {path} (+ {os.path.basename(path)}.json)")
+
+
+def _whole(v, what, minimum):
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise UserError(f"{what} must be a whole number >= {minimum}, got {v!r}")
+    return v
+
+
+def main():
+    from .infer.errors import run_cli
+
+    run_cli(cli, name="pruneflow.train")
+
+
+if __name__ == "__main__":
+    main()

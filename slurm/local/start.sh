@@ -53,7 +53,7 @@ flock 9
 # --- packages -------------------------------------------------------------
 missing=""
 for pkg in $APT_PACKAGES; do
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$'; then
+    if [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" != "install ok installed" ]]; then
         missing="$missing $pkg"
     fi
 done
@@ -114,7 +114,12 @@ write_file() {
     return 0
 }
 
-node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -n 1; }
+# One line per partition: the node's state is the first.
+node_state() {
+    local s
+    s=$(sinfo -h -N -n "$NODE" -o %T 2>/dev/null || true)
+    echo "${s%%$'\n'*}"
+}
 node_up() { [[ "$(node_state)" =~ ^(idle|mixed|allocated|completing)$ ]]; }
 
 # --- directories, devices -------------------------------------------------
@@ -280,25 +285,28 @@ if ! running slurmdbd; then
     log "starting slurmdbd"
     /usr/sbin/slurmdbd
 fi
-wait_for "$WAIT_S" "slurmdbd on port 6819" sacctmgr -n list cluster
+wait_for "$WAIT_S" "slurmdbd on port 6819" sacctmgr -n list cluster </dev/null
 
-sacct_has() { # sacct_has ENTITY NAME [extra filter...]
-    local entity=$1 name=$2
-    shift 2
-    sacctmgr -n -P list "$entity" "$@" format="$entity" 2>/dev/null | grep -qx "$name"
+# Look-ups go through associations: sacctmgr's "list account cluster=..."
+# asks an interactive question (and loops forever without a terminal).
+has_assoc() { # has_assoc FIELD FILTER...: any association matching FILTERs?
+    local field=$1
+    shift
+    [[ -n "$(sacctmgr -n -P list association "$@" format="$field" </dev/null 2>/dev/null)" ]]
 }
-if ! sacct_has cluster "$CLUSTER_NAME"; then
-    sacctmgr -i add cluster "$CLUSTER_NAME" >/dev/null
+clusters=$(sacctmgr -n -P list cluster format=cluster </dev/null)
+if ! grep -qx "$CLUSTER_NAME" <<<"$clusters"; then
+    log "adding cluster $CLUSTER_NAME to accounting"
+    sacctmgr -i add cluster "$CLUSTER_NAME" </dev/null >/dev/null
 fi
-if ! sacct_has account "$ACCOUNT_NAME" cluster="$CLUSTER_NAME"; then
+if ! has_assoc account cluster="$CLUSTER_NAME" account="$ACCOUNT_NAME"; then
     sacctmgr -i add account "$ACCOUNT_NAME" cluster="$CLUSTER_NAME" \
-        description="local default account" organization=pruneflow >/dev/null
+        description="local default account" organization=pruneflow </dev/null >/dev/null
 fi
 for user in $ACCOUNT_USERS; do
-    if ! sacctmgr -n -P list association cluster="$CLUSTER_NAME" user="$user" \
-            account="$ACCOUNT_NAME" format=user 2>/dev/null | grep -qx "$user"; then
+    if ! has_assoc user cluster="$CLUSTER_NAME" account="$ACCOUNT_NAME" user="$user"; then
         sacctmgr -i add user "$user" account="$ACCOUNT_NAME" \
-            cluster="$CLUSTER_NAME" defaultaccount="$ACCOUNT_NAME" >/dev/null
+            cluster="$CLUSTER_NAME" defaultaccount="$ACCOUNT_NAME" </dev/null >/dev/null
     fi
 done
 

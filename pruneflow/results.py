@@ -1,0 +1,183 @@
+"""The HDF5 result store: one file per shard, one writer (the sweep's driver), crash-safe and resumable.
+
+Layout (schema 1; docs/results-schema.md is the reference):
+
+    /                    attrs: schema, pruneflow_version, study, shard, job (job file text), config (JSON), host, created
+    /env                 attrs: python, torch, nni, ray, h5py versions, device, device_name, cuda, cpu
+    /trials/<id>         attrs: arm (dense|control|pruned), method, sparsity, seed, status (done|failed), error, ...
+    /trials/<id>/epochs  compound table: epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds
+    /trials/<id>/latency seconds per timed batch (raw samples); attrs: batch_size, device, warmup
+    /trials/<id>/widths  compound table: layer, type, in, out (after pruning)
+
+Crash safety: each trial is added by copying the file, appending to the copy and ``os.replace``-ing it over
+the original. A ``kill -9`` at any moment leaves either the old or the new complete file, never a torn one.
+"""
+
+import datetime
+import fcntl
+import json
+import os
+import shutil
+import socket
+
+from .infer.errors import UserError
+
+SCHEMA = 1
+EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+class ResultStore:
+    """Append-only store of one shard's trials. Holds an exclusive lock while open (one writer per file)."""
+
+    def __init__(self, path, study, job_text="", config=None, shard="0/1", env=None):
+        self.path = os.fspath(path)
+        self._lock_file = open(self.path + ".lock", "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise UserError(f"another sweep is writing {self.path} (lock held); wait for it or use another --out") from None
+        tmp = self.path + ".tmp"
+        if os.path.exists(tmp):  # left by a kill between copy and rename: the original is intact
+            os.remove(tmp)
+        if os.path.exists(self.path):
+            check_file(self.path)
+        else:
+            h5py = _h5py()
+            with h5py.File(tmp, "w") as f:
+                f.attrs.update(schema=SCHEMA, pruneflow_version=_version(), study=study, shard=shard, job=job_text,
+                               config=json.dumps(config or {}, sort_keys=True), host=socket.gethostname(),
+                               created=_now())
+                f.create_group("env").attrs.update({k: str(v) for k, v in (env or {}).items()})
+                f.create_group("trials")
+            _commit(tmp, self.path)
+
+    def close(self):
+        if not self._lock_file.closed:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def done_ids(self):
+        return {t["id"] for t in read_trials(self.path) if t["status"] == "done"}
+
+    def add(self, record):
+        """Write one trial (replacing an earlier failed record of the same id) atomically."""
+        h5py = _h5py()
+        import numpy as np
+
+        tmp = self.path + ".tmp"
+        shutil.copyfile(self.path, tmp)
+        with h5py.File(tmp, "a") as f:
+            trials = f["trials"]
+            if record["id"] in trials:
+                del trials[record["id"]]
+            g = trials.create_group(record["id"])
+            attrs = {k: v for k, v in record.items() if k not in ("epochs", "latency", "widths", "latency_settings")}
+            g.attrs.update({k: ("" if v is None else v) for k, v in attrs.items()})
+            epochs = record.get("epochs") or []
+            table = np.array([tuple(float(e[k]) for k in EPOCH_FIELDS) for e in epochs],
+                             dtype=[(k, "f8") for k in EPOCH_FIELDS])
+            g.create_dataset("epochs", data=table)
+            lat = g.create_dataset("latency", data=np.asarray(record.get("latency") or [], dtype="f8"))
+            lat.attrs.update(record.get("latency_settings") or {})
+            widths = record.get("widths") or []
+            wt = np.array([(n, t, i, o) for n, t, i, o in widths],
+                          dtype=[("layer", h5py.string_dtype()), ("type", h5py.string_dtype()), ("in", "i8"), ("out", "i8")])
+            g.create_dataset("widths", data=wt)
+        _commit(tmp, self.path)
+
+
+def _commit(tmp, path):
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _now():
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _version():
+    from . import __version__
+
+    return __version__
+
+
+def check_file(path):
+    """Open ``path`` read-only and check it is a pruneflow results file this version can read."""
+    h5py = _h5py()
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise UserError(f"{path} is not an HDF5 file (or it is corrupt)") from None
+    with f:
+        if "schema" not in f.attrs or "trials" not in f:
+            raise UserError(f"{path} is HDF5 but not a pruneflow results file")
+        schema = int(f.attrs["schema"])
+        if schema > SCHEMA:
+            raise UserError(f"{path} was written by a newer pruneflow (results schema {schema}; this version reads "
+                            f"up to {SCHEMA}): upgrade pruneflow to read it")
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        return v.item()
+    if isinstance(v, bytes):
+        return v.decode()
+    return v
+
+
+def read_file_attrs(path):
+    check_file(path)
+    with _h5py().File(path, "r") as f:
+        out = {k: _plain(v) for k, v in f.attrs.items()}
+        out["env"] = {k: _plain(v) for k, v in f["env"].attrs.items()}
+    out["config"] = json.loads(out.get("config") or "{}")
+    return out
+
+
+def read_trials(path):
+    """Every trial record in one file as a dict (attrs + 'epochs' list, 'latency' list, 'widths' list)."""
+    check_file(path)
+    rows = []
+    with _h5py().File(path, "r") as f:
+        for tid, g in f["trials"].items():
+            r = {k: _plain(v) for k, v in g.attrs.items()}
+            r["id"] = tid
+            r["epochs"] = [{k: float(row[k]) for k in EPOCH_FIELDS} for row in g["epochs"][()]]
+            r["latency"] = [float(x) for x in g["latency"][()]]
+            r["latency_settings"] = {k: _plain(v) for k, v in g["latency"].attrs.items()}
+            r["widths"] = [(_plain(a), _plain(b), int(c), int(d)) for a, b, c, d in g["widths"][()]]
+            r["file"] = os.path.basename(path)
+            rows.append(r)
+    return rows
+
+
+def study_files(study_dir):
+    return sorted(os.path.join(study_dir, f) for f in os.listdir(study_dir)
+                  if f.startswith("shard-") and f.endswith(".h5"))
+
+
+def read_study(study_dir):
+    """All trials of a study, merged over its shard files (a done record wins over a failed one)."""
+    best = {}
+    for path in study_files(study_dir):
+        for r in read_trials(path):
+            if r["id"] not in best or (r["status"] == "done" and best[r["id"]]["status"] != "done"):
+                best[r["id"]] = r
+    return list(best.values())

@@ -1,0 +1,311 @@
+"""Job files: ``jobs/<study>.yaml`` -> validated dataclasses -> a deterministic grid of trials -> shards.
+
+Every setting has a default; any of them can be overridden from the command line with a dotted flag
+(``--finetune.epochs 1``, ``--prune.sparsities '[0.5, 0.9]'``) without editing the file. Errors name the
+key and, for typos, suggest the closest valid one.
+"""
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+
+from .infer.errors import UserError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ModelSpec:
+    arch: str = "simple_cnn"  # simple_cnn | resnet18 | resnet34 | resnet50 | resnet101 | resnet152
+    stem: str = "cifar"  # ResNets: cifar (3x3/1, no pool) | imagenet (7x7/2 + pool, as the seed)
+
+
+@dataclass
+class DataSpec:
+    dataset: str = "digits"  # digits (embedded) | mnist | cifar10
+    root: typing.Optional[str] = None  # where mnist/cifar10 are staged; default ~/.cache/pruneflow/data
+    download: bool = False  # only where the node has internet
+
+
+@dataclass
+class TrainSpec:
+    recipe: typing.Optional[str] = None  # default: mnist for simple_cnn, cifar_resnet for ResNets
+    epochs: int = 5
+    batch_size: typing.Optional[int] = None  # default: the recipe's (64, as the seed)
+    lr: typing.Optional[float] = None
+    checkpoint: typing.Optional[str] = None  # use this dense checkpoint instead of training one
+
+
+@dataclass
+class PruneSpec:
+    methods: typing.List[str] = field(default_factory=lambda: ["level", "l1", "l2"])
+    sparsities: typing.List[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
+    op_types: typing.Optional[typing.List[str]] = None  # default: the seed's for the model
+    exclude: typing.Optional[typing.List[str]] = None  # default: the classifier
+    dependency_aware: typing.Optional[bool] = None  # default: on for ResNets
+
+
+@dataclass
+class FinetuneSpec:
+    recipe: str = "finetune"
+    epochs: int = 3
+    batch_size: typing.Optional[int] = None
+    lr: typing.Optional[float] = None
+
+
+@dataclass
+class LatencySpec:
+    batch_size: int = 64
+    warmup: int = 5
+    trials: int = 25  # as in the seed
+
+
+@dataclass
+class ResourcesSpec:
+    device: str = "auto"  # auto | cpu | cuda | mps
+    trials_per_gpu: int = 8  # Ray packs this many trials on one GPU (num_gpus = 1/K)
+    threads_per_trial: int = 1  # CPU threads each trial's torch uses (and Ray CPUs it reserves)
+
+
+@dataclass
+class StudySpec:
+    study: str = "study"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    prune: PruneSpec = field(default_factory=PruneSpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    latency: LatencySpec = field(default_factory=LatencySpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    seeds: typing.List[int] = field(default_factory=lambda: [0])
+    control: bool = True  # the dense model fine-tuned for the same epochs: is a gain pruning or training?
+    retries: int = 1  # extra attempts for a trial that raises or diverges
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One cell of the grid.
+
+    arm 'dense': the dense checkpoint itself, evaluated and timed (the baseline; no fine-tuning).
+    arm 'control': the dense model fine-tuned for the same epochs as the pruned ones, so that extra
+    training is never mistaken for a pruning gain. Both have method 'none' and sparsity 0.
+    arm 'pruned': ``method`` at ``sparsity``, then fine-tuned.
+    """
+
+    arm: str
+    method: str
+    sparsity: float
+    seed: int
+
+    @property
+    def id(self):
+        if self.arm != "pruned":
+            return f"{self.arm}-s{self.seed}"
+        return f"{self.method}-{self.sparsity:.2f}-s{self.seed}"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_spec(path, overrides=None):
+    """Read, merge dotted overrides into, and validate a job file. Returns (StudySpec, job file text)."""
+    import yaml
+
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UserError(f"job file {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"cannot read job file {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise UserError(f"job file {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"job file {path} must be a mapping of settings, got {type(raw).__name__}")
+    raw.setdefault("study", os.path.splitext(os.path.basename(path))[0])
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    spec = build(StudySpec, raw, where="")
+    validate(spec)
+    return spec, text
+
+
+def _set_dotted(raw, key, value):
+    parts = key.replace("-", "_").split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override --{key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def build(cls, raw, where):
+    """Construct dataclass ``cls`` from ``raw``, checking keys and types."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where or 'job file'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            hint = difflib.get_close_matches(name, fields, n=1)
+            section = f" in {where}" if where else ""
+            suggestion = f": did you mean {hint[0]!r}?" if hint else f"; valid keys: {', '.join(fields)}"
+            raise UserError(f"unknown key {key!r}{section}{suggestion}")
+        kwargs[name] = convert(fields[name].type, value, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def convert(tp, value, where):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, where)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return convert(inner, value, where)
+    if origin in (list, typing.List):
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = _parse_scalar(value)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str) and tp is not str:
+        value = _parse_scalar(value)  # command-line overrides arrive as strings
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    raise UserError(f"{where} must be {names.get(tp, tp)}, got {value!r}")
+
+
+def _parse_scalar(text):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+def validate(spec):
+    from .data import DATASETS
+    from .models import ARCHITECTURES, STEMS
+    from .prune import METHODS, OP_TYPES
+    from .train import RECIPES
+
+    def one_of(value, valid, what):
+        if value not in valid:
+            raise UserError(f"{what} {value!r} is not valid; choose from: {', '.join(valid)}")
+
+    one_of(spec.model.arch, ARCHITECTURES, "model.arch")
+    one_of(spec.model.stem, STEMS, "model.stem")
+    one_of(spec.data.dataset, tuple(DATASETS), "data.dataset")
+    if spec.train.recipe is not None:
+        one_of(spec.train.recipe, tuple(RECIPES), "train.recipe")
+    one_of(spec.finetune.recipe, tuple(RECIPES), "finetune.recipe")
+    one_of(spec.resources.device.split(":")[0], ("auto", "cpu", "cuda", "mps"), "resources.device")
+    for m in spec.prune.methods:
+        one_of(m, METHODS, "prune.methods entry")
+    for t in spec.prune.op_types or []:
+        one_of(t, OP_TYPES, "prune.op_types entry")
+    for s in spec.prune.sparsities:
+        if not 0.0 < s < 1.0:
+            raise UserError(f"prune.sparsities: {s} is outside (0, 1) (sparsity is the fraction removed)")
+    if len(set(spec.prune.sparsities)) != len(spec.prune.sparsities):
+        raise UserError("prune.sparsities has duplicates")
+    positive = {"train.epochs": spec.train.epochs, "latency.batch_size": spec.latency.batch_size,
+                "latency.trials": spec.latency.trials, "resources.trials_per_gpu": spec.resources.trials_per_gpu,
+                "resources.threads_per_trial": spec.resources.threads_per_trial}
+    for b in ("train", "finetune"):
+        if getattr(spec, b).batch_size is not None:
+            positive[f"{b}.batch_size"] = getattr(spec, b).batch_size
+    for name, v in positive.items():
+        if v < 1:
+            raise UserError(f"{name} must be >= 1, got {v}")
+    for name, v in {"finetune.epochs": spec.finetune.epochs, "latency.warmup": spec.latency.warmup,
+                    "retries": spec.retries}.items():
+        if v < 0:
+            raise UserError(f"{name} must be >= 0, got {v}")
+    if not spec.study or any(c in spec.study for c in "/\\") or spec.study.startswith("."):
+        raise UserError(f"study name {spec.study!r} must be a plain name (it becomes a directory)")
+    if not spec.seeds:
+        raise UserError("seeds must list at least one seed")
+    if not spec.prune.methods or not spec.prune.sparsities:
+        raise UserError("the grid is empty: list at least one method in prune.methods and one sparsity in prune.sparsities")
+    return spec
+
+
+def resolved(spec):
+    """The spec with every default filled in (what is stored with the results)."""
+    from .models import default_prune_targets
+    from .train import default_recipe
+
+    d = dataclasses.asdict(spec)
+    ops, exclude = default_prune_targets(spec.model.arch)
+    d["train"]["recipe"] = spec.train.recipe or default_recipe(spec.model.arch)
+    d["prune"]["op_types"] = spec.prune.op_types or list(ops)
+    d["prune"]["exclude"] = spec.prune.exclude if spec.prune.exclude is not None else list(exclude)
+    if spec.prune.dependency_aware is None:
+        d["prune"]["dependency_aware"] = spec.model.arch != "simple_cnn"
+    d["schema"] = SCHEMA_VERSION
+    return d
+
+
+# ------------------------------------------------------------------------------------------------- grid
+
+def grid(spec):
+    """Every trial of the study, in a fixed order: dense baseline, control, then method x sparsity, per seed."""
+    trials = []
+    for seed in spec.seeds:
+        trials.append(Trial("dense", "none", 0.0, seed))
+        if spec.control:
+            trials.append(Trial("control", "none", 0.0, seed))
+        for method in spec.prune.methods:
+            for s in spec.prune.sparsities:
+                trials.append(Trial("pruned", method, round(float(s), 4), seed))
+    return trials
+
+
+def parse_shard(shard):
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    if shard is None:
+        return 0, 1
+    if isinstance(shard, (tuple, list)) and len(shard) == 2:
+        i, n = shard
+    else:
+        try:
+            i, n = (int(x) for x in str(shard).split("/"))
+        except ValueError:
+            raise UserError(f"shard must look like i/n (e.g. 0/4), got {shard!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"shard {i}/{n} is out of range: need 0 <= i < n")
+    return i, n
+
+
+def shard_trials(trials, shard):
+    """This shard's trials: every n-th trial starting at i, so shards get a mix of cheap and costly ones."""
+    i, n = parse_shard(shard)
+    return trials[i::n]

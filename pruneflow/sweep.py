@@ -1,0 +1,230 @@
+"""One node's sweep: ``python -m pruneflow.sweep jobs/<study>.yaml [--shard i/n] [--out results]``.
+
+Trains the dense baseline if its checkpoint is absent, expands the grid, and runs this node's shard as Ray
+tasks packed K per GPU (fractional GPUs) or one per CPU slot. The driver is the only writer of the shard's
+HDF5 file and adds each trial the moment it finishes, so a kill loses nothing finished and a re-run of the
+same command skips what is done.
+"""
+
+import contextlib
+import fcntl
+import os
+import platform
+import shutil
+import sys
+import time
+
+from .infer.errors import UserError, check_writable_dir
+
+
+def run_sweep(job, shard=None, out="results", dense=None, progress=True, **overrides):
+    """Run this node's shard of a study; returns {'done': n, 'failed': n, 'skipped': n, 'file': path}."""
+    from .results import ResultStore, read_trials
+    from .spec import grid, load_spec, parse_shard, resolved, shard_trials
+
+    spec, job_text = load_spec(job, overrides)
+    i, n = parse_shard(shard)
+    config = resolved(spec)
+    study_dir = check_writable_dir(os.path.join(out, spec.study))
+    ckpt_dir = check_writable_dir(os.path.join(study_dir, "checkpoints"))
+    dense_path = dense or spec.train.checkpoint or os.path.join(study_dir, "dense.safetensors")
+    config["train"]["checkpoint"] = os.path.abspath(dense_path)
+    trials = shard_trials(grid(spec), (i, n))
+    env = describe_env(spec.resources.device)
+    path = os.path.join(study_dir, f"shard-{i}-of-{n}.h5")
+    with ResultStore(path, spec.study, job_text, config, f"{i}/{n}", env) as store:
+        done = store.done_ids()
+        todo = [t for t in trials if t.id not in done]
+        print(f"study {spec.study}: shard {i}/{n} has {len(trials)} trial(s), {len(done & {t.id for t in trials})} "
+              f"already done; results -> {path}", flush=True)
+        if todo:
+            ensure_dense(dense_path, spec, config, progress)
+            _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress)
+        records = [r for r in read_trials(path) if r["id"] in {t.id for t in trials}]
+    print_summary(records)
+    failed = [r for r in records if r["status"] != "done"]
+    return {"done": len(records) - len(failed), "failed": len(failed), "skipped": len(trials) - len(todo), "file": path}
+
+
+def ensure_dense(dense_path, spec, config, progress):
+    """Train the dense model unless its checkpoint exists; concurrent shards wait for one trainer."""
+    from .infer.checkpoint import read_meta
+    from .train import train_dense
+
+    if os.path.exists(dense_path):
+        read_meta(dense_path)  # fail early on a corrupt or foreign file
+        return
+    if spec.train.checkpoint:
+        raise UserError(f"train.checkpoint {dense_path} does not exist")
+    with open(dense_path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another shard may be training it right now
+        if os.path.exists(dense_path):
+            return
+        print(f"training the dense {spec.model.arch} on {spec.data.dataset} for {spec.train.epochs} epoch(s) "
+              f"-> {dense_path}", flush=True)
+        train_dense(spec.model.arch, spec.data.dataset, dense_path, spec.train.epochs, config["train"]["recipe"],
+                    spec.model.stem, seed=spec.seeds[0], device=spec.resources.device, data_root=spec.data.root,
+                    download=spec.data.download, progress=progress, batch_size=spec.train.batch_size, lr=spec.train.lr,
+                    config=config)
+
+
+def slot_counts(device="auto"):
+    """(CPUs, GPUs) this job may use: Slurm's allocation when inside a job, else the machine's."""
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or len(os.sched_getaffinity(0))
+    gpus = 0
+    if device in ("auto", "cuda") or device.startswith("cuda:"):
+        import torch
+
+        gpus = torch.cuda.device_count()
+        slurm_gpus = os.environ.get("CUDA_VISIBLE_DEVICES") if "SLURM_JOB_ID" in os.environ else None
+        if slurm_gpus and gpus == 0:
+            print(f"note: Slurm allocated GPU(s) {slurm_gpus} but CUDA cannot use them here; running on CPU",
+                  file=sys.stderr, flush=True)
+    return cpus, gpus
+
+
+def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
+    import ray
+    from tqdm import tqdm
+
+    from .trial import run_trial
+
+    cpus, gpus = slot_counts(spec.resources.device)
+    threads = spec.resources.threads_per_trial
+    if gpus:
+        # K trials share each GPU; CPU work per trial is light, so CPUs are not the packing limit.
+        options = dict(num_gpus=1.0 / spec.resources.trials_per_gpu, num_cpus=0)
+        slots = gpus * spec.resources.trials_per_gpu
+        config = dict(config, resources=dict(config["resources"], device="cuda" if spec.resources.device == "auto" else spec.resources.device))
+    else:
+        threads = min(threads, cpus)
+        options = dict(num_gpus=0, num_cpus=threads)
+        slots = max(1, cpus // threads)
+        if spec.resources.device == "auto":
+            config = dict(config, resources=dict(config["resources"], device="cpu"))
+    print(f"running {len(todo)} trial(s): {slots} at a time on {gpus} GPU(s) / {cpus} CPU(s), "
+          f"{threads} thread(s) each", flush=True)
+    remote = ray.remote(max_retries=0)(run_trial).options(**options)
+    with local_ray(cpus, gpus):
+        attempts = {t.id: 0 for t in todo}
+        pending = {}
+
+        def submit(t):
+            attempts[t.id] += 1
+            pending[remote.remote(t, config, dense_path, ckpt_dir, threads)] = t
+
+        for t in todo:
+            submit(t)
+        counts = {"done": 0, "failed": 0}
+        bar = tqdm(total=len(todo), unit="trial", disable=not progress, dynamic_ncols=True)
+        while pending:
+            bar.set_postfix(done=counts["done"], failed=counts["failed"], running=min(len(pending), slots))
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            t = pending.pop(ready[0])
+            try:
+                record = ray.get(ready[0])
+            except Exception as e:  # the worker died (OOM, segfault): same treatment as a raised error
+                record = dict(id=t.id, arm=t.arm, method=t.method, sparsity=t.sparsity, seed=t.seed,
+                              status="failed", error=f"worker died: {type(e).__name__}: {str(e)[:500]}")
+            if record["status"] != "done" and attempts[t.id] <= spec.retries:
+                bar.write(f"trial {t.id} failed ({record['error'][:200]}); retrying ({attempts[t.id]}/{spec.retries})")
+                submit(t)
+                continue
+            record["attempts"] = attempts[t.id]
+            record.pop("traceback", None)
+            store.add(record)
+            counts[record["status"] if record["status"] == "done" else "failed"] += 1
+            if record["status"] != "done":
+                bar.write(f"trial {t.id} failed: {record['error'][:300]}")
+            bar.update(1)
+        bar.set_postfix(done=counts["done"], failed=counts["failed"], running=0)
+        bar.close()
+
+
+@contextlib.contextmanager
+def local_ray(cpus, gpus):
+    """A Ray instance private to this process: its own temp dir (two jobs on a node never collide), no
+    dashboard, a small object store (trials exchange only small records)."""
+    import ray
+
+    tag = os.environ.get("SLURM_JOB_ID", "")
+    tag = f"{tag}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}_{os.getpid()}" if tag else str(os.getpid())
+    temp_dir = os.path.join("/tmp", f"pf-ray-{tag}")  # short: Ray's socket paths must stay < 108 bytes
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, _temp_dir=temp_dir,
+             object_store_memory=100 * 1024 * 1024, log_to_driver=False, logging_level="ERROR")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def describe_env(device):
+    """Provenance: library versions and hardware, stored in every results file."""
+    import importlib.metadata as md
+
+    import torch
+
+    from .infer.device import describe
+
+    versions = {}
+    for pkg in ("torch", "torchvision", "nni", "ray", "h5py", "safetensors"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = "absent"
+    cuda = torch.cuda.is_available()
+    return dict(versions, python=platform.python_version(), cuda=torch.version.cuda or "none",
+                device_name=describe("cuda") if cuda else describe("cpu"), cpu=describe("cpu"),
+                requested_device=device, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
+
+
+def print_summary(records):
+    """The terminal table: method, sparsity, params, MACs, val acc, median latency."""
+    if not records:
+        return
+    order = {"dense": 0, "control": 1, "pruned": 2}
+    records = sorted(records, key=lambda r: (order.get(r.get("arm"), 3), r["method"], r["sparsity"], r["seed"]))
+    head = f"{'trial':<18} {'method':<8} {'sparsity':>8} {'params':>11} {'MACs':>12} {'val acc %':>9} {'latency ms':>11}  status"
+    print(head)
+    print("-" * len(head))
+    for r in records:
+        if r["status"] == "done":
+            print(f"{r['id']:<18} {r['method']:<8} {r['sparsity']:>8.2f} {r['params']:>11,} {r['macs']:>12,} "
+                  f"{100 * r['val_acc']:>9.2f} {1e3 * r['latency_median']:>11.3f}  done")
+        else:
+            print(f"{r['id']:<18} {r['method']:<8} {r['sparsity']:>8.2f} {'':>11} {'':>12} {'':>9} {'':>11}  "
+                  f"FAILED: {str(r.get('error', ''))[:80]}")
+    failed = sum(r["status"] != "done" for r in records)
+    print(f"{len(records) - failed} done, {failed} failed")
+
+
+def cli(job, shard=None, out="results", dense=None, progress=True, **overrides):
+    """Run one node's shard of a pruning study.
+
+    Args:
+      job: the study's job file (jobs/*.yaml).
+      shard: i/n — run every n-th trial starting at i (default 0/1: all of them).
+      out: results root; the study's files go to OUT/<study>/.
+      dense: use this dense checkpoint instead of OUT/<study>/dense.safetensors.
+      progress: show progress bars.
+      overrides: any job-file setting as a dotted flag, e.g. --finetune.epochs 1 --resources.device cpu.
+    """
+    t0 = time.perf_counter()
+    summary = run_sweep(job, shard, out, dense, progress, **overrides)
+    print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} skipped (already done) "
+          f"in {time.perf_counter() - t0:.0f} s; results: {summary['file']}")
+    if summary["failed"]:
+        sys.exit(1)
+
+
+def main():
+    from .infer.errors import run_cli
+
+    run_cli(cli, name="pruneflow.sweep")
+
+
+if __name__ == "__main__":
+    main()

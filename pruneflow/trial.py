@@ -1,0 +1,87 @@
+"""One trial of a study, start to finish: load the dense checkpoint -> prune -> fine-tune -> evaluate ->
+time inference -> save the portable checkpoint. Returns a plain record for the sweep's driver to store.
+
+Every trial starts from the same dense checkpoint file: nothing carries over from one trial to the next.
+"""
+
+import math
+import os
+import time
+import traceback
+
+# Fault injection for tests of the sweep's failure handling: trial ids listed here raise.
+INJECT_ENV = "PRUNEFLOW_INJECT_FAILURE"
+
+
+def run_trial(trial, config, dense_path, ckpt_dir, threads=1):
+    """Run ``trial`` (a spec.Trial); never raises: failures come back as status 'failed' with the error."""
+    t0 = time.perf_counter()
+    record = dict(id=trial.id, arm=trial.arm, method=trial.method, sparsity=trial.sparsity, seed=trial.seed,
+                  model=config["model"]["arch"], dataset=config["data"]["dataset"], backend="nni" if trial.arm == "pruned" else "",
+                  host=os.uname().nodename)
+    try:
+        record.update(_run(trial, config, dense_path, ckpt_dir, threads))
+        record["status"], record["error"] = "done", ""
+    except Exception as e:  # isolate: one trial's failure must not stop the study
+        record["status"] = "failed"
+        record["error"] = f"{type(e).__name__}: {e}".strip()[:2000]
+        record["traceback"] = traceback.format_exc()[-4000:]
+    record["wall_s"] = time.perf_counter() - t0
+    return record
+
+
+def _run(trial, config, dense_path, ckpt_dir, threads):
+    import torch
+
+    from .infer import checkpoint as ckpt_io
+    from .infer.device import resolve_device
+    from .infer.timing import summarize, time_forward
+    from .prune import prune, pruned_meta
+    from .train import evaluate, finetune
+
+    if trial.id in os.environ.get(INJECT_ENV, "").split(","):
+        raise RuntimeError(f"injected failure for {trial.id} ({INJECT_ENV})")
+    torch.set_num_threads(max(1, int(threads)))
+    dev = resolve_device(config["resources"]["device"])
+    model, meta = ckpt_io.load(dense_path)
+    stats = {"params_dense": ckpt_io.count_params(model), "macs_dense": ckpt_io.count_macs(model, meta["input_shape"])}
+    stats.update(params=stats["params_dense"], macs=stats["macs_dense"], mac_reduction=1.0, channel_sparsity=0.0,
+                 weight_sparsity=0.0, nonzero_params=stats["params_dense"])
+    if trial.arm == "pruned":
+        p = config["prune"]
+        model, stats = prune(model, trial.method, trial.sparsity, meta["input_shape"], p["op_types"], p["exclude"],
+                             p["dependency_aware"])
+        meta = pruned_meta(meta, stats)
+    ft = config["finetune"]
+    epochs = 0 if trial.arm == "dense" else ft["epochs"]
+    data = config["data"]
+    history = finetune(model, meta, epochs, ft["recipe"], trial.seed, dev, data["root"], data["download"],
+                       batch_size=ft["batch_size"], lr=ft["lr"])
+    last = history[-1]
+    if epochs == 0 or math.isnan(last["train_acc"]):
+        from .data import Batches, load_split
+
+        images, labels = load_split(meta["dataset"], "train", data["root"])
+        _, train_acc = evaluate(model, Batches(images, labels, meta["dataset"], 256, dev))
+    else:
+        train_acc = last["train_acc"]
+    lat = config["latency"]
+    x = torch.randn(lat["batch_size"], *meta["input_shape"], device=dev)
+    samples = time_forward(model.to(dev), x, lat["warmup"], lat["trials"])
+    timing = summarize(samples)
+    path = os.path.join(ckpt_dir, f"{trial.id}.safetensors")
+    meta = dict(meta, method=trial.method, sparsity=trial.sparsity, arm=trial.arm, seed=trial.seed,
+                accuracy=last["val_acc"], finetune_epochs=epochs, config=config)
+    ckpt_io.save(model, path, meta)
+    return dict(
+        params=stats["params"], macs=stats["macs"], params_dense=stats["params_dense"], macs_dense=stats["macs_dense"],
+        mac_reduction=stats["mac_reduction"], channel_sparsity=stats["channel_sparsity"],
+        weight_sparsity=stats["weight_sparsity"], nonzero_params=stats["nonzero_params"],
+        dependency_aware=bool(stats.get("dependency_aware", False)),
+        train_acc=train_acc, val_acc=last["val_acc"], val_loss=last["val_loss"],
+        latency_mean=timing["mean"], latency_std=timing["std"], latency_median=timing["median"], latency_p95=timing["p95"],
+        device=str(dev), checkpoint=os.path.relpath(path, os.path.dirname(ckpt_dir)), architecture=str(model),
+        epochs=[e for e in history if e["epoch"] > 0], latency=samples,
+        latency_settings=dict(batch_size=lat["batch_size"], warmup=lat["warmup"], device=str(dev)),
+        widths=ckpt_io.layer_widths(model),
+    )

@@ -1,0 +1,40 @@
+# pruneflow: the two commands in the README.
+#   make demo   set up, then run the quickstart study (python -m pruneflow.sweep jobs/quickstart.yaml)
+#   make test   set up, start what the tests need (Debian tools, a local Slurm), run the whole suite
+#
+# The virtualenv lives outside the checkout (torch's CUDA build is ~5 GB) so that clones share it; it is
+# rebuilt whenever pyproject.toml changes. Override with `make VENV=.venv ...`.
+VENV ?= $(HOME)/.cache/pruneflow/venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+STAMP := $(VENV)/.pruneflow-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# torch pinned to the release this project is tested with; pip takes it from local wheels where present.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test test-fast system-deps slurm clean
+
+setup: $(STAMP)
+	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v '^WARNING: Location' || true
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -m pip install -q $(TORCH) 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -m pip install -q -e '.[hpc,test]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -c "import torch, nni, ray, h5py, submitit, pytest" 
+	touch $@
+
+demo: setup
+	$(PY) -m pruneflow.sweep jobs/quickstart.yaml
+
+system-deps:
+	bash slurm/local/start.sh
+
+test: setup system-deps
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slurm and not slow" tests
+
+clean:
+	rm -rf results/* build *.egg-info

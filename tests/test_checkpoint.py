@@ -1,0 +1,59 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from pruneflow.infer import checkpoint as ckpt_io
+from pruneflow.infer.errors import UserError
+from pruneflow.prune import prune
+
+
+def test_round_trip_reproduces_logits(dense_ckpt, tmp_path):
+    model, meta = ckpt_io.load(dense_ckpt)
+    pruned, stats = prune(model, "l2", 0.7, meta["input_shape"], ("Conv2d", "Linear"), ("fc2",))
+    path = tmp_path / "p.safetensors"
+    ckpt_io.save(pruned, path, dict(meta, method="l2", sparsity=0.7))
+    loaded, lmeta = ckpt_io.load(path)
+    assert lmeta["method"] == "l2" and lmeta["format"] == ckpt_io.FORMAT
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        assert (loaded(x) - pruned.eval()(x)).abs().max().item() <= 1e-5
+
+
+def test_loading_never_unpickles(tmp_path):
+    evil = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(1)}, evil)
+    with pytest.raises(UserError, match="pickle"):
+        ckpt_io.load(evil)
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(UserError, match="pickle"):
+        ckpt_io.load(raw)
+
+
+def test_bad_checkpoints(dense_ckpt, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        ckpt_io.load(tmp_path / "missing.safetensors")
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(open(dense_ckpt, "rb").read()[: os.path.getsize(dense_ckpt) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        ckpt_io.load(truncated)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello")
+    with pytest.raises(UserError):
+        ckpt_io.load(text)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(UserError, match="without pruneflow metadata"):
+        ckpt_io.load(foreign)
+
+
+def test_checkpoint_of_another_architecture(dense_ckpt, tmp_path):
+    model, meta = ckpt_io.load(dense_ckpt)
+    lying = tmp_path / "lying.safetensors"
+    ckpt_io.save(model, lying, dict(meta, arch="resnet18", in_channels=1))
+    with pytest.raises(UserError, match="do not match its declared architecture 'resnet18'"):
+        ckpt_io.load(lying)

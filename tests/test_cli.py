@@ -1,0 +1,72 @@
+"""The command-line entry points as a user runs them: happy paths and one-line errors for bad input."""
+import pytest
+
+from conftest import assert_clean_error, run_module
+
+
+def test_train_on_digits_reaches_90_percent(tmp_path):
+    out = tmp_path / "dense.safetensors"
+    p = run_module("pruneflow.train", "--out", out, "--model", "simple_cnn", "--dataset", "digits", "--epochs", 4,
+                   "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    import json
+
+    history = json.load(open(str(out) + ".json"))
+    assert len(history) == 4 and history[-1]["val_acc"] >= 0.90
+    assert "val accuracy" in p.stdout
+
+
+def test_prune_cli_prints_before_after(dense_ckpt, tmp_path):
+    out = tmp_path / "p.safetensors"
+    p = run_module("pruneflow.prune", "--ckpt", dense_ckpt, "--method", "l1", "--sparsity", 0.5, "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert "params 300,426 -> 75,338" in p.stdout
+    assert "conv1" in p.stdout and "16->8" in p.stdout and "4608->2304" in p.stdout
+    assert out.exists()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--sparsity", 1.5, "--method", "l1"], ["sparsity", "(0, 1)"]),
+    (["--sparsity", 0, "--method", "l1"], ["sparsity"]),
+    (["--sparsity", 0.5, "--method", "l3"], ["unknown pruning method", "level, l1, l2, fpgm"]),
+])
+def test_prune_bad_arguments(dense_ckpt, tmp_path, args, needles):
+    p = run_module("pruneflow.prune", "--ckpt", dense_ckpt, "--out", tmp_path / "x.safetensors", *args)
+    assert_clean_error(p, *needles)
+
+
+def test_prune_bad_checkpoints_and_outputs(dense_ckpt, tmp_path):
+    base = ["--method", "l1", "--sparsity", 0.5]
+    assert_clean_error(run_module("pruneflow.prune", "--ckpt", tmp_path / "nope.safetensors",
+                                  "--out", tmp_path / "o.safetensors", *base), "does not exist")
+    bad = tmp_path / "half.safetensors"
+    bad.write_bytes(open(dense_ckpt, "rb").read()[:1000])
+    assert_clean_error(run_module("pruneflow.prune", "--ckpt", bad, "--out", tmp_path / "o.safetensors", *base),
+                       "truncated or corrupt")
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert_clean_error(run_module("pruneflow.prune", "--ckpt", dense_ckpt, "--out", blocker / "o.safetensors", *base),
+                       "cannot create directory")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--model", "resnet7"], ["unknown model", "resnet18"]),
+    (["--dataset", "imagenet"], ["unknown dataset", "digits, mnist, cifar10"]),
+    (["--dataset", "mnist", "--data-root", "/nonexistent/data"], ["/nonexistent/data", "fetch"]),
+    (["--epochs", 0], ["epochs"]),
+    (["--device", "tpu"], ["unknown device"]),
+])
+def test_train_bad_arguments(tmp_path, args, needles):
+    p = run_module("pruneflow.train", "--out", tmp_path / "d.safetensors", *args)
+    assert_clean_error(p, *needles)
+
+
+def test_help_documents_every_parameter():
+    for module, flags in [("pruneflow.train", ["--out", "--init", "--data_root", "--stem"]),
+                          ("pruneflow.prune", ["--method", "--sparsity", "--exclude"]),
+                          ("pruneflow.sweep", ["--shard", "--out"]),
+                          ("pruneflow.infer", ["--device", "--batch_size", "--channels_last", "--dtype"])]:
+        p = run_module(module, "--help")
+        text = p.stdout + p.stderr
+        for f in flags:
+            assert f in text, (module, f)

@@ -1,0 +1,130 @@
+"""Data loading through the same code path users hit, on small files written in the real on-disk formats."""
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from pruneflow.data import Batches, load_split, random_crop_flip
+from pruneflow.infer.errors import UserError
+
+
+def write_idx(path, array):
+    """The MNIST IDX format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian dims, raw bytes."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def make_mnist(root, n_train=20, n_test=10):
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw)
+    rng = np.random.default_rng(0)
+    data = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), images)
+        write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), labels)
+        data[prefix] = (images, labels)
+    return data
+
+
+def make_cifar10(root, n=8):
+    """CIFAR-10 python pickle batches: dicts with data (N, 3072 uint8, CHW planes) and labels."""
+    base = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(base)
+    rng = np.random.default_rng(1)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).tolist()
+        with open(os.path.join(base, name), "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)  # read with encoding="latin1": str keys
+        batches[name] = (data, labels)
+    with open(os.path.join(base, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                      "horse", "ship", "truck"]}, f)
+    return batches
+
+
+def skip_cifar_checksums(monkeypatch):
+    """torchvision checks the real files' MD5 sums; ours are stand-ins in the same format. With md5=None its
+    check_integrity only checks that each file exists; everything else is torchvision's real reader."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [[name, None] for name, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[name, None] for name, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", dict(cls.meta, md5=None))
+
+
+def test_mnist_idx_files(tmp_path):
+    written = make_mnist(tmp_path)
+    images, labels = load_split("mnist", "train", tmp_path)
+    assert images.shape == (20, 1, 28, 28) and images.dtype == torch.uint8
+    assert torch.equal(images[:, 0], torch.from_numpy(written["train"][0]))
+    assert torch.equal(labels, torch.from_numpy(written["train"][1]).long())
+    test_images, _ = load_split("mnist", "test", tmp_path)
+    assert torch.equal(test_images[:, 0], torch.from_numpy(written["t10k"][0]))
+
+
+def test_cifar10_pickle_batches(tmp_path, monkeypatch):
+    written = make_cifar10(tmp_path)
+    skip_cifar_checksums(monkeypatch)
+    images, labels = load_split("cifar10", "train", tmp_path)
+    assert images.shape == (40, 3, 32, 32)
+    first = torch.from_numpy(written["data_batch_1"][0][0].reshape(3, 32, 32))
+    assert torch.equal(images[0], first)
+    test_images, test_labels = load_split("cifar10", "test", tmp_path)
+    assert test_images.shape == (8, 3, 32, 32) and test_labels.tolist() == written["test_batch"][1]
+
+
+def test_missing_data_root_says_where_and_how(tmp_path):
+    with pytest.raises(UserError) as e:
+        load_split("cifar10", "train", tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(e.value) and "pruneflow.data fetch" in str(e.value)
+    with pytest.raises(UserError, match="not found"):
+        load_split("mnist", "train", tmp_path)  # the directory exists but holds no MNIST
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    xtr, ytr = load_split("digits", "train")
+    xte, yte = load_split("digits", "test")
+    assert len(ytr) + len(yte) == 1797 and xtr.shape[1:] == (1, 28, 28)
+    assert torch.equal(load_split("digits", "train")[0], xtr)  # seeded: same every time
+    tr = {bytes(x.numpy()) for x in xtr}
+    assert not any(bytes(x.numpy()) in tr for x in xte[:100])
+
+
+def test_evaluation_never_augments_training_does(tmp_path, monkeypatch):
+    make_cifar10(tmp_path, n=16)
+    skip_cifar_checksums(monkeypatch)
+    images, labels = load_split("cifar10", "test", tmp_path)
+    ev = Batches(images, labels, "cifar10", 16, train=False)
+    a = next(iter(ev))[0]
+    b = next(iter(ev))[0]
+    assert torch.equal(a, b)  # deterministic, un-augmented
+    tr = Batches(images, labels, "cifar10", 16, train=True, seed=0)
+    x, y = next(iter(tr))
+    # training batches are augmented: shuffled-and-cropped images differ from the plain normalised ones
+    plain = (images.float() - ev.mean) / ev.std
+    assert not any(torch.equal(xi, pi) for xi in x for pi in plain)
+
+
+def test_random_crop_flip_matches_definition():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(3)
+    out = random_crop_flip(x, pad=1, generator=g)
+    g = torch.Generator().manual_seed(3)
+    dy, dx = torch.randint(0, 3, (2,), generator=g), torch.randint(0, 3, (2,), generator=g)
+    flip = torch.rand(2, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(2):
+        ref = padded[i, :, dy[i]:dy[i] + 4, dx[i]:dx[i] + 4]
+        if flip[i]:
+            ref = ref.flip(-1)
+        assert torch.equal(out[i], ref)

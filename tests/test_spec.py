@@ -1,0 +1,58 @@
+import pytest
+
+from pruneflow.infer.errors import UserError
+from pruneflow.spec import grid, load_spec, parse_shard, resolved, shard_trials
+
+JOBS = ["jobs/quickstart.yaml", "jobs/mnist_cnn.yaml", "jobs/resnet101_cifar10.yaml"]
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_shipped_jobs_validate(job):
+    spec, text = load_spec(job)
+    cfg = resolved(spec)
+    assert cfg["prune"]["op_types"] and text
+    assert len(grid(spec)) == 2 + len(spec.prune.methods) * len(spec.prune.sparsities)
+
+
+def test_seed_studies_are_the_seeds():
+    spec, _ = load_spec("jobs/resnet101_cifar10.yaml")
+    assert spec.model.arch == "resnet101" and spec.train.epochs == 180 and spec.finetune.epochs == 20
+    assert spec.prune.op_types == ["Conv2d"] and spec.resources.trials_per_gpu == 8
+    assert spec.prune.sparsities == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    mnist, _ = load_spec("jobs/mnist_cnn.yaml")
+    assert mnist.prune.exclude == ["fc2"] and mnist.finetune.epochs == 3 and mnist.latency.trials == 25
+
+
+def test_overrides_from_command_line():
+    spec, _ = load_spec("jobs/quickstart.yaml", {"finetune.epochs": "7", "prune.sparsities": "[0.5, 0.9]",
+                                                 "control": "false"})
+    assert spec.finetune.epochs == 7 and spec.prune.sparsities == [0.5, 0.9] and spec.control is False
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("prune:\n  sparsites: [0.5]\n", "unknown key 'sparsites' in prune: did you mean 'sparsities'?"),
+    ("prune:\n  sparsities: [1.5]\n", "outside (0, 1)"),
+    ("prune:\n  sparsities: [0.5\n", "not valid YAML"),
+    ("train:\n  epochs: many\n", "train.epochs must be a whole number"),
+    ("prune:\n  methods: []\n", "grid is empty"),
+    ("model:\n  arch: vgg\n", "model.arch 'vgg' is not valid"),
+    ("latency:\n  trials: 0\n", "latency.trials must be >= 1"),
+])
+def test_bad_job_files(tmp_path, text, needle):
+    job = tmp_path / "bad.yaml"
+    job.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_spec(job)
+    assert needle in str(e.value)
+
+
+def test_shards_partition_the_grid():
+    spec, _ = load_spec("jobs/quickstart.yaml")
+    trials = grid(spec)
+    a, b = shard_trials(trials, "0/2"), shard_trials(trials, "1/2")
+    assert sorted(t.id for t in a + b) == sorted(t.id for t in trials)
+    assert not {t.id for t in a} & {t.id for t in b}
+    assert len({t.id for t in trials}) == len(trials)
+    for bad in ("3/2", "2/2", "-1/2", "x", "1/0"):
+        with pytest.raises(UserError):
+            parse_shard(bad)

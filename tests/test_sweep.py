@@ -1,0 +1,147 @@
+"""The sweep with real Ray and real HDF5: completion, sharding, kill -9 safety, failure isolation, concurrency."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import pytest
+
+from conftest import ROOT, assert_clean_error, run_module
+from pruneflow.results import read_study, read_trials
+
+# A quickstart-shaped grid, small enough for CI: dense + control + 3 methods x 2 sparsities.
+SMALL = ["--prune.sparsities", "[0.3, 0.7]", "--finetune.epochs", "1", "--latency.trials", "5", "--noprogress"]
+
+
+def sweep(job, out, *extra, dense=None, env=None):
+    args = [job, "--out", out, *SMALL, *extra]
+    if dense:
+        args += ["--dense", dense]
+    return run_module("pruneflow.sweep", *args, env=env)
+
+
+def ids(records, status="done"):
+    return sorted(r["id"] for r in records if r["status"] == status)
+
+
+EXPECTED = sorted(["dense-s0", "control-s0"] + [f"{m}-{s}-s0" for m in ("level", "l1", "l2") for s in ("0.30", "0.70")])
+
+
+def test_quickstart_grid_completes_and_h5dump_reads_it(tmp_path, dense_ckpt):
+    p = sweep("jobs/quickstart.yaml", tmp_path, dense=dense_ckpt)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "8 done, 0 failed" in p.stdout and "l1-0.70-s0" in p.stdout
+    path = tmp_path / "quickstart" / "shard-0-of-1.h5"
+    records = read_trials(path)
+    assert ids(records) == EXPECTED
+    by = {r["id"]: r for r in records}
+    assert by["l1-0.70-s0"]["params"] < by["l1-0.30-s0"]["params"] < by["dense-s0"]["params"]
+    assert by["level-0.70-s0"]["params"] == by["dense-s0"]["params"]
+    assert by["level-0.70-s0"]["weight_sparsity"] == pytest.approx(0.7, abs=0.01)
+    assert len(by["l2-0.30-s0"]["latency"]) == 5 and len(by["l2-0.30-s0"]["epochs"]) == 1
+    assert by["dense-s0"]["epochs"] == [] and by["control-s0"]["arm"] == "control"
+    for r in records:  # every checkpoint exists and loads with the torch-only loader
+        assert os.path.exists(tmp_path / "quickstart" / r["checkpoint"])
+    with h5py.File(path, "r") as f:
+        assert f.attrs["schema"] == 1 and "finetune" in f.attrs["config"] and f.attrs["job"].startswith("#")
+        assert "torch" in f["env"].attrs
+    dump = subprocess.run(["h5dump", "-H", str(path)], capture_output=True, text=True)
+    assert dump.returncode == 0 and 'GROUP "l1-0.30-s0"' in dump.stdout and 'DATASET "latency"' in dump.stdout
+    vals = subprocess.run(["h5dump", "-d", "/trials/l1-0.30-s0/latency", str(path)], capture_output=True, text=True)
+    assert vals.returncode == 0 and "(0)" in vals.stdout
+    # re-running the same command skips everything
+    again = sweep("jobs/quickstart.yaml", tmp_path, dense=dense_ckpt)
+    assert again.returncode == 0 and "8 skipped" in again.stdout
+
+
+def test_shards_together_equal_the_whole_grid(tmp_path, dense_ckpt):
+    for shard in ("0/2", "1/2"):
+        p = sweep("jobs/quickstart.yaml", tmp_path, "--shard", shard, dense=dense_ckpt)
+        assert p.returncode == 0, p.stderr
+    a = read_trials(tmp_path / "quickstart" / "shard-0-of-2.h5")
+    b = read_trials(tmp_path / "quickstart" / "shard-1-of-2.h5")
+    assert not set(ids(a)) & set(ids(b))
+    assert sorted(ids(a) + ids(b)) == EXPECTED == ids(read_study(tmp_path / "quickstart"))
+
+
+def test_injected_failure_is_recorded_while_others_finish(tmp_path, dense_ckpt):
+    p = sweep("jobs/quickstart.yaml", tmp_path, "--retries", "1", dense=dense_ckpt,
+              env={"PRUNEFLOW_INJECT_FAILURE": "l2-0.70-s0"})
+    assert p.returncode == 1
+    assert "7 done, 1 failed" in p.stdout and "retrying" in p.stderr + p.stdout
+    records = read_trials(tmp_path / "quickstart" / "shard-0-of-1.h5")
+    failed = [r for r in records if r["status"] == "failed"]
+    assert [r["id"] for r in failed] == ["l2-0.70-s0"] and "injected failure" in failed[0]["error"]
+    assert failed[0]["attempts"] == 2
+    # a re-run without the fault completes the study: every trial exactly once
+    p = sweep("jobs/quickstart.yaml", tmp_path, dense=dense_ckpt)
+    assert p.returncode == 0 and "7 skipped" in p.stdout
+    assert ids(read_trials(tmp_path / "quickstart" / "shard-0-of-1.h5")) == EXPECTED
+
+
+def test_kill_minus_9_at_several_moments_then_resume(tmp_path, dense_ckpt):
+    """SIGKILL the sweep at three different moments; the file always opens, and a re-run completes it
+    with every trial exactly once."""
+    path = tmp_path / "quickstart" / "shard-0-of-1.h5"
+    seen = []
+    for wait_for in (0, 2, 5):  # before any trial, after ~2 trials, after ~5 trials are stored
+        proc = subprocess.Popen([sys.executable, "-m", "pruneflow.sweep", "jobs/quickstart.yaml", "--out", str(tmp_path),
+                                 *SMALL, "--dense", dense_ckpt], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if proc.poll() is not None or (path.exists() and len(read_trials(path)) >= wait_for):
+                break
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        records = read_trials(path)  # opens cleanly after the kill
+        assert len({r["id"] for r in records}) == len(records)
+        seen.append(ids(records))
+    assert seen[0] != EXPECTED  # the first kill really interrupted the study
+    p = sweep("jobs/quickstart.yaml", tmp_path, dense=dense_ckpt)
+    assert p.returncode == 0, p.stderr
+    records = read_trials(path)
+    assert ids(records) == EXPECTED and len(records) == len(EXPECTED)
+
+
+def test_two_sweeps_at_once_on_one_machine(tmp_path, dense_ckpt):
+    procs = [subprocess.Popen([sys.executable, "-m", "pruneflow.sweep", "jobs/quickstart.yaml", "--out",
+                               str(tmp_path / d), *SMALL, "--prune.methods", "[l1]", "--dense", dense_ckpt],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for d in ("a", "b")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert "4 done, 0 failed" in out
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--shard", "3/2"], ["shard 3/2"]),
+    (["--prune.sparsities", "[1.5]"], ["outside (0, 1)"]),
+    (["--prune.methods", "[]"], ["grid is empty"]),
+    (["--prune.sparsitis", "[0.5]"], ["did you mean 'sparsities'"]),
+])
+def test_sweep_bad_input(tmp_path, args, needles):
+    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, *args)
+    assert_clean_error(p, *needles)
+
+
+def test_sweep_bad_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: x\nprune: [unclosed\n")
+    assert_clean_error(run_module("pruneflow.sweep", bad, "--out", tmp_path), "not valid YAML")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_clean_error(run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", blocker), "cannot create")
+    # a results file from a newer schema is refused, not overwritten
+    study = tmp_path / "r" / "quickstart"
+    study.mkdir(parents=True)
+    with h5py.File(study / "shard-0-of-1.h5", "w") as f:
+        f.attrs["schema"] = 99
+        f.create_group("trials")
+    assert_clean_error(run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path / "r"), "newer pruneflow")
+    with h5py.File(study / "shard-0-of-1.h5", "r") as f:
+        assert f.attrs["schema"] == 99

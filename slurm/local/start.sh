@@ -46,9 +46,10 @@ if [[ $EUID -ne 0 ]]; then
     exit 1
 fi
 
-# Serialise concurrent runs of this script.
+# Serialise concurrent runs of this script. Daemons are started with fd 9
+# closed, or they would hold the lock for ever.
 exec 9>/run/slurm-local.lock
-flock 9
+flock -w 300 9 || { echo "slurm: another start.sh holds /run/slurm-local.lock" >&2; exit 1; }
 
 # --- packages -------------------------------------------------------------
 missing=""
@@ -194,6 +195,7 @@ SlurmdTimeout=120
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=6819
+AccountingStorageTRES=gres/gpu
 JobCompType=jobcomp/none
 
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$NCPUS RealMemory=$REAL_MEM Gres=gpu:$NUM_FAKE_GPUS State=UNKNOWN
@@ -251,7 +253,7 @@ chown munge:munge /etc/munge/munge.key
 chmod 600 /etc/munge/munge.key
 if ! running munged; then
     log "starting munged"
-    runuser -u munge -- /usr/sbin/munged
+    runuser -u munge -- /usr/sbin/munged 9>&-
 fi
 wait_for 10 "munged" bash -c 'munge -n | unmunge'
 
@@ -265,7 +267,7 @@ if ! running mariadbd; then
     install -d -m 755 -o mysql -g mysql /run/mysqld
     setsid /usr/sbin/mariadbd --user=mysql --bind-address=127.0.0.1 \
         --innodb-lock-wait-timeout=900 \
-        >>"$LOG_DIR/mariadb.log" 2>&1 </dev/null &
+        >>"$LOG_DIR/mariadb.log" 2>&1 </dev/null 9>&- &
 fi
 wait_for 30 "MariaDB socket $MYSQL_SOCK" mariadb-admin --socket="$MYSQL_SOCK" ping
 mariadb --socket="$MYSQL_SOCK" <<EOF || die "could not set up the accounting database"
@@ -283,7 +285,7 @@ if [[ $changed_dbd -eq 1 ]] && running slurmdbd; then
 fi
 if ! running slurmdbd; then
     log "starting slurmdbd"
-    /usr/sbin/slurmdbd
+    /usr/sbin/slurmdbd 9>&-
 fi
 wait_for "$WAIT_S" "slurmdbd on port 6819" sacctmgr -n list cluster </dev/null
 
@@ -320,12 +322,12 @@ if [[ $changed_slurm -eq 1 ]]; then
 fi
 if ! running slurmctld; then
     log "starting slurmctld"
-    /usr/sbin/slurmctld
+    /usr/sbin/slurmctld 9>&-
 fi
 wait_for "$WAIT_S" "slurmctld" scontrol ping
 if ! running slurmd; then
     log "starting slurmd"
-    /usr/sbin/slurmd
+    /usr/sbin/slurmd 9>&-
 fi
 
 # Wait until the node is schedulable; resume it once if it came back DOWN or

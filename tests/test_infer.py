@@ -1,0 +1,177 @@
+"""Portable inference: torch-only, same logits as the producing model, device JSON, clean refusals."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_clean_error, run_module
+from pruneflow.infer import checkpoint as ckpt_io
+from pruneflow.models import build_model
+from pruneflow.prune import prune, pruned_meta
+from pruneflow.train import model_meta
+
+HEAVY = ["nni", "ray", "submitit", "h5py", "matplotlib", "sklearn", "yaml", "tqdm", "tensorboard", "torch_pruning"]
+
+# Runs in a child process whose only packages are a copy (symlinks) of this environment's site-packages
+# minus the heavy ones: as on a laptop where `pip install pruneflow` was run without the HPC extra.
+TORCH_ONLY_RUNNER = r"""
+import json, runpy, sys
+ckpt_dir, inputs, out, heavy = sys.argv[1:5]
+sys.argv = ["pruneflow.infer", "--ckpt", ckpt_dir, "--device", "cpu", "--trials", "3", "--warmup", "1"]
+try:
+    runpy.run_module("pruneflow.infer", run_name="__main__")
+except SystemExit as e:
+    assert not e.code, e.code
+import torch
+from safetensors.torch import load_file, save_file
+from pruneflow.infer import load
+x = load_file(inputs)
+logits = {}
+for name, t in x.items():
+    model, meta = load(f"{ckpt_dir}/{name}.safetensors")
+    with torch.no_grad():
+        logits[name] = model(t)
+save_file(logits, out)
+print("HEAVY_LOADED=" + json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy.split(","))))
+"""
+
+
+def torch_only_site(dest):
+    """A site-packages directory holding every installed package except the heavy (HPC-extra) ones."""
+    import site
+    import sysconfig
+
+    src = sysconfig.get_paths()["purelib"]
+    heavy_prefixes = tuple(h.lower() for h in HEAVY + ["scikit_learn", "pyyaml", "_yaml", "pruneflow", "__editable__"])
+    dest.mkdir()
+    for entry in os.listdir(src):
+        if entry.lower().replace("-", "_").startswith(heavy_prefixes) or entry.endswith(".pth"):
+            continue
+        os.symlink(os.path.join(src, entry), dest / entry)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory, dense_ckpt):
+    """Checkpoints made by the full package: SimpleCNN dense + level/l1/l2/fpgm, ResNet-18 l1 (CIFAR stem)."""
+    d = tmp_path_factory.mktemp("ckpts")
+    model, meta = ckpt_io.load(dense_ckpt)
+    ckpt_io.save(model, d / "dense.safetensors", dict(meta, arm="dense"))
+    made = {"dense": model}
+    for method, s in [("level", 0.5), ("l1", 0.3), ("l2", 0.7), ("fpgm", 0.5)]:
+        pruned, stats = prune(model, method, s, meta["input_shape"], ("Conv2d", "Linear"), ("fc2",))
+        name = f"{method}-{s:.2f}"
+        ckpt_io.save(pruned, d / f"{name}.safetensors", dict(pruned_meta(meta, stats), arm="pruned"))
+        made[name] = pruned
+    torch.manual_seed(0)
+    r18 = build_model("resnet18", 10, 3, "cifar").eval()
+    pruned, stats = prune(r18, "l1", 0.5, (3, 32, 32), ("Conv2d",), ("fc",), dependency_aware=True)
+    ckpt_io.save(pruned, d / "resnet18-l1.safetensors",
+                 dict(pruned_meta(model_meta("resnet18", "cifar10", "cifar", 10), stats), arm="pruned"))
+    made["resnet18-l1"] = pruned
+    return d, made
+
+
+def test_torch_only_inference_reproduces_logits(ckpt_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d, made = ckpt_dir
+    torch.manual_seed(1)
+    inputs = {name: torch.randn(4, *(3, 32, 32) if name.startswith("resnet") else (1, 28, 28)) for name in made}
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    site_dir = torch_only_site(tmp_path / "site")
+    # -S: no site-packages of this environment; only the torch-only copy and the pruneflow sources.
+    env = dict(os.environ, PYTHONPATH=f"{site_dir}{os.pathsep}{ROOT}")
+    p = subprocess.run([sys.executable, "-S", "-c", TORCH_ONLY_RUNNER, str(d), str(tmp_path / "inputs.safetensors"),
+                        str(tmp_path / "logits.safetensors"), ",".join(HEAVY)],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    probe = subprocess.run([sys.executable, "-S", "-c", "import nni"], capture_output=True, text=True, env=env)
+    assert probe.returncode != 0  # the heavy packages really are absent there
+    assert p.returncode == 0, p.stderr
+    heavy_line = [ln for ln in p.stdout.splitlines() if ln.startswith("HEAVY_LOADED=")][0]
+    assert json.loads(heavy_line.split("=", 1)[1]) == []
+    assert "speedup" in p.stdout and "resnet18-l1.safetensors" in p.stdout
+    logits = load_file(tmp_path / "logits.safetensors")
+    for name, model in made.items():
+        with torch.no_grad():
+            ref = model.eval()(inputs[name])
+        assert (logits[name] - ref).abs().max().item() <= 1e-5, name
+
+
+def test_core_dependencies_are_torch_only():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    names = sorted(d.split(">")[0].split("=")[0].split("<")[0].strip() for d in deps)
+    assert names == ["fire", "safetensors", "torch", "torchvision"]
+
+
+def test_directory_mode_writes_schema_valid_json(ckpt_dir, tmp_path):
+    import jsonschema
+
+    d, _ = ckpt_dir
+    out = tmp_path / "dev.json"
+    p = run_module("pruneflow.infer", "--ckpt", d, "--device", "cpu", "--trials", 4, "--batch-size", 2, "--out", out)
+    assert p.returncode == 0, p.stderr
+    doc = json.load(open(out))
+    schema = json.load(open(os.path.join(ROOT, "docs", "device-json.schema.json")))
+    jsonschema.validate(doc, schema)
+    rows = {r["file"]: r for r in doc["checkpoints"]}
+    assert rows["dense.safetensors"]["speedup_vs_dense"] == pytest.approx(1.0)
+    assert rows["l1-0.30.safetensors"]["accuracy"] is not None  # digits ships with the tool
+    assert all(len(r["latency"]["samples"]) == 4 for r in doc["checkpoints"])
+    assert doc["machine"]["device"] == "cpu" and doc["settings"]["batch_size"] == 2
+
+
+def test_single_file_prints_the_essentials(ckpt_dir):
+    d, _ = ckpt_dir
+    p = run_module("pruneflow.infer", "--ckpt", d / "l2-0.70.safetensors", "--device", "auto", "--trials", 3,
+                   "--batch-size", 1)
+    assert p.returncode == 0, p.stderr
+    for word in ("method: l2", "sparsity: 0.70", "params:", "MACs:", "device: cpu", "latency:", "median", "p95",
+                 "images/s", "test accuracy:"):
+        assert word in p.stdout, word
+
+
+def test_mps_path_uses_documented_api(monkeypatch):
+    from pruneflow.infer import device as devmod
+    from pruneflow.infer.errors import UserError
+
+    if not torch.backends.mps.is_available():
+        with pytest.raises(UserError, match="'mps' is not available on this machine; available: .*cpu"):
+            devmod.resolve_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devmod.resolve_device("auto").type == "mps"
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    devmod.synchronize(torch.device("mps"))
+    assert calls == ["mps"]
+
+
+def test_bad_input(ckpt_dir, tmp_path):
+    d, _ = ckpt_dir
+    assert_clean_error(run_module("pruneflow.infer", "--ckpt", tmp_path / "missing"), "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(run_module("pruneflow.infer", "--ckpt", empty), "no *.safetensors")
+    trunc = tmp_path / "t.safetensors"
+    trunc.write_bytes((d / "l1-0.30.safetensors").read_bytes()[:500])
+    assert_clean_error(run_module("pruneflow.infer", "--ckpt", trunc), "truncated or corrupt")
+    pt = tmp_path / "m.pt"
+    torch.save(build_model("simple_cnn", 10, 1), pt)
+    assert_clean_error(run_module("pruneflow.infer", "--ckpt", pt), "pickle", "convert")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3)}, tmp_path / "plain.safetensors")
+    assert_clean_error(run_module("pruneflow.infer", "--ckpt", tmp_path / "plain.safetensors"), "without pruneflow metadata")
+    model, meta = ckpt_io.load(d / "l1-0.30.safetensors")
+    ckpt_io.save(model, tmp_path / "liar.safetensors", dict(meta, arch="resnet50", in_channels=1))
+    assert_clean_error(run_module("pruneflow.infer", "--ckpt", tmp_path / "liar.safetensors"), "declared architecture")
+    assert_clean_error(run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--device", "tpu"), "unknown device")
+    assert_clean_error(run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--device", "mps"), "not available")
+    assert_clean_error(run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--batch-size", 0), "batch size")

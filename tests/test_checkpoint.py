@@ -57,3 +57,21 @@ def test_checkpoint_of_another_architecture(dense_ckpt, tmp_path):
     ckpt_io.save(model, lying, dict(meta, arch="resnet18", in_channels=1))
     with pytest.raises(UserError, match="do not match its declared architecture 'resnet18'"):
         ckpt_io.load(lying)
+
+
+def test_convert_a_pickled_pruned_model(dense_ckpt, tmp_path):
+    """The seed saved whole pruned modules with torch.save; convert turns one into a portable checkpoint."""
+    from conftest import run_module
+
+    model, meta = ckpt_io.load(dense_ckpt)
+    pruned, _ = prune(model, "l1", 0.5, meta["input_shape"], ("Conv2d", "Linear"), ("fc2",))
+    torch.save(pruned, tmp_path / "seed.pt")
+    out = tmp_path / "seed.safetensors"
+    p = run_module("pruneflow.convert", "--src", tmp_path / "seed.pt", "--out", out, "--model", "simple_cnn",
+                   "--dataset", "digits", "--method", "l1", "--sparsity", 0.5)
+    assert p.returncode == 0, p.stderr
+    loaded, lmeta = ckpt_io.load(out)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert (loaded(x) - pruned.eval()(x)).abs().max().item() <= 1e-5
+    assert lmeta["method"] == "l1"

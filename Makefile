@@ -31,7 +31,7 @@ system-deps:
 	bash slurm/local/start.sh
 
 test: setup system-deps
-	$(PY) -m pytest -q tests
+	PRUNEFLOW_REQUIRE_SLURM=1 $(PY) -m pytest -q tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slurm and not slow" tests

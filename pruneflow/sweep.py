@@ -17,8 +17,10 @@ import time
 from .infer.errors import UserError, check_writable_dir
 
 
-def run_sweep(job, shard=None, out="results", dense=None, progress=True, **overrides):
-    """Run this node's shard of a study; returns {'done': n, 'failed': n, 'skipped': n, 'file': path}."""
+def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_only=False, **overrides):
+    """Run this node's shard of a study; returns {'done': n, 'failed': n, 'skipped': n, 'file': path}.
+
+    ``train_only`` stops after the dense checkpoint exists (the pipeline's first Slurm job)."""
     from .results import ResultStore, read_trials
     from .spec import grid, load_spec, parse_shard, resolved, shard_trials
 
@@ -29,6 +31,9 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, **overr
     ckpt_dir = check_writable_dir(os.path.join(study_dir, "checkpoints"))
     dense_path = dense or spec.train.checkpoint or os.path.join(study_dir, "dense.safetensors")
     config["train"]["checkpoint"] = os.path.abspath(dense_path)
+    if train_only:
+        ensure_dense(dense_path, spec, config, progress)
+        return {"done": 0, "failed": 0, "skipped": 0, "file": dense_path}
     trials = shard_trials(grid(spec), (i, n))
     env = describe_env(spec.resources.device)
     path = os.path.join(study_dir, f"shard-{i}-of-{n}.h5")
@@ -119,7 +124,10 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
         bar = tqdm(total=len(todo), unit="trial", disable=not progress, dynamic_ncols=True)
         while pending:
             bar.set_postfix(done=counts["done"], failed=counts["failed"], running=min(len(pending), slots))
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            # a short timeout keeps the driver responsive to Slurm's signals (handlers run between waits)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if not ready:
+                continue
             t = pending.pop(ready[0])
             try:
                 record = ray.get(ready[0])
@@ -201,7 +209,7 @@ def print_summary(records):
     print(f"{len(records) - failed} done, {failed} failed")
 
 
-def cli(job, shard=None, out="results", dense=None, progress=True, **overrides):
+def cli(job, shard=None, out="results", dense=None, progress=True, train_only=False, **overrides):
     """Run one node's shard of a pruning study.
 
     Args:
@@ -210,10 +218,22 @@ def cli(job, shard=None, out="results", dense=None, progress=True, **overrides):
       out: results root; the study's files go to OUT/<study>/.
       dense: use this dense checkpoint instead of OUT/<study>/dense.safetensors.
       progress: show progress bars.
+      train_only: only make sure the dense checkpoint exists (train it if absent), then stop.
       overrides: any job-file setting as a dotted flag, e.g. --finetune.epochs 1 --resources.device cpu.
     """
+    import signal
+
+    # Slurm's timeout/preemption signal (sbatch --signal) or scancel: leave through the normal exits, so
+    # Ray is shut down and the results lock released; finished trials are already on disk.
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     t0 = time.perf_counter()
-    summary = run_sweep(job, shard, out, dense, progress, **overrides)
+    summary = run_sweep(job, shard, out, dense, progress, train_only, **overrides)
+    if train_only:
+        print(f"dense checkpoint ready: {summary['file']}")
+        return
     print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} skipped (already done) "
           f"in {time.perf_counter() - t0:.0f} s; results: {summary['file']}")
     if summary["failed"]:

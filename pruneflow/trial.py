@@ -15,6 +15,14 @@ INJECT_ENV = "PRUNEFLOW_INJECT_FAILURE"
 
 def run_trial(trial, config, dense_path, ckpt_dir, threads=1):
     """Run ``trial`` (a spec.Trial); never raises: failures come back as status 'failed' with the error."""
+    import signal
+
+    # Slurm signals every process of the job before a timeout; only the driver should react to it.
+    try:
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to handle here anyway
+        pass
     t0 = time.perf_counter()
     record = dict(id=trial.id, arm=trial.arm, method=trial.method, sparsity=trial.sparsity, seed=trial.seed,
                   model=config["model"]["arch"], dataset=config["data"]["dataset"], backend="nni" if trial.arm == "pruned" else "",

@@ -1,0 +1,233 @@
+"""The whole study as Slurm jobs, with submitit: dense training -> an array of sweep shards -> a report.
+
+``python -m pruneflow.submit jobs/resnet101_cifar10.yaml --partition a100 --nodes 4 --gpus-per-node 1``
+
+Cluster glue only: each job calls the very function its CLI calls (``run_sweep``, the report), with the same
+job file and overrides, so there is no second copy of the study's parameters. Jobs are Checkpointable: on
+Slurm's timeout/preemption signal submitit requeues them, and they resume from what is on disk (dense
+training from its per-epoch state, a shard from its HDF5 file, finished trials skipped).
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+
+import submitit
+
+from .infer.errors import UserError
+
+
+class TrainStep(submitit.helpers.Checkpointable):
+    """Train the study's dense model (resumes from OUT/<study>/dense.safetensors.resume.pt on requeue)."""
+
+    def __init__(self, job, out, overrides):
+        self.job, self.out, self.overrides = job, out, overrides
+
+    def __call__(self):
+        from .sweep import run_sweep
+
+        return run_sweep(self.job, out=self.out, progress=False, train_only=True, **self.overrides)
+
+
+class SweepShard(submitit.helpers.Checkpointable):
+    """One node's shard (resumes from its HDF5 file on requeue: finished trials are skipped)."""
+
+    def __init__(self, job, shard, out, overrides):
+        self.job, self.shard, self.out, self.overrides = job, shard, out, overrides
+
+    def __call__(self):
+        from .sweep import run_sweep
+
+        return run_sweep(self.job, shard=self.shard, out=self.out, progress=False, **self.overrides)
+
+
+class ReportStep(submitit.helpers.Checkpointable):
+    """Figures and summary.md from whatever the shards left (runs after them, even if some failed)."""
+
+    def __init__(self, study_dir):
+        self.study_dir = study_dir
+
+    def __call__(self):
+        from . import report
+
+        return report.cli(self.study_dir)
+
+
+def parse_time(value):
+    """Slurm's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) -> whole minutes (at least 1)."""
+    text = str(value).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not m:
+        raise UserError(f"--time {value!r} is not a Slurm time (e.g. 30, 04:00:00, 1-12:00:00)")
+    days, a, b, c = m.groups()
+    if days is not None:  # D-H[:M[:S]]
+        minutes = int(days) * 1440 + int(a) * 60 + int(b or 0) + int(c or 0) / 60
+    elif c is not None:  # H:M:S
+        minutes = int(a) * 60 + int(b) + int(c) / 60
+    elif b is not None:  # M:S
+        minutes = int(a) + int(b) / 60
+    else:  # M
+        minutes = int(a)
+    if minutes <= 0:
+        raise UserError(f"--time {value!r} must be positive")
+    return max(1, round(minutes))
+
+
+def slurm_partitions():
+    """Partitions Slurm knows, from sinfo ('debug*' marks the default)."""
+    p = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        raise UserError(f"sinfo failed: {p.stderr.strip() or p.returncode} (is Slurm up?)")
+    return [x.strip().rstrip("*") for x in p.stdout.split() if x.strip()]
+
+
+def python_command(container):
+    """The interpreter submitit starts on the node: plain python, or python inside the Apptainer image."""
+    if not container:
+        return None  # submitit's default: the python running this command
+    if not os.path.exists(container):
+        raise UserError(f"container image {container} does not exist (build it with containers/build.sh)")
+    return f"apptainer exec --nv {shlex.quote(os.path.abspath(container))} python"
+
+
+def submit(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, mem=None, time="04:00:00",
+           account=None, qos=None, container=None, cluster="slurm", out="results", signal_delay_s=90,
+           dry_run=False, **overrides):
+    """Submit (or print) the pipeline. Returns a dict of job ids (empty for a dry run)."""
+    from .spec import load_spec
+
+    if cluster not in ("slurm", "local"):
+        raise UserError(f"--cluster must be slurm or local, got {cluster!r}")
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+        raise UserError(f"--nodes must be a whole number >= 1, got {nodes!r}")
+    for name, v in (("gpus-per-node", gpus_per_node), ("cpus-per-task", cpus_per_task or 1)):
+        if not isinstance(v, int) or v < 0:
+            raise UserError(f"--{name} must be a whole number, got {v!r}")
+    minutes = parse_time(time)
+    spec, _ = load_spec(job, overrides)  # the sweep's own validation, before anything is queued
+    study_dir = os.path.abspath(os.path.join(out, spec.study))
+    job, out = os.path.abspath(job), os.path.abspath(out)
+    python = python_command(container)
+    if cluster == "slurm" and not dry_run:
+        if shutil.which("sbatch") is None:
+            raise UserError("Slurm not found (no sbatch on PATH); run the same pipeline on this machine with --cluster local")
+    if cluster == "slurm" and partition is not None and shutil.which("sinfo"):
+        known = slurm_partitions()
+        if partition not in known:
+            raise UserError(f"unknown partition {partition!r}; this cluster has: {', '.join(known)}")
+    folder = os.path.join(study_dir, "slurm", "%j")
+    params = dict(partition=partition, time=minutes, nodes=1, ntasks_per_node=1, cpus_per_task=cpus_per_task,
+                  gpus_per_node=gpus_per_node or None, mem=mem, account=account, qos=qos,
+                  signal_delay_s=int(signal_delay_s))
+    params = {k: v for k, v in params.items() if v is not None}
+    steps = [("train", f"pf-train-{spec.study}", None), ("sweep", f"pf-sweep-{spec.study}", "afterok:<train job>"),
+             ("report", f"pf-report-{spec.study}", "afterany:<sweep array>")]
+    if dry_run:
+        return print_dry_run(folder, python, params, steps, nodes, spec.study)
+    if cluster == "local":
+        return run_local(folder, job, out, overrides, nodes, study_dir, minutes)
+    ids = {}
+    train_ex = slurm_executor(folder, python, params, steps[0][1])
+    ids["train"] = train_ex.submit(TrainStep(job, out, overrides)).job_id
+    sweep_ex = slurm_executor(folder, python, params, steps[1][1], dependency=f"afterok:{ids['train']}",
+                              array_parallelism=nodes)
+    with sweep_ex.batch():
+        shards = [sweep_ex.submit(SweepShard(job, f"{i}/{nodes}", out, overrides)) for i in range(nodes)]
+    ids["sweep"] = shards[0].job_id.split("_")[0]
+    report_params = dict(params, gpus_per_node=None)
+    report_params = {k: v for k, v in report_params.items() if v is not None}
+    report_ex = slurm_executor(folder, python, report_params, steps[2][1], dependency=f"afterany:{ids['sweep']}")
+    ids["report"] = report_ex.submit(ReportStep(study_dir)).job_id
+    logs = os.path.join(study_dir, "slurm")
+    if not os.path.relpath(logs).startswith(".."):
+        logs = os.path.relpath(logs)
+    print(f"submitted study {spec.study}: train {ids['train']} -> sweep array {ids['sweep']} "
+          f"({nodes} shard(s)) -> report {ids['report']}")
+    print(f"logs: {logs}/<job id>/<job id>_0_log.out (e.g. {logs}/{ids['sweep']}_0/{ids['sweep']}_0_0_log.out)")
+    print(f"follow: squeue -j {ids['train']},{ids['sweep']},{ids['report']}   |   "
+          f"sacct -j {ids['train']},{ids['sweep']},{ids['report']} -X")
+    return ids
+
+
+def slurm_executor(folder, python, params, name, dependency=None, array_parallelism=None):
+    ex = submitit.SlurmExecutor(folder=folder, python=python, max_num_timeout=20)
+    extra = dict(params, job_name=name)
+    if dependency:
+        extra["dependency"] = dependency
+    if array_parallelism:
+        extra["array_parallelism"] = array_parallelism
+    ex.update_parameters(**extra)
+    return ex
+
+
+def print_dry_run(folder, python, params, steps, nodes, study):
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    for step, name, dependency in steps:
+        p = dict(params, job_name=name)
+        if step == "report":
+            p.pop("gpus_per_node", None)
+        if dependency:
+            p["dependency"] = dependency
+        if step == "sweep":
+            p["map_count"], p["array_parallelism"] = nodes, nodes
+        command = " ".join([python or "python", "-u -m submitit.core._submit", shlex.quote(folder)])
+        print(f"# ---- {step} job of study {study} " + (f"({nodes} array task(s), shard i/{nodes})" if step == "sweep" else ""))
+        print(_make_sbatch_string(command=command, folder=folder, **p))
+    return {}
+
+
+def run_local(folder, job, out, overrides, nodes, study_dir, minutes):
+    """No Slurm: the same three steps through submitit's local executor, one after another."""
+    ex = submitit.LocalExecutor(folder=folder)
+    ex.update_parameters(timeout_min=minutes)
+    ids = {"train": ex.submit(TrainStep(job, out, overrides))}
+    ids["train"].result()
+    shards = [ex.submit(SweepShard(job, f"{i}/{nodes}", out, overrides)) for i in range(nodes)]
+    for s in shards:
+        try:
+            s.result()
+        except Exception as e:  # the report still runs, as afterany does on Slurm
+            print(f"shard job {s.job_id} failed: {str(e).strip().splitlines()[-1][:300]}")
+    ids["report"] = ex.submit(ReportStep(study_dir))
+    ids["report"].result()
+    print(f"local pipeline finished; results in {study_dir}")
+    return {k: v.job_id for k, v in ids.items()}
+
+
+def cli(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, mem=None, time="04:00:00",
+        account=None, qos=None, container=None, cluster="slurm", out="results", signal_delay_s=90,
+        dry_run=False, **overrides):
+    """Submit a whole study to Slurm: dense training -> NODES sweep shards (afterok) -> report (afterany).
+
+    Args:
+      job: the study's job file (jobs/*.yaml).
+      partition: Slurm partition (checked against sinfo).
+      nodes: number of sweep shards, one node (array task) each.
+      gpus_per_node: GPUs per shard (trials are packed resources.trials_per_gpu per GPU).
+      cpus_per_task: CPUs per job.
+      mem: memory per job, Slurm syntax (e.g. 64G).
+      time: time limit per job, Slurm syntax (e.g. 04:00:00); on timeout jobs requeue and resume.
+      account: Slurm account.
+      qos: Slurm QOS.
+      container: run every job inside this Apptainer image (apptainer exec --nv IMAGE python ...).
+      cluster: slurm, or local to run the same pipeline on this machine without Slurm.
+      out: results root; logs go to OUT/<study>/slurm/.
+      signal_delay_s: seconds before the time limit at which Slurm signals the job to checkpoint.
+      dry_run: print the sbatch scripts instead of submitting.
+      overrides: any job-file setting as a dotted flag, as for pruneflow.sweep.
+    """
+    submit(job, partition, nodes, gpus_per_node, cpus_per_task, mem, time, account, qos, container, cluster, out,
+           signal_delay_s, dry_run, **overrides)
+
+
+def main():
+    from .infer.errors import run_cli
+
+    run_cli(cli, name="pruneflow.submit")
+
+
+if __name__ == "__main__":
+    main()

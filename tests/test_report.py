@@ -1,0 +1,199 @@
+"""The report on a small real study: every figure is a valid image, summary.md equals the HDF5 values, a
+partial study (a shard missing, a trial failed) still reports and says so, device JSONs add the devices
+figure, and bad input gives one clean error line."""
+import glob
+import json
+import os
+import shutil
+
+import h5py
+import pytest
+
+from conftest import assert_clean_error, run_module
+from pruneflow.report import pareto_front
+from pruneflow.results import read_study
+
+# The sweep's small grid: dense + control + level/l1/l2 x {0.3, 0.7}, one seed (about 35 s on 2 CPU cores).
+SMALL = ["--prune.sparsities", "[0.3, 0.7]", "--finetune.epochs", "1", "--latency.trials", "5", "--train.epochs", "2",
+         "--noprogress"]
+METHODS = ("level", "l1", "l2")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, *SMALL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return out / "quickstart"
+
+
+@pytest.fixture(scope="module")
+def report(study):
+    p = run_module("pruneflow.report", study)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p, study / "report"
+
+
+@pytest.fixture(scope="module")
+def partial(study, tmp_path_factory):
+    """Shard 0 of 2 only (so shard 1/2 and its trials are missing), with l1-0.30-s0 failing for good."""
+    out = tmp_path_factory.mktemp("partial")
+    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, *SMALL, "--shard", "0/2", "--retries", "0",
+                   "--dense", study / "dense.safetensors", env={"PRUNEFLOW_INJECT_FAILURE": "l1-0.30-s0"})
+    assert p.returncode == 1 and "3 done, 1 failed" in p.stdout, p.stdout + p.stderr
+    return out / "quickstart"
+
+
+def check_image(path):
+    data = open(path, "rb").read()
+    assert len(data) > 5000, path
+    if str(path).endswith(".png"):
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+        import matplotlib.image
+
+        h, w = matplotlib.image.imread(path).shape[:2]
+        assert h >= 300 and w >= 500, (path, h, w)
+    else:
+        assert data[:5] == b"%PDF-" and b"%%EOF" in data[-64:], path
+
+
+def trial_rows(summary):
+    """{trial id: {column: cell}} from every trial table of summary.md."""
+    rows, head = {}, None
+    for line in summary.splitlines():
+        if not line.startswith("|"):
+            head = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if head is None:
+            head = cells
+        elif head[0] == "trial" and "status" in head and not set(line) <= set("|-"):
+            rows[cells[0]] = dict(zip(head, cells))
+    return rows
+
+
+def num(cell):
+    return float(cell.replace(",", "").replace("+", ""))
+
+
+def test_every_figure_is_a_valid_image(report):
+    p, out = report
+    names = [f"time-simple-cnn-{m}-" for m in METHODS] + ["pareto-simple-cnn-", "size-simple-cnn-", "methods-simple-cnn"]
+    for fmt in ("png", "pdf"):
+        for name in names:
+            found = glob.glob(str(out / f"{name}*.{fmt}"))
+            assert len(found) == 1, (name, fmt, os.listdir(out))
+            check_image(found[0])
+            assert found[0] in p.stdout  # the terminal lists what was written
+    assert not glob.glob(str(out / "devices-*")) and "only one device" in p.stdout
+    assert (out / "summary.md").exists() and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_summary_numbers_equal_the_hdf5_values(report, study):
+    text = (report[1] / "summary.md").read_text()
+    rows = trial_rows(text)
+    records = {r["id"]: r for r in read_study(study)}
+    assert sorted(rows) == sorted(records)
+    dense, control = records["dense-s0"], records["control-s0"]
+    for tid, r in records.items():
+        row = rows[tid]
+        assert row["status"] == "done" and num(row["sparsity"]) == pytest.approx(r["sparsity"], abs=0.005)
+        assert num(row["params"]) == r["params"] and num(row["MACs"]) == r["macs"]
+        median, std = (num(x) for x in row["latency ms (median ± std)"].split("±"))
+        assert median == pytest.approx(1e3 * r["latency_median"], abs=5e-4)
+        assert std == pytest.approx(1e3 * r["latency_std"], abs=5e-4)
+        assert num(row["speedup ×"]) == pytest.approx(dense["latency_median"] / r["latency_median"], abs=0.005)
+        assert num(row["train acc %"]) == pytest.approx(100 * r["train_acc"], abs=0.005)
+        assert num(row["val acc %"]) == pytest.approx(100 * r["val_acc"], abs=0.005)
+        assert num(row["Δ val vs dense (pp)"]) == pytest.approx(100 * (r["val_acc"] - dense["val_acc"]), abs=0.0051)
+        assert num(row["Δ val vs control (pp)"]) == pytest.approx(100 * (r["val_acc"] - control["val_acc"]), abs=0.0051)
+    notes = text.split("## Notes")[1].split("\n## ")[0]
+    assert "missing" not in notes and "failed" not in notes and "## Failed trials" not in text
+    # provenance: versions from /env, the job file, the resolved config (with the overrides), print(model)
+    with h5py.File(study / "shard-0-of-1.h5", "r") as f:
+        torch_version = f["env"].attrs["torch"]
+    assert f"torch {torch_version}" in text and "study: quickstart" in text and '"epochs": 1' in text
+    assert "### dense-s0" in text and "### level-0.70-s0" in text and "Conv2d(1, 16" in text
+
+
+def test_partial_study_reports_the_missing_shard_and_the_failure(partial):
+    p = run_module("pruneflow.report", partial, "--format", "png")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "shard 1/2 is missing" in p.stdout and "trial l1-0.30-s0 failed" in p.stdout
+    out = partial / "report"
+    for f in glob.glob(str(out / "*.png")):
+        check_image(f)
+    assert len(glob.glob(str(out / "time-simple-cnn-*.png"))) == 2  # l1 has no finished trial in shard 0
+    assert not glob.glob(str(out / "*.pdf"))
+    text = (out / "summary.md").read_text()
+    # shard 0/2 holds dense, level-0.30, l1-0.30, l2-0.30; shard 1/2 the other four
+    assert "shard 1/2 is missing (shard-1-of-2.h5 not found)" in text
+    for tid in ("control-s0", "level-0.70-s0", "l1-0.70-s0", "l2-0.70-s0"):
+        assert tid in text.split("## Notes")[1].split("##")[0]
+    rows = trial_rows(text)
+    assert rows["l1-0.30-s0"]["status"] == "failed" and rows["l1-0.30-s0"]["params"] == ""
+    assert rows["l2-0.30-s0"]["status"] == "done" and rows["l2-0.30-s0"]["Δ val vs control (pp)"] == ""
+    failed = text.split("## Failed trials")[1]
+    assert "l1-0.30-s0" in failed and "injected failure" in failed
+
+
+def test_device_json_adds_the_devices_figure(study, tmp_path):
+    copy = tmp_path / "quickstart"
+    shutil.copytree(study, copy, ignore=shutil.ignore_patterns("report"))
+    p = run_module("pruneflow.infer", "--ckpt", copy / "checkpoints", "--device", "cpu", "--trials", 3)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (doc_path,) = glob.glob(str(copy / "checkpoints" / "devices" / "*.json"))
+    doc = json.load(open(doc_path))
+    out = tmp_path / "figs"
+    for _ in range(2):  # a re-run replaces the files in place
+        p = run_module("pruneflow.report", copy, "--out", out, "--format", "png", "--only", "devices,summary",
+                       "--show", "l1-0.70-s0")
+        assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(os.listdir(out)) == ["devices-simple-cnn.png", "summary.md"]
+    check_image(out / "devices-simple-cnn.png")
+    text = (out / "summary.md").read_text()
+    assert "the same checkpoints on each device" in text and doc["machine"]["hostname"] in text
+    by_file = {c["file"]: c for c in doc["checkpoints"]}
+    line = next(ln for ln in text.splitlines() if ln.startswith("| l1-0.70-s0.safetensors"))
+    assert num(line.split("|")[3]) == pytest.approx(1e3 * by_file["l1-0.70-s0.safetensors"]["latency"]["median"], abs=5e-4)
+    shown = text.split("### l1-0.70-s0")[1]
+    assert "Conv2d(1, " in shown and "Conv2d(1, 16" not in shown  # the pruned widths, not the dense ones
+
+
+def test_bad_input_gives_one_clean_error_line(tmp_path, study):
+    assert_clean_error(run_module("pruneflow.report", tmp_path / "nope"), "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(run_module("pruneflow.report", empty), "no results found", "shard-")
+    assert_clean_error(run_module("pruneflow.report", study.parent), "no results found", "did you mean")
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "shard-0-of-1.h5").write_text("not hdf5")
+    assert_clean_error(run_module("pruneflow.report", text), "not an HDF5 file")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    with h5py.File(foreign / "shard-0-of-1.h5", "w") as f:
+        f["x"] = [1, 2, 3]
+    assert_clean_error(run_module("pruneflow.report", foreign), "not a pruneflow results file")
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    with h5py.File(newer / "shard-0-of-1.h5", "w") as f:
+        f.attrs["schema"] = 99
+        f.create_group("trials")
+    assert_clean_error(run_module("pruneflow.report", newer), "newer pruneflow")
+    out = ["--out", tmp_path / "o"]
+    assert_clean_error(run_module("pruneflow.report", study, *out, "--format", "png,gif"), "gif", "png, pdf")
+    assert_clean_error(run_module("pruneflow.report", study, *out, "--show", "l9-0.50-s0"), "l9-0.50-s0", "l1-0.30-s0")
+    assert_clean_error(run_module("pruneflow.report", study, *out, "--only", "pie"), "pie", "pareto")
+
+
+def test_help_documents_every_flag():
+    p = run_module("pruneflow.report", "--help")
+    text = p.stdout + p.stderr
+    for flag in ("STUDY", "--out", "--format", "--show", "--only", "--dpi"):
+        assert flag in text, flag
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [(1.0, 80.0), (2.0, 90.0), (3.0, 85.0), (2.5, 90.0), (4.0, 95.0), (0.5, 70.0)]
+    assert pareto_front(pts) == [(0.5, 70.0), (1.0, 80.0), (2.0, 90.0), (4.0, 95.0)]

@@ -13,7 +13,7 @@ import glob
 import json
 import os
 import re
-import sys
+import shlex
 import types
 
 from .infer.errors import UserError, check_writable_dir
@@ -113,14 +113,16 @@ def missing_parts(study):
         m = re.fullmatch(r"shard-(\d+)-of-(\d+)\.h5", name)
         if m:
             seen.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    explained = set()
     for n, have in sorted(seen.items()):
         for i in sorted(set(range(n)) - have):
             ids = [t for t in shard_trials(expected, (i, n)) if t not in present]
+            explained.update(ids)
             what = f"its trial(s) {', '.join(ids)} are absent" if ids else "its trials are all present in other files"
             notes.append(f"shard {i}/{n} is missing (shard-{i}-of-{n}.h5 not found): {what}")
-    absent = [i for i in expected if i not in present]
-    if absent:
-        notes.append(f"{len(absent)} of {len(expected)} expected trial(s) have no record: {', '.join(absent)}")
+    absent = [i for i in expected if i not in present and i not in explained]
+    if absent:  # e.g. a sweep killed before it reached them: re-running the same command adds them
+        notes.append(f"{len(absent)} expected trial(s) have no record in the shard files present: {', '.join(absent)}")
     return notes, expected
 
 
@@ -201,14 +203,14 @@ def slug(text):
     return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "x"
 
 
-def _context(study, records):
-    r = records[0]
-    attrs = study.files[r["file"]]
+def _context(study, records, latency=True):
+    """The subtitle: how the numbers were made (epochs, timing settings, torch, host)."""
+    attrs = study.files[records[0]["file"]]
     cfg = attrs["config"]
     lat = cfg.get("latency") or {}
-    return (f"fine-tuned {(cfg.get('finetune') or {}).get('epochs', '?')} epoch(s); latency: batch "
-            f"{lat.get('batch_size', '?')}, {lat.get('trials', '?')} timed runs; torch {attrs['env'].get('torch', '?')}, "
-            f"host {attrs.get('host', '?')}")
+    timing = f"latency: batch {lat.get('batch_size', '?')}, {lat.get('trials', '?')} timed runs; " if latency else ""
+    return (f"fine-tuned {(cfg.get('finetune') or {}).get('epochs', '?')} epoch(s); {timing}"
+            f"torch {attrs['env'].get('torch', '?')}, host {attrs.get('host', '?')}")
 
 
 def _hline(ax, y, color, label, style="--"):
@@ -271,7 +273,7 @@ def fig_methods(study, model, dataset, methods, records):
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
     keys = sorted({device_label(r["device_key"]) for r in pruned})
-    ax.set_title(_context(study, pruned), fontsize=9)
+    ax.set_title(_context(study, pruned, latency=False), fontsize=9)
     fig.suptitle(f"{model} on {dataset}: validation accuracy by pruning method — {', '.join(keys)}")
     return fig
 
@@ -356,6 +358,13 @@ def fig_size(study, model, dataset, methods, key, records):
             top = max(top, *(max(p) for p in pts))
     ax.plot([1, top * 1.05], [1, top * 1.05], color="gray", linestyle=":", linewidth=1.5,
             label="ideal (speedup = MAC reduction)")
+    if top > 10:  # 90 % channel sparsity removes ~50x the MACs: a linear axis would crush the rest
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # 1, 10, 100 rather than 10^0, 10^1, 10^2
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("MAC reduction (dense MACs / pruned MACs, ×)")
     ax.set_ylabel("measured speedup (dense / pruned median latency, ×)")
     ax.grid(alpha=0.3)
@@ -373,7 +382,7 @@ def fig_size(study, model, dataset, methods, key, records):
 def device_series(study, model, records):
     """One latency series per device: the sweep's own device(s), then each device JSON (same checkpoints)."""
     series = []
-    for key in sorted({r["device_key"] for r in done(records)}):
+    for key in sorted({r["device_key"] for r in done(records)} - {None}):
         timed = [r for r in done(records) if r["device_key"] == key]
         rows = [dict(method=r["method"], arm=r["arm"], sparsity=r["sparsity"], mean=r["latency_mean"],
                      std=r["latency_std"], median=r["latency_median"], file=os.path.basename(r["checkpoint"]))
@@ -638,7 +647,7 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
         records = [r for r in study.records if r.get("model") == model]
         dataset = records[0].get("dataset", "?")
         methods = method_order(study, records)
-        keys = sorted({r["device_key"] for r in done(records)})
+        keys = sorted({r["device_key"] for r in done(records)} - {None})
         figs = []
         for key in keys:
             if "time" in kinds:
@@ -698,7 +707,11 @@ def cli(study, out=None, format="png,pdf", show=None, only=None, dpi=100):
         raise UserError(f"dpi must be a number, got {dpi!r}") from None
     if not 10 <= dpi <= 1200:
         raise UserError(f"dpi must be between 10 and 1200, got {dpi:g}")
-    command = "python -m pruneflow.report " + " ".join(sys.argv[1:]) if sys.argv[1:] else f"make_report({study!r})"
+    # Rebuilt from the arguments, not sys.argv: submit.py calls cli() inside a submitit job.
+    given = dict(out=out, format=None if format == "png,pdf" else ",".join(formats), show=show,
+                 only=None if only is None else ",".join(kinds), dpi=None if dpi == 100 else f"{dpi:g}")
+    command = " ".join(["python -m pruneflow.report", shlex.quote(os.fspath(study))]
+                       + [f"--{k} {shlex.quote(str(v))}" for k, v in given.items() if v is not None])
     written, notes = make_report(os.fspath(study), out, formats, show, kinds, dpi, command)
     for n in notes:
         print(f"note: {n}")

@@ -197,3 +197,20 @@ def test_help_documents_every_flag():
 def test_pareto_front_keeps_only_undominated_points():
     pts = [(1.0, 80.0), (2.0, 90.0), (3.0, 85.0), (2.5, 90.0), (4.0, 95.0), (0.5, 70.0)]
     assert pareto_front(pts) == [(0.5, 70.0), (1.0, 80.0), (2.0, 90.0), (4.0, 95.0)]
+
+
+def test_missing_trials_are_attributed_to_missing_shards_first():
+    from types import SimpleNamespace
+
+    from pruneflow.report import missing_parts
+
+    config = {"seeds": [0], "control": True, "prune": {"methods": ["l1"], "sparsities": [0.3, 0.7]}}
+    # 4 trials: shard 0/2 = dense-s0, l1-0.30-s0; shard 1/2 = control-s0, l1-0.70-s0
+    killed = SimpleNamespace(files={"shard-0-of-1.h5": {"config": config}}, records=[{"id": "dense-s0"}])
+    notes, expected = missing_parts(killed)
+    assert expected == ["dense-s0", "control-s0", "l1-0.30-s0", "l1-0.70-s0"]
+    assert notes == ["3 expected trial(s) have no record in the shard files present: control-s0, l1-0.30-s0, l1-0.70-s0"]
+    half = SimpleNamespace(files={"shard-0-of-2.h5": {"config": config}}, records=[{"id": "dense-s0"}])
+    notes, _ = missing_parts(half)
+    assert notes == ["shard 1/2 is missing (shard-1-of-2.h5 not found): its trial(s) control-s0, l1-0.70-s0 are absent",
+                     "1 expected trial(s) have no record in the shard files present: l1-0.30-s0"]

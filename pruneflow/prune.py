@@ -187,7 +187,8 @@ def _as_tuple(v):
     return tuple(v)
 
 
-def cli(ckpt, method, sparsity, out, op_types=None, exclude=None, dependency_aware=None, verbose=False):
+def cli(ckpt, method, sparsity, out, op_types=None, exclude=None, dependency_aware=None, print_model=True,
+        verbose=False):
     """Prune a checkpoint with NNI and physically shrink it.
 
     Args:
@@ -198,6 +199,7 @@ def cli(ckpt, method, sparsity, out, op_types=None, exclude=None, dependency_awa
       op_types: comma list of layer types to prune (default: the seed's for this model).
       exclude: comma list of layer names to keep whole (default: the classifier).
       dependency_aware: prune residual-coupled channels together (default: on for ResNets).
+      print_model: print(model) before and after, as the seed's appendix shows (--noprint_model to skip).
       verbose: show NNI's own output.
     """
     from .infer.checkpoint import load, save
@@ -224,8 +226,8 @@ def cli(ckpt, method, sparsity, out, op_types=None, exclude=None, dependency_awa
     else:
         print(f"unstructured: same shapes, {stats['weight_sparsity']:.1%} zeros in pruned layers, no speedup")
     print(format_widths(stats))
-    if verbose:
-        print("\nbefore:\n" + str(model) + "\nafter:\n" + str(pruned))
+    if print_model:
+        print("\nbefore:\n" + str(model) + "\n\nafter:\n" + str(pruned))
     print(f"wrote {out}")
 
 

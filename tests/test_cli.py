@@ -22,6 +22,10 @@ def test_prune_cli_prints_before_after(dense_ckpt, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "params 300,426 -> 75,338" in p.stdout
     assert "conv1" in p.stdout and "16->8" in p.stdout and "4608->2304" in p.stdout
+    # print(model) before and after, as in the seed's appendix
+    before, after = p.stdout.split("\nbefore:\n")[1].split("\n\nafter:\n")
+    assert "(conv1): Conv2d(1, 16, kernel_size=(3, 3)" in before
+    assert "(conv1): Conv2d(1, 8, kernel_size=(3, 3)" in after and "in_features=2304, out_features=32" in after
     assert out.exists()
 
 

@@ -13,15 +13,19 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test test-fast system-deps slurm clean
 
+# pip's chatter goes to a log; it is shown only when a step fails.
+PIP = $(PY) -m pip install -q --log $(VENV)/pip.log
+QUIET = > $(VENV)/pip-last.out 2>&1 || (cat $(VENV)/pip-last.out; exit 1)
+
 setup: $(STAMP)
-	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PIP) --no-deps --no-build-isolation -e . $(QUIET)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	$(PY) -m pip install -q $(TORCH) 2>&1 | grep -v '^WARNING: Location' || true
-	$(PY) -m pip install -q -e '.[hpc,test]' 2>&1 | grep -v '^WARNING: Location' || true
-	$(PY) -c "import torch, nni, ray, h5py, submitit, pytest" 
+	$(PIP) --upgrade pip $(QUIET)
+	$(PIP) $(TORCH) $(QUIET)
+	$(PIP) -e '.[hpc,test]' $(QUIET)
+	$(PY) -c "import torch, nni, ray, h5py, submitit, pytest, jsonschema"
 	touch $@
 
 demo: setup

@@ -183,9 +183,10 @@ def describe_env(device):
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = "absent"
-    cuda = torch.cuda.is_available()
+    # the device the trials will run on: a GPU only when one is usable and not overridden to the CPU
+    on_gpu = torch.cuda.is_available() and not str(device).startswith(("cpu", "mps"))
     return dict(versions, python=platform.python_version(), cuda=torch.version.cuda or "none",
-                device_name=describe("cuda") if cuda else describe("cpu"), cpu=describe("cpu"),
+                device_name=describe("cuda") if on_gpu else describe("cpu"), cpu=describe("cpu"),
                 requested_device=device, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
 
 

@@ -4,7 +4,6 @@ time inference -> save the portable checkpoint. Returns a plain record for the s
 Every trial starts from the same dense checkpoint file: nothing carries over from one trial to the next.
 """
 
-import math
 import os
 import time
 import traceback
@@ -66,13 +65,12 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     history = finetune(model, meta, epochs, ft["recipe"], trial.seed, dev, data["root"], data["download"],
                        batch_size=ft["batch_size"], lr=ft["lr"])
     last = history[-1]
-    if epochs == 0 or math.isnan(last["train_acc"]):
-        from .data import Batches, load_split
+    # Training accuracy for every arm the same way: eval mode, no augmentation, whole training split (the
+    # running accuracy of the last epoch would mix in dropout and the weights' drift over the epoch).
+    from .data import Batches, load_split
 
-        images, labels = load_split(meta["dataset"], "train", data["root"])
-        _, train_acc = evaluate(model, Batches(images, labels, meta["dataset"], 256, dev))
-    else:
-        train_acc = last["train_acc"]
+    images, labels = load_split(meta["dataset"], "train", data["root"])
+    _, train_acc = evaluate(model, Batches(images, labels, meta["dataset"], 256, dev))
     lat = config["latency"]
     x = torch.randn(lat["batch_size"], *meta["input_shape"], device=dev)
     samples = time_forward(model.to(dev), x, lat["warmup"], lat["trials"])

@@ -75,3 +75,18 @@ def test_convert_a_pickled_pruned_model(dense_ckpt, tmp_path):
     with torch.no_grad():
         assert (loaded(x) - pruned.eval()(x)).abs().max().item() <= 1e-5
     assert lmeta["method"] == "l1"
+
+
+def test_header_length_starting_with_0x80_is_not_mistaken_for_a_pickle(dense_ckpt, tmp_path):
+    """A safetensors file starts with its header length; ~1 in 32 lengths begin with byte 0x80, the pickle
+    protocol marker. Those are valid checkpoints and must load."""
+    model, meta = ckpt_io.load(dense_ckpt)
+    hits = 0
+    for pad in range(256):  # the header is padded to 8 bytes: 32 of these lengths end in byte 0x80
+        path = tmp_path / "p.safetensors"
+        ckpt_io.save(model, path, dict(meta, pad="x" * pad))
+        if path.read_bytes()[:1] == b"\x80":
+            hits += 1
+            ckpt_io.load(path)  # must not raise "is a pickle"
+            break
+    assert hits > 0

@@ -51,20 +51,21 @@ def read_meta(path):
         raise UserError(f"checkpoint {path} does not exist")
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a directory")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        raise UserError(
-            f"{path} is a pickle (torch.save) file; pruneflow loads only .safetensors because unpickling "
-            "can run arbitrary code. On a trusted machine convert it: "
-            f"python -m pruneflow.convert --src {path} --out {os.path.splitext(path)[0]}.safetensors --model ARCH"
-        )
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
     except Exception as e:  # SafetensorError has no stable import path across versions
+        # Only now look for pickle signatures: a valid safetensors header length can start with 0x80 too.
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+            raise UserError(
+                f"{path} is a pickle (torch.save) file; pruneflow loads only .safetensors because unpickling "
+                "can run arbitrary code. On a trusted machine convert it: "
+                f"python -m pruneflow.convert --src {path} --out {os.path.splitext(path)[0]}.safetensors --model ARCH"
+            ) from None
         raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
     if raw is None:
         raise UserError(f"{path} is a safetensors file without pruneflow metadata (not written by pruneflow)")

@@ -514,7 +514,8 @@ def pick_shown(records, methods, show):
         if hit[0]["status"] != "done":
             raise UserError(f"--show {show}: that trial failed, so it has no model to show")
         return hit[0]
-    for m in methods:
+    # default: the sparsest trial of the first method that changes the architecture (level keeps shapes)
+    for m in sorted(methods, key=lambda m: m == "level"):
         rs = done(records, arm="pruned", method=m)
         if rs:
             return max(rs, key=lambda r: (r["sparsity"], -r["seed"]))

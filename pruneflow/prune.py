@@ -24,11 +24,22 @@ NNI_PRUNERS = {"level": "LevelPruner", "l1": "L1NormPruner", "l2": "L2NormPruner
 METHODS = tuple(NNI_PRUNERS)
 STRUCTURED = ("l1", "l2", "fpgm")
 OP_TYPES = ("Conv2d", "Linear")
+# backend -> methods. A method label is "l1" (NNI, the default) or "l1@depgraph".
+BACKENDS = {"nni": METHODS, "depgraph": ("l1", "l2", "fpgm", "taylor", "slim")}
+
+
+def parse_method(label):
+    """'l1' -> ('l1', 'nni'); 'taylor@depgraph' -> ('taylor', 'depgraph'); checks the combination."""
+    method, _, backend = str(label).partition("@")
+    backend = backend or "nni"
+    if backend not in BACKENDS or method not in BACKENDS[backend]:
+        valid = "; ".join(f"{', '.join(m if b == 'nni' else f'{m}@{b}' for m in ms)} ({b})" for b, ms in BACKENDS.items())
+        raise UserError(f"unknown pruning method/backend {label!r}; valid: {valid}")
+    return method, backend
 
 
 def check_method(method):
-    if method not in NNI_PRUNERS:
-        raise UserError(f"unknown pruning method {method!r}; valid methods: {', '.join(METHODS)}")
+    return parse_method(method)
 
 
 def check_sparsity(sparsity):
@@ -42,14 +53,17 @@ def check_sparsity(sparsity):
 
 
 def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=(), dependency_aware=False,
-          verbose=False):
+          verbose=False, calibration=None, round_to=None, global_pruning=False):
     """Prune a copy of ``model``; ``sparsity`` is the fraction of each targeted layer removed.
 
+    ``method`` is a label: 'l1' (NNI) or 'l1@depgraph' (Torch-Pruning's DepGraph; see pruneflow.depgraph).
     Returns (pruned model on CPU in eval mode, stats dict). ``dependency_aware`` groups residual-coupled
     channels (NNI's auto_set_denpendency_group_ids) so they are pruned together and the speedup can remove
-    them; without it NNI merges disagreeing masks and removes far less than asked.
+    them; without it NNI merges disagreeing masks and removes far less than asked. ``calibration`` (a few
+    training batches) feeds the taylor criterion; ``round_to`` / ``global_pruning`` apply to DepGraph.
     """
-    check_method(method)
+    label = method
+    method, backend = parse_method(method)
     sparsity = check_sparsity(sparsity)
     bad = [t for t in op_types if t not in OP_TYPES]
     if bad or not op_types:
@@ -64,6 +78,31 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
     example = torch.rand(2, *input_shape)
     before = {"params": count_params(model), "macs": count_macs(model, input_shape), "widths": layer_widths(model)}
     config = [{"op_types": list(op_types), "sparse_ratio": sparsity, "exclude_op_names": list(exclude)}]
+    if backend == "depgraph":
+        from .depgraph import prune_depgraph
+
+        with _quiet(verbose):
+            prune_depgraph(model, method, sparsity, input_shape, op_types, exclude, calibration, round_to,
+                           global_pruning)
+    else:
+        _prune_nni(model, method, sparsity, example, config, dependency_aware, verbose)
+    model.eval()
+    targets = [n for n, t, _, _ in before["widths"] if t in op_types and n not in exclude]
+    stats = {
+        "method": label, "backend": backend, "criterion": method, "sparsity": sparsity,
+        "dependency_aware": bool(backend == "depgraph" or (dependency_aware and method in STRUCTURED)),
+        "params_dense": before["params"], "macs_dense": before["macs"], "widths_dense": before["widths"],
+        "params": count_params(model), "macs": count_macs(model, input_shape), "widths": layer_widths(model),
+        "nonzero_params": sum(int((p != 0).sum()) for p in model.parameters()),
+    }
+    stats["mac_reduction"] = stats["macs_dense"] / max(stats["macs"], 1)
+    stats["channel_sparsity"] = _channel_sparsity(before["widths"], stats["widths"], targets)
+    stats["weight_sparsity"] = _weight_sparsity(model, targets)
+    return model, stats
+
+
+def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbose):
+    """NNI 3.0: masks from the pruner, then ModelSpeedup (structured) or masks written into weights (level)."""
     with _quiet(verbose):
         from nni.compression import pruning as nni_pruning
 
@@ -87,18 +126,29 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
                     module = model.get_submodule(layer)
                     for param, mask in layer_masks.items():
                         getattr(module, param).mul_(mask.to(getattr(module, param).dtype))
-    model.eval()
-    targets = [n for n, t, _, _ in before["widths"] if t in op_types and n not in exclude]
-    stats = {
-        "method": method, "sparsity": sparsity, "dependency_aware": bool(dependency_aware and method in STRUCTURED),
-        "params_dense": before["params"], "macs_dense": before["macs"], "widths_dense": before["widths"],
-        "params": count_params(model), "macs": count_macs(model, input_shape), "widths": layer_widths(model),
-        "nonzero_params": sum(int((p != 0).sum()) for p in model.parameters()),
-    }
-    stats["mac_reduction"] = stats["macs_dense"] / max(stats["macs"], 1)
-    stats["channel_sparsity"] = _channel_sparsity(before["widths"], stats["widths"], targets)
-    stats["weight_sparsity"] = _weight_sparsity(model, targets)
-    return model, stats
+
+
+def prune_to_mac_reduction(model, method, target, input_shape, tolerance=0.02, max_steps=16, **kwargs):
+    """Target-MACs mode: find the sparsity whose pruned model has ``target``x fewer MACs (bisection over the
+    ratio; MACs fall monotonically with it). Returns (model, stats) of the closest try, with
+    ``stats['target_mac_reduction']``. How users compare methods: at equal achieved reduction."""
+    if parse_method(method)[0] == "level":
+        raise UserError("level pruning keeps every MAC (same shapes); target-MACs mode needs a structured method")
+    if not target > 1.0:
+        raise UserError(f"MAC reduction target must be > 1 (e.g. 2 for half the MACs), got {target!r}")
+    lo, hi, best = 0.0, 0.99, None
+    for _ in range(max_steps):
+        ratio = (lo + hi) / 2
+        pruned, stats = prune(model, method, ratio, input_shape, **kwargs)
+        error = stats["mac_reduction"] / target - 1
+        if best is None or abs(error) < abs(best[1]["mac_reduction"] / target - 1):
+            best = (pruned, stats)
+        if abs(error) <= tolerance:
+            break
+        lo, hi = (ratio, hi) if error < 0 else (lo, ratio)
+    pruned, stats = best
+    stats["target_mac_reduction"] = float(target)
+    return pruned, stats
 
 
 def _channel_sparsity(widths_dense, widths, targets):
@@ -172,11 +222,21 @@ def _silent_logger(verbose):
     return logger
 
 
+def calibration_batches(meta, n=4, batch_size=64, data_root=None):
+    """A few training batches (for criteria that need gradients, e.g. taylor), on the CPU."""
+    from .data import Batches, load_split
+
+    images, labels = load_split(meta["dataset"], "train", data_root)
+    batches = Batches(images, labels, meta["dataset"], batch_size, "cpu", train=False)
+    return [b for _, b in zip(range(n), batches)]
+
+
 def pruned_meta(meta, stats):
     """Checkpoint metadata of a pruned model: the dense model's, plus what pruning did."""
-    keep = ("method", "sparsity", "dependency_aware", "params_dense", "macs_dense", "params", "macs",
+    keep = ("method", "backend", "sparsity", "dependency_aware", "params_dense", "macs_dense", "params", "macs",
             "mac_reduction", "channel_sparsity", "weight_sparsity", "nonzero_params")
-    return {**meta, **{k: stats[k] for k in keep}, "accuracy": None}
+    extra = {"target_mac_reduction": stats["target_mac_reduction"]} if "target_mac_reduction" in stats else {}
+    return {**meta, **{k: stats[k] for k in keep}, **extra, "accuracy": None}
 
 
 def _as_tuple(v):
@@ -187,18 +247,21 @@ def _as_tuple(v):
     return tuple(v)
 
 
-def cli(ckpt, method, sparsity, out, op_types=None, exclude=None, dependency_aware=None, print_model=True,
-        verbose=False):
+def cli(ckpt, method, out, sparsity=None, target_macs=None, op_types=None, exclude=None, dependency_aware=None,
+        round_to=None, print_model=True, verbose=False):
     """Prune a checkpoint with NNI and physically shrink it.
 
     Args:
       ckpt: dense (or any) pruneflow checkpoint (.safetensors).
-      method: level | l1 | l2 | fpgm.
-      sparsity: fraction removed from each targeted layer, in (0, 1).
+      method: level | l1 | l2 | fpgm (NNI), or l1@depgraph | l2@depgraph | fpgm@depgraph | taylor@depgraph |
+        slim@depgraph (Torch-Pruning's DepGraph).
       out: where to write the pruned checkpoint (.safetensors).
+      sparsity: fraction removed from each targeted layer, in (0, 1).
+      target_macs: instead of --sparsity, the MAC reduction to reach (e.g. 2 = half the MACs).
       op_types: comma list of layer types to prune (default: the seed's for this model).
       exclude: comma list of layer names to keep whole (default: the classifier).
-      dependency_aware: prune residual-coupled channels together (default: on for ResNets).
+      dependency_aware: prune residual-coupled channels together (NNI; default: on for ResNets).
+      round_to: DepGraph: keep channel counts multiples of this (e.g. 8, for GPU kernels).
       print_model: print(model) before and after, as the seed's appendix shows (--noprint_model to skip).
       verbose: show NNI's own output.
     """
@@ -206,22 +269,32 @@ def cli(ckpt, method, sparsity, out, op_types=None, exclude=None, dependency_awa
     from .infer.errors import check_writable_file
     from .models import default_prune_targets
 
-    check_method(method)
-    sparsity = check_sparsity(sparsity)
+    criterion, backend = parse_method(method)
+    if (sparsity is None) == (target_macs is None):
+        raise UserError("give exactly one of --sparsity (fraction removed) or --target-macs (MAC reduction)")
+    if sparsity is not None:
+        sparsity = check_sparsity(sparsity)
     out = check_writable_file(out)
     model, meta = load(ckpt)
     default_ops, default_exclude = default_prune_targets(meta["arch"])
     if dependency_aware is None:
         dependency_aware = meta["arch"] != "simple_cnn"
-    pruned, stats = prune(model, method, sparsity, meta["input_shape"], _as_tuple(op_types) or default_ops,
-                          _as_tuple(exclude) if exclude is not None else default_exclude, dependency_aware, verbose)
+    kwargs = dict(op_types=_as_tuple(op_types) or default_ops,
+                  exclude=_as_tuple(exclude) if exclude is not None else default_exclude,
+                  dependency_aware=dependency_aware, verbose=verbose, round_to=round_to,
+                  calibration=calibration_batches(meta) if criterion == "taylor" else None)
+    if target_macs is not None:
+        pruned, stats = prune_to_mac_reduction(model, method, float(target_macs), meta["input_shape"], **kwargs)
+    else:
+        pruned, stats = prune(model, method, sparsity, meta["input_shape"], **kwargs)
     save(pruned, out, pruned_meta(meta, stats))
-    print(f"{meta['arch']} pruned with {method} at sparsity {sparsity:.2f}"
+    print(f"{meta['arch']} pruned with {method} at sparsity {stats['sparsity']:.3f}"
+          + (f" (target: {stats['target_mac_reduction']:g}x fewer MACs)" if target_macs is not None else "")
           + (" (dependency-aware)" if stats["dependency_aware"] else ""))
     print(f"params {stats['params_dense']:,} -> {stats['params']:,} ({stats['params'] / stats['params_dense']:.1%}); "
           f"non-zero {stats['nonzero_params']:,}")
     print(f"MACs   {stats['macs_dense']:,} -> {stats['macs']:,} ({stats['mac_reduction']:.2f}x fewer)")
-    if method in STRUCTURED:
+    if criterion != "level":
         print(f"channels removed from pruned layers: {stats['channel_sparsity']:.1%}")
     else:
         print(f"unstructured: same shapes, {stats['weight_sparsity']:.1%} zeros in pruned layers, no speedup")

@@ -40,8 +40,13 @@ class TrainSpec:
 
 @dataclass
 class PruneSpec:
+    # "l1" = NNI (level, l1, l2, fpgm); "l1@depgraph" = Torch-Pruning (l1, l2, fpgm, taylor, slim)
     methods: typing.List[str] = field(default_factory=lambda: ["level", "l1", "l2"])
     sparsities: typing.List[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
+    # target-MACs mode: MAC reductions to reach (e.g. [2, 4]); each structured method gets these trials too
+    mac_targets: typing.List[float] = field(default_factory=list)
+    round_to: typing.Optional[int] = None  # DepGraph: channel counts multiple of this (8 suits GPU kernels)
+    global_pruning: bool = False  # DepGraph: rank channels across layers instead of per layer
     op_types: typing.Optional[typing.List[str]] = None  # default: the seed's for the model
     exclude: typing.Optional[typing.List[str]] = None  # default: the classifier
     dependency_aware: typing.Optional[bool] = None  # default: on for ResNets
@@ -98,11 +103,14 @@ class Trial:
     method: str
     sparsity: float
     seed: int
+    target: float = 0.0  # target-MACs mode: the MAC reduction to reach (sparsity is then found)
 
     @property
     def id(self):
         if self.arm != "pruned":
             return f"{self.arm}-s{self.seed}"
+        if self.target:
+            return f"{self.method}-x{self.target:.2f}-s{self.seed}"
         return f"{self.method}-{self.sparsity:.2f}-s{self.seed}"
 
 
@@ -213,7 +221,7 @@ def _parse_scalar(text):
 def validate(spec):
     from .data import DATASETS
     from .models import ARCHITECTURES, STEMS
-    from .prune import METHODS, OP_TYPES
+    from .prune import OP_TYPES, parse_method
     from .train import RECIPES
 
     def one_of(value, valid, what):
@@ -228,7 +236,12 @@ def validate(spec):
     one_of(spec.finetune.recipe, tuple(RECIPES), "finetune.recipe")
     one_of(spec.resources.device.split(":")[0], ("auto", "cpu", "cuda", "mps"), "resources.device")
     for m in spec.prune.methods:
-        one_of(m, METHODS, "prune.methods entry")
+        parse_method(m)
+    for t in spec.prune.mac_targets:
+        if not t > 1:
+            raise UserError(f"prune.mac_targets: {t} must be > 1 (the factor by which MACs shrink)")
+    if spec.prune.round_to is not None and spec.prune.round_to < 1:
+        raise UserError(f"prune.round_to must be >= 1, got {spec.prune.round_to}")
     for t in spec.prune.op_types or []:
         one_of(t, OP_TYPES, "prune.op_types entry")
     for s in spec.prune.sparsities:
@@ -253,8 +266,9 @@ def validate(spec):
         raise UserError(f"study name {spec.study!r} must be a plain name (it becomes a directory)")
     if not spec.seeds:
         raise UserError("seeds must list at least one seed")
-    if not spec.prune.methods or not spec.prune.sparsities:
-        raise UserError("the grid is empty: list at least one method in prune.methods and one sparsity in prune.sparsities")
+    if not spec.prune.methods or not (spec.prune.sparsities or spec.prune.mac_targets):
+        raise UserError("the grid is empty: list at least one method in prune.methods and one sparsity in "
+                        "prune.sparsities (or a target in prune.mac_targets)")
     return spec
 
 
@@ -286,6 +300,9 @@ def grid(spec):
         for method in spec.prune.methods:
             for s in spec.prune.sparsities:
                 trials.append(Trial("pruned", method, round(float(s), 4), seed))
+            if not method.startswith("level"):
+                for target in spec.prune.mac_targets:
+                    trials.append(Trial("pruned", method, 0.0, seed, target=float(target)))
     return trials
 
 

@@ -24,7 +24,7 @@ def run_trial(trial, config, dense_path, ckpt_dir, threads=1):
         pass
     t0 = time.perf_counter()
     record = dict(id=trial.id, arm=trial.arm, method=trial.method, sparsity=trial.sparsity, seed=trial.seed,
-                  model=config["model"]["arch"], dataset=config["data"]["dataset"], backend="nni" if trial.arm == "pruned" else "",
+                  model=config["model"]["arch"], dataset=config["data"]["dataset"], target_mac_reduction=trial.target,
                   host=os.uname().nodename)
     try:
         record.update(_run(trial, config, dense_path, ckpt_dir, threads))
@@ -43,7 +43,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     from .infer import checkpoint as ckpt_io
     from .infer.device import resolve_device
     from .infer.timing import summarize, time_forward
-    from .prune import prune, pruned_meta
+    from .prune import calibration_batches, parse_method, prune, prune_to_mac_reduction, pruned_meta
     from .train import evaluate, finetune
 
     if trial.id in os.environ.get(INJECT_ENV, "").split(","):
@@ -54,10 +54,17 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     stats = {"params_dense": ckpt_io.count_params(model), "macs_dense": ckpt_io.count_macs(model, meta["input_shape"])}
     stats.update(params=stats["params_dense"], macs=stats["macs_dense"], mac_reduction=1.0, channel_sparsity=0.0,
                  weight_sparsity=0.0, nonzero_params=stats["params_dense"])
+    backend = ""
     if trial.arm == "pruned":
         p = config["prune"]
-        model, stats = prune(model, trial.method, trial.sparsity, meta["input_shape"], p["op_types"], p["exclude"],
-                             p["dependency_aware"])
+        criterion, backend = parse_method(trial.method)
+        kwargs = dict(op_types=p["op_types"], exclude=p["exclude"], dependency_aware=p["dependency_aware"],
+                      round_to=p["round_to"], global_pruning=p["global_pruning"],
+                      calibration=calibration_batches(meta, data_root=config["data"]["root"]) if criterion == "taylor" else None)
+        if trial.target:
+            model, stats = prune_to_mac_reduction(model, trial.method, trial.target, meta["input_shape"], **kwargs)
+        else:
+            model, stats = prune(model, trial.method, trial.sparsity, meta["input_shape"], **kwargs)
         meta = pruned_meta(meta, stats)
     ft = config["finetune"]
     epochs = 0 if trial.arm == "dense" else ft["epochs"]
@@ -76,11 +83,12 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     samples = time_forward(model.to(dev), x, lat["warmup"], lat["trials"])
     timing = summarize(samples)
     path = os.path.join(ckpt_dir, f"{trial.id}.safetensors")
-    meta = dict(meta, method=trial.method, sparsity=trial.sparsity, arm=trial.arm, seed=trial.seed,
+    sparsity = stats.get("sparsity", trial.sparsity) if trial.arm == "pruned" else 0.0
+    meta = dict(meta, method=trial.method, sparsity=sparsity, arm=trial.arm, seed=trial.seed,
                 accuracy=last["val_acc"], finetune_epochs=epochs, config=config)
     ckpt_io.save(model, path, meta)
     return dict(
-        params=stats["params"], macs=stats["macs"], params_dense=stats["params_dense"], macs_dense=stats["macs_dense"],
+        backend=backend, sparsity=sparsity, params=stats["params"], macs=stats["macs"], params_dense=stats["params_dense"], macs_dense=stats["macs_dense"],
         mac_reduction=stats["mac_reduction"], channel_sparsity=stats["channel_sparsity"],
         weight_sparsity=stats["weight_sparsity"], nonzero_params=stats["nonzero_params"],
         dependency_aware=bool(stats.get("dependency_aware", False)),

@@ -125,7 +125,9 @@ def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbo
                 for layer, layer_masks in masks.items():
                     module = model.get_submodule(layer)
                     for param, mask in layer_masks.items():
-                        getattr(module, param).mul_(mask.to(getattr(module, param).dtype))
+                        tensor = getattr(module, param, None)
+                        if tensor is not None:  # NNI lists a mask for 'bias' even when the layer has none
+                            tensor.mul_(mask.to(tensor.dtype))
 
 
 def prune_to_mac_reduction(model, method, target, input_shape, tolerance=0.02, max_steps=16, **kwargs):

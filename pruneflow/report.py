@@ -96,7 +96,8 @@ def expected_ids(config):
     prune = config.get("prune") or {}
     spec = types.SimpleNamespace(seeds=config.get("seeds") or [0], control=config.get("control", True),
                                  prune=types.SimpleNamespace(methods=prune.get("methods") or [],
-                                                             sparsities=prune.get("sparsities") or []))
+                                                             sparsities=prune.get("sparsities") or [],
+                                                             mac_targets=prune.get("mac_targets") or []))
     return [t.id for t in grid(spec)]
 
 

@@ -113,7 +113,8 @@ def test_summary_numbers_equal_the_hdf5_values(report, study):
     with h5py.File(study / "shard-0-of-1.h5", "r") as f:
         torch_version = f["env"].attrs["torch"]
     assert f"torch {torch_version}" in text and "study: quickstart" in text and '"epochs": 1' in text
-    assert "### dense-s0" in text and "### level-0.70-s0" in text and "Conv2d(1, 16" in text
+    # default --show: the sparsest trial of the first method that changes shapes (level keeps them)
+    assert "### dense-s0" in text and "### l1-0.70-s0" in text and "Conv2d(1, 16" in text
 
 
 def test_partial_study_reports_the_missing_shard_and_the_failure(partial):

@@ -1,0 +1,55 @@
+"""Dense vs pruned inference latency, and how much of the MAC reduction turns into speed.
+
+    python benchmarks/latency.py                  # ResNet-18 and ResNet-101 (CIFAR stem), batch 1 and 64
+    python benchmarks/latency.py --quick          # CI-sized: SimpleCNN, batch 1 and 8
+    python benchmarks/latency.py --device cuda
+
+Uses the one timing implementation (pruneflow.infer.timing: input on the device, warm-up at the timed shape,
+device synchronised around each call). Pruning is DepGraph L1 (fast, reaches its nominal sparsity).
+"""
+
+import argparse
+import platform
+import sys
+
+import torch
+
+from pruneflow.infer.device import describe, resolve_device
+from pruneflow.infer.timing import summarize, time_forward
+from pruneflow.models import build_model, default_prune_targets
+from pruneflow.prune import prune
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--trials", type=int, default=25)
+    args = ap.parse_args()
+    dev = resolve_device(args.device)
+    models = [("simple_cnn", (1, 28, 28))] if args.quick else [("resnet18", (3, 32, 32)), ("resnet101", (3, 32, 32))]
+    batches = (1, 8) if args.quick else (1, 64)
+    sparsities = (0.5,) if args.quick else (0.3, 0.5, 0.7)
+    print(f"# {' '.join(sys.argv)}")
+    print(f"# device {dev} ({describe(dev)}), torch {torch.__version__}, python {platform.python_version()}, "
+          f"threads {torch.get_num_threads()}, median of {args.trials} after 5 warm-up")
+    head = f"{'model':<10} {'sparsity':>8} {'batch':>5} {'dense ms':>9} {'pruned ms':>9} {'speedup':>7} {'MACs÷':>6} {'spd/MAC':>7}"
+    print(head)
+    print("-" * len(head))
+    torch.manual_seed(0)
+    for arch, shape in models:
+        dense = build_model(arch, 10, shape[0], "cifar").eval()
+        ops, exclude = default_prune_targets(arch)
+        for s in sparsities:
+            pruned, st = prune(dense, "l1@depgraph", s, shape, ops, exclude)
+            for b in batches:
+                x = torch.randn(b, *shape, device=dev)
+                t_dense = summarize(time_forward(dense.to(dev), x, 5, args.trials))["median"]
+                t_pruned = summarize(time_forward(pruned.to(dev), x, 5, args.trials))["median"]
+                speedup = t_dense / t_pruned
+                print(f"{arch:<10} {s:>8.2f} {b:>5} {1e3 * t_dense:>9.3f} {1e3 * t_pruned:>9.3f} {speedup:>7.2f} "
+                      f"{st['mac_reduction']:>6.2f} {speedup / st['mac_reduction']:>7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

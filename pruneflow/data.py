@@ -9,13 +9,74 @@ from .infer.data import DATASETS, DEFAULT_DATA_ROOT, Batches, dataset_info, load
 from .infer.errors import UserError
 
 
-def train_test_batches(dataset, batch_size, device, seed=0, data_root=None, download=False, channels_last=False):
-    """(training batches: shuffled + augmented, test batches: fixed order, never augmented)."""
-    train = Batches(*load_split(dataset, "train", data_root, download), dataset, batch_size, device,
-                    train=True, seed=seed, channels_last=channels_last)
-    test = Batches(*load_split(dataset, "test", data_root, download), dataset, batch_size, device,
-                   train=False, channels_last=channels_last)
+LOADERS = ("device", "torchvision")
+
+
+def train_test_batches(dataset, batch_size, device, seed=0, data_root=None, download=False, channels_last=False,
+                       loader="device"):
+    """(training batches: shuffled + augmented, test batches: fixed order, never augmented).
+
+    ``loader='device'`` (default): the whole data set on the device, batches augmented there at once.
+    ``loader='torchvision'``: the seed's pipeline (DataLoader + per-image CPU transforms), for comparison.
+    """
+    if loader not in LOADERS:
+        raise UserError(f"unknown loader {loader!r}; valid: {', '.join(LOADERS)}")
+    cls = Batches if loader == "device" else SeedStyleBatches
+    train = cls(*load_split(dataset, "train", data_root, download), dataset, batch_size, device,
+                train=True, seed=seed, channels_last=channels_last)
+    test = cls(*load_split(dataset, "test", data_root, download), dataset, batch_size, device,
+               train=False, channels_last=channels_last)
     return train, test
+
+
+class _PerImage:
+    """A torch Dataset applying torchvision transforms to one uint8 image at a time (the seed's way)."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+class SeedStyleBatches:
+    """The seed's input pipeline: torch DataLoader + per-image torchvision transforms on the CPU (RandomCrop
+    with padding 4 and horizontal flip for CIFAR-10 in training; normalisation always), then a copy to the
+    device per batch. Same interface and same numbers as ``Batches``; kept for benchmarks and checks."""
+
+    def __init__(self, images, labels, dataset, batch_size, device="cpu", train=False, seed=0, drop_last=False,
+                 channels_last=False, num_workers=0):
+        import torch
+        from torchvision.transforms import v2
+
+        info = dataset_info(dataset)
+        steps = [v2.RandomCrop(info["shape"][1:], padding=4), v2.RandomHorizontalFlip()] if train and info["augment"] else []
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(info["mean"], info["std"])]
+        self.device, self.channels_last, self.train, self.seed, self.epoch = torch.device(device), channels_last, train, seed, 0
+        self.dataset = _PerImage(images, labels, v2.Compose(steps))
+        self.batch_size, self.drop_last, self.num_workers = int(batch_size), drop_last, num_workers
+
+    def __len__(self):
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        if self.train:
+            self.epoch += 1
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.train, generator=g,
+                                             drop_last=self.drop_last, num_workers=self.num_workers,
+                                             pin_memory=self.device.type == "cuda")
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
 
 
 def fetch(dataset, data_root=DEFAULT_DATA_ROOT):

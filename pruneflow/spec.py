@@ -75,6 +75,14 @@ class ResourcesSpec:
 
 
 @dataclass
+class PerformanceSpec:
+    loader: str = "device"  # device (data set on the device, batched augmentation) | torchvision (the seed's DataLoader)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    channels_last: typing.Optional[bool] = None  # default: on for CUDA
+    compile: bool = False  # torch.compile the training step: slow start, faster epochs (long runs only)
+
+
+@dataclass
 class StudySpec:
     study: str = "study"
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -84,6 +92,7 @@ class StudySpec:
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     latency: LatencySpec = field(default_factory=LatencySpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    performance: PerformanceSpec = field(default_factory=PerformanceSpec)
     seeds: typing.List[int] = field(default_factory=lambda: [0])
     control: bool = True  # the dense model fine-tuned for the same epochs: is a gain pruning or training?
     retries: int = 1  # extra attempts for a trial that raises or diverges
@@ -235,6 +244,8 @@ def validate(spec):
         one_of(spec.train.recipe, tuple(RECIPES), "train.recipe")
     one_of(spec.finetune.recipe, tuple(RECIPES), "finetune.recipe")
     one_of(spec.resources.device.split(":")[0], ("auto", "cpu", "cuda", "mps"), "resources.device")
+    one_of(spec.performance.loader, ("device", "torchvision"), "performance.loader")
+    one_of(spec.performance.precision, ("auto", "fp32", "bf16"), "performance.precision")
     for m in spec.prune.methods:
         parse_method(m)
     for t in spec.prune.mac_targets:

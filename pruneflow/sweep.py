@@ -70,7 +70,7 @@ def ensure_dense(dense_path, spec, config, progress):
         train_dense(spec.model.arch, spec.data.dataset, dense_path, spec.train.epochs, config["train"]["recipe"],
                     spec.model.stem, seed=spec.seeds[0], device=spec.resources.device, data_root=spec.data.root,
                     download=spec.data.download, progress=progress, batch_size=spec.train.batch_size, lr=spec.train.lr,
-                    config=config)
+                    config=config, perf=config["performance"])
 
 
 def slot_counts(device="auto"):

@@ -26,6 +26,26 @@ RECIPES = {
 }
 
 
+# How training runs (not what it computes): see resolve_perf. The job file's `performance` section.
+DEFAULT_PERF = dict(loader="device", precision="auto", channels_last=None, compile=False)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_perf(perf, device):
+    """{loader, amp_dtype, channels_last, compile} for ``device``. 'auto' precision is bf16 autocast on CUDA and
+    fp32 on CPU (bf16 on CPU only when asked); channels_last defaults to on for CUDA (NHWC convolutions)."""
+    perf = dict(DEFAULT_PERF, **{k: v for k, v in (perf or {}).items() if v is not None or k == "channels_last"})
+    if perf["precision"] not in PRECISIONS:
+        raise UserError(f"unknown precision {perf['precision']!r}; valid: {', '.join(PRECISIONS)}")
+    cuda = torch.device(device).type == "cuda"
+    bf16 = perf["precision"] == "bf16" or (perf["precision"] == "auto" and cuda)
+    channels_last = cuda if perf["channels_last"] is None else bool(perf["channels_last"])
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
+    return dict(loader=perf["loader"], amp_dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last,
+                compile=bool(perf["compile"]))
+
+
 class TrainingDiverged(RuntimeError):
     """Loss became NaN/inf: the trial fails (and may be retried) instead of writing garbage."""
 
@@ -58,10 +78,12 @@ def make_optimizer(model, recipe, epochs):
     return opt, sched
 
 
-def train_one_epoch(model, batches, opt, masks=None, progress=False, desc=""):
-    """One pass over ``batches``; returns (mean loss, accuracy). ``masks`` keep pruned zeros at zero."""
+def train_one_epoch(model, batches, opt, masks=None, progress=False, desc="", amp_dtype=None, step_model=None):
+    """One pass over ``batches``; returns (mean loss, accuracy). ``masks`` keep pruned zeros at zero;
+    ``amp_dtype`` runs forward/loss under autocast; ``step_model`` is a compiled wrapper of ``model``."""
     from .prune import apply_masks
 
+    forward = step_model or model
     model.train()
     total_loss = correct = seen = 0
     it = batches
@@ -70,8 +92,9 @@ def train_one_epoch(model, batches, opt, masks=None, progress=False, desc=""):
 
         it = tqdm(batches, desc=desc, leave=False, unit="batch")
     for x, y in it:
-        out = model(x)
-        loss = F.cross_entropy(out, y)
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            out = forward(x)
+            loss = F.cross_entropy(out, y)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss.item()} during training")
         opt.zero_grad(set_to_none=True)
@@ -86,26 +109,29 @@ def train_one_epoch(model, batches, opt, masks=None, progress=False, desc=""):
 
 
 @torch.no_grad()
-def evaluate(model, batches):
+def evaluate(model, batches, amp_dtype=None):
     """(mean loss, accuracy) without augmentation, in eval mode."""
     model.eval()
     total_loss = correct = seen = 0
     for x, y in batches:
-        out = model(x)
-        total_loss += F.cross_entropy(out, y, reduction="sum").item()
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            out = model(x)
+        total_loss += F.cross_entropy(out.float(), y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
         seen += len(y)
     return total_loss / seen, correct / seen
 
 
 def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress=False, on_epoch=None,
-        resume=None):
+        resume=None, amp_dtype=None, compile=False):
     """Train for ``epochs``; returns the per-epoch history (train/val loss and accuracy, lr, seconds).
 
     ``on_epoch(epoch, history, model, opt, sched)`` runs after each epoch (checkpointing for requeue);
     ``resume`` is a state dict written from such a callback ({epoch, history, model, optimizer, scheduler}).
     """
     opt, sched = make_optimizer(model, recipe, epochs)
+    # torch.compile: slower start (seconds to minutes), faster steps; the uncompiled module keeps the weights.
+    step_model = torch.compile(model) if compile else None
     history, start = [], 0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -116,8 +142,9 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
-        train_loss, train_acc = train_one_epoch(model, train_batches, opt, masks, progress, f"epoch {epoch + 1}/{epochs}")
-        val_loss, val_acc = evaluate(model, test_batches)
+        train_loss, train_acc = train_one_epoch(model, train_batches, opt, masks, progress, f"epoch {epoch + 1}/{epochs}",
+                                                amp_dtype, step_model)
+        val_loss, val_acc = evaluate(model, test_batches, amp_dtype)
         sched.step()
         history.append(dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                             val_acc=val_acc, lr=lr, seconds=time.perf_counter() - t0))
@@ -148,7 +175,7 @@ def model_meta(arch, dataset, stem, num_classes):
 
 
 def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, device="auto", data_root=None,
-                download=False, progress=True, batch_size=None, lr=None, config=None):
+                download=False, progress=True, batch_size=None, lr=None, config=None, perf=None):
     """Train a dense model and write its checkpoint; resumable (Slurm requeue) through ``OUT.resume.pt``.
 
     Returns (checkpoint path, history).
@@ -164,8 +191,12 @@ def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, d
     recipe = get_recipe(recipe or default_recipe(arch), batch_size=batch_size, lr=lr)
     dev = resolve_device(device)
     seed_everything(seed)
+    p = resolve_perf(perf, dev)
     model = build_model(arch, num_classes=info["classes"], in_channels=info["shape"][0], stem=stem).to(dev)
-    train_b, test_b = train_test_batches(dataset, recipe["batch_size"], dev, seed, data_root, download)
+    if p["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    train_b, test_b = train_test_batches(dataset, recipe["batch_size"], dev, seed, data_root, download,
+                                         p["channels_last"], p["loader"])
     meta = dict(model_meta(arch, dataset, stem, info["classes"]), seed=seed, recipe=recipe, epochs=epochs,
                 config=config or {})
     state_path = out + ".resume.pt"
@@ -183,7 +214,8 @@ def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, d
                         scheduler=sched.state_dict(), meta=json.dumps(meta, sort_keys=True)), tmp)
         os.replace(tmp, state_path)
 
-    history = fit(model, train_b, test_b, recipe, epochs, progress=progress, on_epoch=save_state, resume=resume)
+    history = fit(model, train_b, test_b, recipe, epochs, progress=progress, on_epoch=save_state, resume=resume,
+                  amp_dtype=p["amp_dtype"], compile=p["compile"])
     meta.update(accuracy=history[-1]["val_acc"] if history else None, history=history)
     ckpt_io.save(model, out, meta)
     if os.path.exists(state_path):
@@ -192,7 +224,7 @@ def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, d
 
 
 def finetune(model, meta, epochs, recipe="finetune", seed=0, device="auto", data_root=None, download=False,
-             progress=False, batch_size=None, lr=None):
+             progress=False, batch_size=None, lr=None, perf=None):
     """Fine-tune a (pruned) model in place; unstructured zeros stay zero. Returns the history."""
     from .data import train_test_batches
     from .infer.device import resolve_device
@@ -201,13 +233,18 @@ def finetune(model, meta, epochs, recipe="finetune", seed=0, device="auto", data
     recipe = get_recipe(recipe, batch_size=batch_size, lr=lr)
     dev = resolve_device(device)
     seed_everything(seed)
+    p = resolve_perf(perf, dev)
     model.to(dev)
+    if p["channels_last"]:
+        model.to(memory_format=torch.channels_last)
     masks = zero_masks(model) if meta.get("method") == "level" else None
-    train_b, test_b = train_test_batches(meta["dataset"], recipe["batch_size"], dev, seed, data_root, download)
+    train_b, test_b = train_test_batches(meta["dataset"], recipe["batch_size"], dev, seed, data_root, download,
+                                         p["channels_last"], p["loader"])
     if epochs == 0:
-        loss, acc = evaluate(model, test_b)
+        loss, acc = evaluate(model, test_b, p["amp_dtype"])
         return [dict(epoch=0, train_loss=math.nan, train_acc=math.nan, val_loss=loss, val_acc=acc, lr=0.0, seconds=0.0)]
-    return fit(model, train_b, test_b, recipe, epochs, masks=masks, progress=progress)
+    return fit(model, train_b, test_b, recipe, epochs, masks=masks, progress=progress, amp_dtype=p["amp_dtype"],
+               compile=p["compile"])
 
 
 def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="cifar", init=None, seed=0,

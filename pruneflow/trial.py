@@ -70,7 +70,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     epochs = 0 if trial.arm == "dense" else ft["epochs"]
     data = config["data"]
     history = finetune(model, meta, epochs, ft["recipe"], trial.seed, dev, data["root"], data["download"],
-                       batch_size=ft["batch_size"], lr=ft["lr"])
+                       batch_size=ft["batch_size"], lr=ft["lr"], perf=config.get("performance"))
     last = history[-1]
     # Training accuracy for every arm the same way: eval mode, no augmentation, whole training split (the
     # running accuracy of the last epoch would mix in dropout and the weights' drift over the epoch).

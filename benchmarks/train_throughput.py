@@ -1,0 +1,83 @@
+"""Training images/s: the seed's input pipeline vs pruneflow's, same model, batch size and device.
+
+    python benchmarks/train_throughput.py                 # SimpleCNN (MNIST shape), ResNet-18/101 (CIFAR shape)
+    python benchmarks/train_throughput.py --quick         # CI-sized
+    python benchmarks/train_throughput.py --device cuda
+
+seed-style:  torch DataLoader + per-image torchvision transforms (crop/flip for CIFAR), fp32, NCHW.
+pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device, and on
+             CUDA bf16 autocast + channels_last + cudnn.benchmark (pruneflow.train.resolve_perf 'auto').
+Both run the same optimiser step (pruneflow.train.train_one_epoch) on synthetic uint8 images of the data
+set's shape (MNIST/CIFAR-10 are not downloadable here; the pipelines' costs do not depend on pixel values).
+The fine-tune row trains a DepGraph-L1-pruned (0.5) ResNet-18.
+"""
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+from pruneflow.data import Batches, SeedStyleBatches
+from pruneflow.infer.device import describe, resolve_device, synchronize
+from pruneflow.models import build_model, default_prune_targets
+from pruneflow.train import get_recipe, make_optimizer, resolve_perf, train_one_epoch
+
+
+def images_per_s(model, batches, device, amp_dtype):
+    opt, _ = make_optimizer(model, get_recipe("finetune"), 1)
+    warm = list(zip(range(2), batches))  # first batches: allocator, cuDNN autotuning
+    for _, (x, y) in warm:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+    synchronize(device)
+    t0 = time.perf_counter()
+    train_one_epoch(model, batches, opt, amp_dtype=amp_dtype)
+    synchronize(device)
+    return len(batches.images if hasattr(batches, "images") else batches.dataset) / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--images", type=int, default=None, help="images per epoch (default 4096; quick 256)")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed-style pipeline")
+    args = ap.parse_args()
+    dev = resolve_device(args.device)
+    n = args.images or (256 if args.quick else 4096)
+    configs = [("simple_cnn", "mnist", None)] if args.quick else [
+        ("simple_cnn", "mnist", None), ("resnet18", "cifar10", None), ("resnet18", "cifar10", "l1@depgraph"),
+        ("resnet101", "cifar10", None)]
+    print(f"# {' '.join(sys.argv)}")
+    print(f"# device {dev} ({describe(dev)}), torch {torch.__version__}, python {platform.python_version()}, "
+          f"threads {torch.get_num_threads()}, batch {args.batch_size}, {n} images per epoch")
+    head = f"{'model':<22} {'seed-style img/s':>16} {'pruneflow img/s':>16} {'ratio':>6}"
+    print(head)
+    print("-" * len(head))
+    g = torch.Generator().manual_seed(0)
+    for arch, dataset, pruned in configs:
+        shape = (1, 28, 28) if dataset == "mnist" else (3, 32, 32)
+        images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, 10, (n,), generator=g)
+        torch.manual_seed(0)
+        model = build_model(arch, 10, shape[0], "cifar")
+        if pruned:
+            from pruneflow.prune import prune
+
+            ops, exclude = default_prune_targets(arch)
+            model, _ = prune(model, pruned, 0.5, shape, ops, exclude)
+        perf = resolve_perf(None, dev)
+        seed = images_per_s(model.to(dev).train(), SeedStyleBatches(images, labels, dataset, args.batch_size, dev,
+                                                                    train=True, num_workers=args.workers), dev, None)
+        fast_model = model.to(dev, memory_format=torch.channels_last) if perf["channels_last"] else model.to(dev)
+        fast = images_per_s(fast_model.train(), Batches(images, labels, dataset, args.batch_size, dev, train=True,
+                                                         channels_last=perf["channels_last"]), dev, perf["amp_dtype"])
+        name = arch + (f" ({pruned} 0.5)" if pruned else "")
+        print(f"{name:<22} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

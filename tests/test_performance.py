@@ -1,0 +1,75 @@
+"""Performance paths must compute the same things: device-resident data vs the seed's torchvision pipeline,
+and the resolved speed settings per device."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from pruneflow.data import Batches, SeedStyleBatches
+from pruneflow.train import resolve_perf
+
+
+def cifar_like(n=96):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_evaluation_batches_identical_to_torchvision_path():
+    images, labels = cifar_like()
+    fast = list(Batches(images, labels, "cifar10", 32, train=False))
+    seed = list(SeedStyleBatches(images, labels, "cifar10", 32, train=False))
+    assert len(fast) == len(seed) == 3
+    for (xf, yf), (xs, ys) in zip(fast, seed):
+        assert torch.equal(yf, ys) and torch.allclose(xf, xs, atol=1e-5)  # same normalisation, no augmentation
+
+
+def test_training_epoch_same_labels_and_channel_statistics():
+    images, labels = cifar_like(512)
+    fast = list(Batches(images, labels, "cifar10", 64, train=True, seed=1))
+    seed = list(SeedStyleBatches(images, labels, "cifar10", 64, train=True, seed=1))
+    # one epoch sees every image once: the same label distribution
+    assert torch.equal(torch.cat([y for _, y in fast]).bincount(minlength=10), labels.bincount(minlength=10))
+    assert torch.equal(torch.cat([y for _, y in seed]).bincount(minlength=10), labels.bincount(minlength=10))
+    xf, xs = torch.cat([x for x, _ in fast]), torch.cat([x for x, _ in seed])
+    # the same augmentation (zero-padded crop + flip) gives the same per-channel statistics
+    assert torch.allclose(xf.mean((0, 2, 3)), xs.mean((0, 2, 3)), atol=0.02)
+    assert torch.allclose(xf.std((0, 2, 3)), xs.std((0, 2, 3)), atol=0.02)
+    # and augmentation is really applied in training, by both
+    plain = torch.cat([x for x, _ in Batches(images, labels, "cifar10", 64, train=False)])
+    assert not torch.allclose(xf.mean((0, 2, 3)), plain.mean((0, 2, 3)), atol=1e-4)
+
+
+def test_resolve_perf_per_device():
+    cpu = resolve_perf(None, "cpu")
+    assert cpu["amp_dtype"] is None and cpu["channels_last"] is False and cpu["loader"] == "device"
+    asked = resolve_perf({"precision": "bf16", "channels_last": True}, "cpu")
+    assert asked["amp_dtype"] == torch.bfloat16 and asked["channels_last"] is True
+    cuda = resolve_perf(None, "cuda")  # resolving needs no GPU
+    assert cuda["amp_dtype"] == torch.bfloat16 and cuda["channels_last"] is True
+
+
+def test_bf16_training_on_cpu_when_asked(dense_ckpt):
+    from pruneflow.infer import checkpoint as ckpt_io
+    from pruneflow.train import finetune
+
+    model, meta = ckpt_io.load(dense_ckpt)
+    history = finetune(model, meta, 1, device="cpu", perf={"precision": "bf16", "loader": "torchvision"})
+    assert history[-1]["val_acc"] > 0.5
+
+
+def test_train_throughput_benchmark_quick():
+    p = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--quick", "--workers", "0"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr
+    row = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("simple_cnn")][0]
+    assert float(row[1].replace(",", "")) > 0 and float(row[2].replace(",", "")) > 0
+
+
+def test_latency_benchmark_quick():
+    p = subprocess.run([sys.executable, "benchmarks/latency.py", "--quick", "--trials", "3"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("simple_cnn")]
+    assert [r[2] for r in rows] == ["1", "8"] and all(float(r[6]) > 1 for r in rows)  # MACs reduced

@@ -20,7 +20,9 @@ QUIET = > $(VENV)/pip-last.out 2>&1 || (cat $(VENV)/pip-last.out; exit 1)
 setup: $(STAMP)
 	@$(PIP) --no-deps --no-build-isolation -e . $(QUIET)
 
-$(STAMP): pyproject.toml
+# The stamp is named after pyproject.toml's checksum, so no mtime prerequisite: a fresh clone (new mtimes)
+# with the same pyproject reuses the environment.
+$(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip $(QUIET)
 	$(PIP) $(TORCH) $(QUIET)

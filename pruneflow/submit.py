@@ -19,6 +19,15 @@ import submitit
 from .infer.errors import UserError
 
 
+def _finished(result):
+    """The work is on disk: a timeout signal arriving now (Slurm signals on a coarse clock) must not turn a
+    finished job into a FAILED one, nor requeue it. Ignore it for the rest of this process."""
+    import signal
+
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    return result
+
+
 class TrainStep(submitit.helpers.Checkpointable):
     """Train the study's dense model (resumes from OUT/<study>/dense.safetensors.resume.pt on requeue)."""
 
@@ -28,7 +37,7 @@ class TrainStep(submitit.helpers.Checkpointable):
     def __call__(self):
         from .sweep import run_sweep
 
-        return run_sweep(self.job, out=self.out, progress=False, train_only=True, **self.overrides)
+        return _finished(run_sweep(self.job, out=self.out, progress=False, train_only=True, **self.overrides))
 
 
 class SweepShard(submitit.helpers.Checkpointable):
@@ -40,7 +49,7 @@ class SweepShard(submitit.helpers.Checkpointable):
     def __call__(self):
         from .sweep import run_sweep
 
-        return run_sweep(self.job, shard=self.shard, out=self.out, progress=False, **self.overrides)
+        return _finished(run_sweep(self.job, shard=self.shard, out=self.out, progress=False, **self.overrides))
 
 
 class ReportStep(submitit.helpers.Checkpointable):
@@ -52,7 +61,7 @@ class ReportStep(submitit.helpers.Checkpointable):
     def __call__(self):
         from . import report
 
-        return report.cli(self.study_dir)
+        return _finished(report.cli(self.study_dir))
 
 
 def parse_time(value):

@@ -10,13 +10,13 @@ All rows of one run share one machine and one torch, so the ratios compare like 
 """
 
 import argparse
-import platform
-import sys
 import time
 
 import torch
 
-from pruneflow.infer.device import describe, resolve_device
+from _common import print_header
+
+from pruneflow.infer.device import resolve_device
 from pruneflow.infer.timing import summarize, time_forward
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.prune import prune
@@ -40,13 +40,9 @@ def main():
     args = ap.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    print(f"# {' '.join(sys.argv)}")
-    print(f"# device {device} ({describe(device)}), torch {torch.__version__}, python {platform.python_version()}, "
-          f"threads {torch.get_num_threads()}, batch {args.batch_size}, median of {args.trials}")
     head = (f"{'model':<10} {'backend':<8} {'method':<14} {'nominal':>7} {'achieved':>8} {'MACs÷':>6} "
             f"{'params':>10} {'speedup':>7} {'spd/MAC':>7} {'prune s':>7}")
-    print(head)
-    print("-" * len(head))
+    print_header(device, f"batch {args.batch_size}, median of {args.trials}", head)
     rows = []
     for arch, sparsities in (QUICK if args.quick else FULL):
         shape = (1, 28, 28) if arch == "simple_cnn" else (3, 32, 32)

@@ -9,12 +9,12 @@ device synchronised around each call). Pruning is DepGraph L1 (fast, reaches its
 """
 
 import argparse
-import platform
-import sys
 
 import torch
 
-from pruneflow.infer.device import describe, resolve_device
+from _common import print_header
+
+from pruneflow.infer.device import resolve_device
 from pruneflow.infer.timing import summarize, time_forward
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.prune import prune
@@ -30,12 +30,8 @@ def main():
     models = [("simple_cnn", (1, 28, 28))] if args.quick else [("resnet18", (3, 32, 32)), ("resnet101", (3, 32, 32))]
     batches = (1, 8) if args.quick else (1, 64)
     sparsities = (0.5,) if args.quick else (0.3, 0.5, 0.7)
-    print(f"# {' '.join(sys.argv)}")
-    print(f"# device {dev} ({describe(dev)}), torch {torch.__version__}, python {platform.python_version()}, "
-          f"threads {torch.get_num_threads()}, median of {args.trials} after 5 warm-up")
     head = f"{'model':<10} {'sparsity':>8} {'batch':>5} {'dense ms':>9} {'pruned ms':>9} {'speedup':>7} {'MACs÷':>6} {'spd/MAC':>7}"
-    print(head)
-    print("-" * len(head))
+    print_header(dev, f"median of {args.trials} after 5 warm-up", head)
     torch.manual_seed(0)
     for arch, shape in models:
         dense = build_model(arch, 10, shape[0], "cifar").eval()

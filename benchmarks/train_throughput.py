@@ -13,14 +13,14 @@ The fine-tune row trains a DepGraph-L1-pruned (0.5) ResNet-18.
 """
 
 import argparse
-import platform
-import sys
 import time
 
 import torch
 
+from _common import print_header
+
 from pruneflow.data import Batches, SeedStyleBatches
-from pruneflow.infer.device import describe, resolve_device, synchronize
+from pruneflow.infer.device import resolve_device, synchronize
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.train import get_recipe, make_optimizer, resolve_perf, train_one_epoch
 
@@ -51,12 +51,8 @@ def main():
     configs = [("simple_cnn", "mnist", None)] if args.quick else [
         ("simple_cnn", "mnist", None), ("resnet18", "cifar10", None), ("resnet18", "cifar10", "l1@depgraph"),
         ("resnet101", "cifar10", None)]
-    print(f"# {' '.join(sys.argv)}")
-    print(f"# device {dev} ({describe(dev)}), torch {torch.__version__}, python {platform.python_version()}, "
-          f"threads {torch.get_num_threads()}, batch {args.batch_size}, {n} images per epoch")
     head = f"{'model':<22} {'seed-style img/s':>16} {'pruneflow img/s':>16} {'ratio':>6}"
-    print(head)
-    print("-" * len(head))
+    print_header(dev, f"batch {args.batch_size}, {n} images per epoch", head)
     g = torch.Generator().manual_seed(0)
     for arch, dataset, pruned in configs:
         shape = (1, 28, 28) if dataset == "mnist" else (3, 32, 32)

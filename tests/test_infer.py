@@ -41,7 +41,6 @@ print("HEAVY_LOADED=" + json.dumps(sorted(m for m in sys.modules if m.split(".")
 
 def torch_only_site(dest):
     """A site-packages directory holding every installed package except the heavy (HPC-extra) ones."""
-    import site
     import sysconfig
 
     src = sysconfig.get_paths()["purelib"]

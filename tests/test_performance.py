@@ -3,7 +3,6 @@ and the resolved speed settings per device."""
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from conftest import ROOT

@@ -50,7 +50,11 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
         raise RuntimeError(f"injected failure for {trial.id} ({INJECT_ENV})")
     torch.set_num_threads(max(1, int(threads)))
     dev = resolve_device(config["resources"]["device"])
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    clock = _StageClock()
     model, meta = ckpt_io.load(dense_path)
+    clock.stage("load")
     stats = {"params_dense": ckpt_io.count_params(model), "macs_dense": ckpt_io.count_macs(model, meta["input_shape"])}
     stats.update(params=stats["params_dense"], macs=stats["macs_dense"], mac_reduction=1.0, channel_sparsity=0.0,
                  weight_sparsity=0.0, nonzero_params=stats["params_dense"])
@@ -66,28 +70,34 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
         else:
             model, stats = prune(model, trial.method, trial.sparsity, meta["input_shape"], **kwargs)
         meta = pruned_meta(meta, stats)
+    clock.stage("prune")
     ft = config["finetune"]
     epochs = 0 if trial.arm == "dense" else ft["epochs"]
     data = config["data"]
     history = finetune(model, meta, epochs, ft["recipe"], trial.seed, dev, data["root"], data["download"],
                        batch_size=ft["batch_size"], lr=ft["lr"], perf=config.get("performance"))
     last = history[-1]
+    clock.stage("finetune")
     # Training accuracy for every arm the same way: eval mode, no augmentation, whole training split (the
     # running accuracy of the last epoch would mix in dropout and the weights' drift over the epoch).
     from .data import Batches, load_split
 
     images, labels = load_split(meta["dataset"], "train", data["root"])
     _, train_acc = evaluate(model, Batches(images, labels, meta["dataset"], 256, dev))
+    clock.stage("evaluate")
     lat = config["latency"]
     x = torch.randn(lat["batch_size"], *meta["input_shape"], device=dev)
     samples = time_forward(model.to(dev), x, lat["warmup"], lat["trials"])
     timing = summarize(samples)
+    clock.stage("time")
     path = os.path.join(ckpt_dir, f"{trial.id}.safetensors")
     sparsity = stats.get("sparsity", trial.sparsity) if trial.arm == "pruned" else 0.0
     meta = dict(meta, method=trial.method, sparsity=sparsity, arm=trial.arm, seed=trial.seed,
                 accuracy=last["val_acc"], finetune_epochs=epochs, config=config)
     ckpt_io.save(model, path, meta)
+    clock.stage("save")
     return dict(
+        **{f"seconds_{k}": v for k, v in clock.seconds.items()}, **peak_memory(dev),
         backend=backend, sparsity=sparsity, params=stats["params"], macs=stats["macs"], params_dense=stats["params_dense"], macs_dense=stats["macs_dense"],
         mac_reduction=stats["mac_reduction"], channel_sparsity=stats["channel_sparsity"],
         weight_sparsity=stats["weight_sparsity"], nonzero_params=stats["nonzero_params"],
@@ -99,3 +109,33 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
         latency_settings=dict(batch_size=lat["batch_size"], warmup=lat["warmup"], device=str(dev)),
         widths=ckpt_io.layer_widths(model),
     )
+
+
+class _StageClock:
+    """Wall seconds per stage of a trial: ``stage(name)`` charges the time since the previous call to name."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.seconds = {}
+
+    def stage(self, name):
+        """Close the running stage: the time since the last call is charged to ``name``."""
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def peak_memory(dev):
+    """The trial's memory high-water mark: CUDA's max_memory_allocated on a GPU (what packing K trials per GPU
+    must fit), else the worker process's resident set size at the end (workers are reused, so this is an
+    upper bound on one trial's need)."""
+    import torch
+
+    if dev.type == "cuda":
+        return dict(peak_memory_bytes=int(torch.cuda.max_memory_allocated(dev)), peak_memory_kind="cuda_max_allocated")
+    try:
+        import psutil
+
+        return dict(peak_memory_bytes=int(psutil.Process().memory_info().rss), peak_memory_kind="cpu_rss")
+    except ImportError:
+        return dict(peak_memory_bytes=0, peak_memory_kind="unknown")

@@ -42,6 +42,10 @@ def test_quickstart_grid_completes_and_h5dump_reads_it(tmp_path, dense_ckpt):
     assert by["level-0.70-s0"]["weight_sparsity"] == pytest.approx(0.7, abs=0.01)
     assert len(by["l2-0.30-s0"]["latency"]) == 5 and len(by["l2-0.30-s0"]["epochs"]) == 1
     assert by["dense-s0"]["epochs"] == [] and by["control-s0"]["arm"] == "control"
+    for r in records:  # resource records: wall time per stage and the memory high-water mark
+        assert all(r[f"seconds_{s}"] >= 0 for s in ("load", "prune", "finetune", "evaluate", "time", "save"))
+        assert r["peak_memory_bytes"] > 10_000_000 and r["peak_memory_kind"] == "cpu_rss"
+    assert by["l1-0.30-s0"]["seconds_finetune"] > 0 and by["dense-s0"]["seconds_finetune"] < by["control-s0"]["seconds_finetune"]
     for r in records:  # every checkpoint exists and loads with the torch-only loader
         assert os.path.exists(tmp_path / "quickstart" / r["checkpoint"])
     with h5py.File(path, "r") as f:

@@ -38,10 +38,6 @@ def parse_method(label):
     return method, backend
 
 
-def check_method(method):
-    return parse_method(method)
-
-
 def check_sparsity(sparsity):
     try:
         s = float(sparsity)

@@ -8,11 +8,14 @@ Layout (schema 1; docs/results-schema.md is the reference):
     /trials/<id>/epochs  compound table: epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds
     /trials/<id>/latency seconds per timed batch (raw samples); attrs: batch_size, device, warmup
     /trials/<id>/widths  compound table: layer, type, in, out (after pruning)
+    /utilisation/run-<k> one group per sweep run: float64 columns time (unix s), cpu_percent, memory_used_bytes,
+                         gpu<i>_util_percent, gpu<i>_memory_used_bytes; attrs interval_s, host, gpus, ...
 
 Crash safety: each trial is added by copying the file, appending to the copy and ``os.replace``-ing it over
 the original. A ``kill -9`` at any moment leaves either the old or the new complete file, never a torn one.
 """
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -72,14 +75,34 @@ class ResultStore:
     def done_ids(self):
         return {t["id"] for t in read_trials(self.path) if t["status"] == "done"}
 
+    @contextlib.contextmanager
+    def _edit(self):
+        """An h5py.File on a copy of the store, which replaces the original only when the block succeeds."""
+        tmp = self.path + ".tmp"
+        shutil.copyfile(self.path, tmp)
+        with _h5py().File(tmp, "a") as f:
+            yield f
+        _commit(tmp, self.path)
+
+    def add_utilisation(self, series, attrs):
+        """Store one sweep run's utilisation samples (pruneflow.monitor) as /utilisation/run-<k>."""
+        import numpy as np
+
+        if not series.get("time"):
+            return
+        with self._edit() as f:
+            runs = f.require_group("utilisation")
+            g = runs.create_group(f"run-{len(runs)}")
+            g.attrs.update({k: v for k, v in attrs.items() if v is not None})
+            for column, values in series.items():
+                g.create_dataset(column, data=np.asarray(values, dtype="f8"))
+
     def add(self, record):
         """Write one trial (replacing an earlier failed record of the same id) atomically."""
         h5py = _h5py()
         import numpy as np
 
-        tmp = self.path + ".tmp"
-        shutil.copyfile(self.path, tmp)
-        with h5py.File(tmp, "a") as f:
+        with self._edit() as f:
             trials = f["trials"]
             if record["id"] in trials:
                 del trials[record["id"]]
@@ -96,7 +119,6 @@ class ResultStore:
             wt = np.array([(n, t, i, o) for n, t, i, o in widths],
                           dtype=[("layer", h5py.string_dtype()), ("type", h5py.string_dtype()), ("in", "i8"), ("out", "i8")])
             g.create_dataset("widths", data=wt)
-        _commit(tmp, self.path)
 
 
 def _commit(tmp, path):
@@ -166,6 +188,20 @@ def read_trials(path):
             r["file"] = os.path.basename(path)
             rows.append(r)
     return rows
+
+
+def read_utilisation(path):
+    """The utilisation runs of one file: [{'name', 'attrs', 'series': {column: numpy array}}], oldest first."""
+    check_file(path)
+    runs = []
+    with _h5py().File(path, "r") as f:
+        if "utilisation" not in f:
+            return runs
+        for name in sorted(f["utilisation"], key=lambda n: int(n.split("-")[-1])):
+            g = f["utilisation"][name]
+            runs.append(dict(name=name, attrs={k: _plain(v) for k, v in g.attrs.items()},
+                             series={k: g[k][()] for k in g}))
+    return runs
 
 
 def study_files(study_dir):

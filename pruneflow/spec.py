@@ -24,7 +24,8 @@ class ModelSpec:
 
 @dataclass
 class DataSpec:
-    dataset: str = "digits"  # digits (embedded) | mnist | cifar10
+    # digits (embedded) | mnist | cifar10 | synthetic-mnist | synthetic-cifar10 (random images: speed only)
+    dataset: str = "digits"
     root: typing.Optional[str] = None  # where mnist/cifar10 are staged; default ~/.cache/pruneflow/data
     download: bool = False  # only where the node has internet
 
@@ -70,8 +71,11 @@ class LatencySpec:
 @dataclass
 class ResourcesSpec:
     device: str = "auto"  # auto | cpu | cuda | mps
-    trials_per_gpu: int = 8  # Ray packs this many trials on one GPU (num_gpus = 1/K)
+    # Ray packs this many trials on one GPU (num_gpus = 1/K); auto: as many as fit in memory (measured by a
+    # short probe of one trial before the sweep), at most one per CPU core
+    trials_per_gpu: typing.Union[int, str] = 8
     threads_per_trial: int = 1  # CPU threads each trial's torch uses (and Ray CPUs it reserves)
+    sample_interval_s: float = 1.0  # utilisation sampling (CPU, RAM, GPU, GPU memory) into the results; 0: off
 
 
 @dataclass
@@ -186,11 +190,16 @@ def convert(tp, value, where):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return build(tp, value if value is not None else {}, where)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or X | Y: the first type that takes the value
+        if value is None and type(None) in typing.get_args(tp):
             return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return convert(inner, value, where)
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        for a in inner[:-1]:
+            try:
+                return convert(a, value, where)
+            except UserError:
+                pass
+        return convert(inner[-1], value, where)
     if origin in (list, typing.List):
         (inner,) = typing.get_args(tp)
         if isinstance(value, str):
@@ -260,8 +269,13 @@ def validate(spec):
             raise UserError(f"prune.sparsities: {s} is outside (0, 1) (sparsity is the fraction removed)")
     if len(set(spec.prune.sparsities)) != len(spec.prune.sparsities):
         raise UserError("prune.sparsities has duplicates")
+    k = spec.resources.trials_per_gpu
+    if isinstance(k, str) and k != "auto":
+        raise UserError(f"resources.trials_per_gpu must be a whole number or 'auto', got {k!r}")
+    if spec.resources.sample_interval_s < 0:
+        raise UserError(f"resources.sample_interval_s must be >= 0, got {spec.resources.sample_interval_s}")
     positive = {"train.epochs": spec.train.epochs, "latency.batch_size": spec.latency.batch_size,
-                "latency.trials": spec.latency.trials, "resources.trials_per_gpu": spec.resources.trials_per_gpu,
+                "latency.trials": spec.latency.trials, "resources.trials_per_gpu": 1 if k == "auto" else k,
                 "resources.threads_per_trial": spec.resources.threads_per_trial}
     for b in ("train", "finetune"):
         if getattr(spec, b).batch_size is not None:

@@ -88,29 +88,72 @@ def slot_counts(device="auto"):
     return cpus, gpus
 
 
+# Auto packing: the share of a GPU's memory trials may fill (the rest absorbs fragmentation and the peaks
+# of stages the probe does not run), and the most trials one GPU takes whatever their size.
+AUTO_MEMORY_SHARE = 0.85
+AUTO_MAX_PER_GPU = 32
+
+
+def choose_trials_per_gpu(footprint_bytes, total_bytes, cpus_per_gpu, share=AUTO_MEMORY_SHARE, limit=AUTO_MAX_PER_GPU):
+    """How many trials fit on one GPU: as many footprints as fit in ``share`` of its memory, at least 1, and
+    no more than the CPU cores per GPU (each packed trial is a Python process that must keep its GPU fed)."""
+    by_memory = int(total_bytes * share // max(1, footprint_bytes))
+    return max(1, min(by_memory, int(cpus_per_gpu), limit))
+
+
+def plan_packing(spec, cpus, gpus, probe=None):
+    """Ray resources per trial and trials at a time: {options, slots, per_device, threads, device, note}.
+
+    GPU: K trials share each GPU (num_gpus = 1/K); ``trials_per_gpu: auto`` takes K from ``probe()`` (the
+    memory one trial occupies, see trial.probe_memory). CPU: trials x threads never exceed the CPUs this job
+    was given (Slurm's SLURM_CPUS_PER_TASK, else the process's affinity), whatever the job file asks."""
+    res = spec.resources
+    threads = res.threads_per_trial
+    if gpus:
+        note = ""
+        k = res.trials_per_gpu
+        if k == "auto":
+            try:
+                m = probe()
+            except Exception as e:  # e.g. the dense model alone does not fit: the trials will say so themselves
+                k, note = 1, f"auto packing: the memory probe failed ({type(e).__name__}: {str(e)[:200]}); 1 trial per GPU"
+            else:
+                k = choose_trials_per_gpu(m["footprint_bytes"], m["total_bytes"], max(1, cpus // gpus))
+                note = (f"auto packing: one trial occupies {m['footprint_bytes'] / 2**30:.2f} GiB of "
+                        f"{m['total_bytes'] / 2**30:.1f} GiB -> {k} trial(s) per GPU")
+        device = "cuda" if res.device == "auto" else res.device
+        # CPU work per trial is light next to its GPU work, so Ray's CPU count is not the packing limit.
+        return dict(options=dict(num_gpus=1.0 / k, num_cpus=0), slots=gpus * k, per_device=k, threads=threads,
+                    device=device, note=note)
+    threads = min(threads, cpus)
+    slots = max(1, cpus // threads)
+    device = "cpu" if res.device == "auto" else res.device
+    return dict(options=dict(num_gpus=0, num_cpus=threads), slots=slots, per_device=slots, threads=threads,
+                device=device, note="")
+
+
 def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
     import ray
     from tqdm import tqdm
 
-    from .trial import run_trial
+    from .monitor import UtilisationSampler
+    from .trial import probe_memory, run_trial
 
     cpus, gpus = slot_counts(spec.resources.device)
-    threads = spec.resources.threads_per_trial
-    if gpus:
-        # K trials share each GPU; CPU work per trial is light, so CPUs are not the packing limit.
-        options = dict(num_gpus=1.0 / spec.resources.trials_per_gpu, num_cpus=0)
-        slots = gpus * spec.resources.trials_per_gpu
-        config = dict(config, resources=dict(config["resources"], device="cuda" if spec.resources.device == "auto" else spec.resources.device))
-    else:
-        threads = min(threads, cpus)
-        options = dict(num_gpus=0, num_cpus=threads)
-        slots = max(1, cpus // threads)
-        if spec.resources.device == "auto":
-            config = dict(config, resources=dict(config["resources"], device="cpu"))
-    print(f"running {len(todo)} trial(s): {slots} at a time on {gpus} GPU(s) / {cpus} CPU(s), "
-          f"{threads} thread(s) each", flush=True)
-    remote = ray.remote(max_retries=0)(run_trial).options(**options)
-    with local_ray(cpus, gpus):
+    with local_ray(cpus, gpus), UtilisationSampler(spec.resources.sample_interval_s) as sampler:
+        def probe():
+            config_gpu = dict(config, resources=dict(config["resources"], device="cuda" if spec.resources.device == "auto"
+                                                     else spec.resources.device))
+            return ray.get(ray.remote(probe_memory).options(num_gpus=1, num_cpus=0).remote(config_gpu, dense_path))
+
+        plan = plan_packing(spec, cpus, gpus, probe)
+        config = dict(config, resources=dict(config["resources"], device=plan["device"]))
+        threads = plan["threads"]
+        if plan["note"]:
+            print(plan["note"], flush=True)
+        print(f"running {len(todo)} trial(s): {plan['slots']} at a time on {gpus} GPU(s) / {cpus} CPU(s), "
+              f"{threads} thread(s) each", flush=True)
+        remote = ray.remote(max_retries=0)(run_trial).options(**plan["options"])
         attempts = {t.id: 0 for t in todo}
         pending = {}
 
@@ -122,31 +165,36 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
             submit(t)
         counts = {"done": 0, "failed": 0}
         bar = tqdm(total=len(todo), unit="trial", disable=not progress, dynamic_ncols=True)
-        while pending:
-            bar.set_postfix(done=counts["done"], failed=counts["failed"], running=min(len(pending), slots))
-            # a short timeout keeps the driver responsive to Slurm's signals (handlers run between waits)
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            if not ready:
-                continue
-            t = pending.pop(ready[0])
-            try:
-                record = ray.get(ready[0])
-            except Exception as e:  # the worker died (OOM, segfault): same treatment as a raised error
-                record = dict(id=t.id, arm=t.arm, method=t.method, sparsity=t.sparsity, seed=t.seed,
-                              status="failed", error=f"worker died: {type(e).__name__}: {str(e)[:500]}")
-            if record["status"] != "done" and attempts[t.id] <= spec.retries:
-                bar.write(f"trial {t.id} failed ({record['error'][:200]}); retrying ({attempts[t.id]}/{spec.retries})")
-                submit(t)
-                continue
-            record["attempts"] = attempts[t.id]
-            record.pop("traceback", None)
-            store.add(record)
-            counts[record["status"] if record["status"] == "done" else "failed"] += 1
-            if record["status"] != "done":
-                bar.write(f"trial {t.id} failed: {record['error'][:300]}")
-            bar.update(1)
-        bar.set_postfix(done=counts["done"], failed=counts["failed"], running=0)
-        bar.close()
+        try:
+            while pending:
+                bar.set_postfix(done=counts["done"], failed=counts["failed"], running=min(len(pending), plan["slots"]))
+                # a short timeout keeps the driver responsive to Slurm's signals (handlers run between waits)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                if not ready:
+                    continue
+                t = pending.pop(ready[0])
+                try:
+                    record = ray.get(ready[0])
+                except Exception as e:  # the worker died (OOM, segfault): same treatment as a raised error
+                    record = dict(id=t.id, arm=t.arm, method=t.method, sparsity=t.sparsity, seed=t.seed,
+                                  status="failed", error=f"worker died: {type(e).__name__}: {str(e)[:500]}")
+                if record["status"] != "done" and attempts[t.id] <= spec.retries:
+                    bar.write(f"trial {t.id} failed ({record['error'][:200]}); retrying ({attempts[t.id]}/{spec.retries})")
+                    submit(t)
+                    continue
+                record.update(attempts=attempts[t.id], trials_per_device=plan["per_device"])
+                record.pop("traceback", None)
+                store.add(record)
+                counts[record["status"] if record["status"] == "done" else "failed"] += 1
+                if record["status"] != "done":
+                    bar.write(f"trial {t.id} failed: {record['error'][:300]}")
+                bar.update(1)
+        finally:
+            bar.set_postfix(done=counts["done"], failed=counts["failed"], running=0)
+            bar.close()
+            sampler.__exit__()  # stop sampling before writing (idempotent with the with-statement's exit)
+            store.add_utilisation(sampler.series(), dict(sampler.attrs, trials_per_device=plan["per_device"],
+                                                         slots=plan["slots"]))
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ def run_trial(trial, config, dense_path, ckpt_dir, threads=1):
     t0 = time.perf_counter()
     record = dict(id=trial.id, arm=trial.arm, method=trial.method, sparsity=trial.sparsity, seed=trial.seed,
                   model=config["model"]["arch"], dataset=config["data"]["dataset"], target_mac_reduction=trial.target,
-                  host=os.uname().nodename)
+                  host=os.uname().nodename, pid=os.getpid(), started_at=time.time())
     try:
         record.update(_run(trial, config, dense_path, ckpt_dir, threads))
         record["status"], record["error"] = "done", ""
@@ -34,7 +34,45 @@ def run_trial(trial, config, dense_path, ckpt_dir, threads=1):
         record["error"] = f"{type(e).__name__}: {e}".strip()[:2000]
         record["traceback"] = traceback.format_exc()[-4000:]
     record["wall_s"] = time.perf_counter() - t0
+    record["ended_at"] = time.time()
     return record
+
+
+def probe_memory(config, dense_path, steps=4):
+    """What one trial occupies on its GPU: a few fine-tuning steps of the dense model (the largest a trial
+    trains) with the study's recipe, loader and precision, then one evaluation batch. Returns
+    {footprint_bytes: the whole process's share of the device (CUDA context, cuDNN workspaces, the caching
+    allocator's pool, the device-resident data set), total_bytes, max_allocated_bytes}. Runs in a Ray task that
+    holds a whole GPU, so nothing else is counted (on a shared GPU the footprint errs on the large side)."""
+    import itertools
+
+    import torch
+
+    from .data import Batches, load_split, train_test_batches
+    from .infer import checkpoint as ckpt_io
+    from .infer.device import resolve_device
+    from .train import evaluate, get_recipe, make_optimizer, resolve_perf, train_one_epoch
+
+    dev = resolve_device(config["resources"]["device"])
+    if dev.type != "cuda":
+        raise ValueError(f"memory probing needs a CUDA device, got {dev}")
+    model, meta = ckpt_io.load(dense_path)
+    ft, data = config["finetune"], config["data"]
+    recipe = get_recipe(ft["recipe"], batch_size=ft["batch_size"], lr=ft["lr"])
+    p = resolve_perf(config.get("performance"), dev)
+    model.to(dev)
+    if p["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    train_b, _ = train_test_batches(meta["dataset"], recipe["batch_size"], dev, 0, data["root"], data["download"],
+                                    p["channels_last"], p["loader"])
+    opt, _ = make_optimizer(model, recipe, 1)
+    train_one_epoch(model, itertools.islice(iter(train_b), steps), opt, amp_dtype=p["amp_dtype"])
+    images, labels = load_split(meta["dataset"], "train", data["root"])
+    evaluate(model, itertools.islice(iter(Batches(images[:256], labels[:256], meta["dataset"], 256, dev)), 1))
+    torch.cuda.synchronize(dev)
+    free, total = torch.cuda.mem_get_info(dev)
+    return dict(footprint_bytes=int(total - free), total_bytes=int(total),
+                max_allocated_bytes=int(torch.cuda.max_memory_allocated(dev)))
 
 
 def _run(trial, config, dense_path, ckpt_dir, threads):

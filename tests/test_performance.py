@@ -3,6 +3,7 @@ and the resolved speed settings per device."""
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -72,3 +73,20 @@ def test_latency_benchmark_quick():
     assert p.returncode == 0, p.stderr
     rows = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("simple_cnn")]
     assert [r[2] for r in rows] == ["1", "8"] and all(float(r[6]) > 1 for r in rows)  # MACs reduced
+
+
+def test_large_batch_recipe_scales_the_learning_rate_linearly():
+    from pruneflow.train import get_recipe
+
+    base, large = get_recipe("finetune"), get_recipe("finetune_bs512")
+    assert large["batch_size"] == 512 and large["lr"] == pytest.approx(base["lr"] * 512 / base["batch_size"])
+    assert base["batch_size"] == 64  # the seed's recipe is unchanged
+
+
+def test_divergence_is_detected_without_a_sync_per_step(dense_ckpt):
+    from pruneflow.infer import checkpoint as ckpt_io
+    from pruneflow.train import TrainingDiverged, finetune
+
+    model, meta = ckpt_io.load(dense_ckpt)
+    with pytest.raises(TrainingDiverged):
+        finetune(model, meta, 1, device="cpu", lr=1e12)

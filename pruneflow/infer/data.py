@@ -22,6 +22,11 @@ DATASETS = {
     "mnist": dict(shape=(1, 28, 28), classes=10, mean=(0.1307,), std=(0.3081,), augment=False),
     "cifar10": dict(shape=(3, 32, 32), classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), augment=True),
 }
+# Random uint8 images of a real data set's shape and size (train, test), for measuring speed and packing
+# where the data is not staged (benchmarks, a first try on a cluster): accuracy on them means nothing.
+SYNTHETIC = {"synthetic-mnist": ("mnist", 60000, 10000), "synthetic-cifar10": ("cifar10", 50000, 10000)}
+for _name, (_base, _, _) in SYNTHETIC.items():
+    DATASETS[_name] = DATASETS[_base]
 SPLITS = ("train", "test")
 DEFAULT_DATA_ROOT = os.environ.get("PRUNEFLOW_DATA", os.path.join("~", ".cache", "pruneflow", "data"))
 DIGITS_TEST_FRACTION = 0.2
@@ -41,6 +46,12 @@ def load_split(name, split, root=None, download=False):
         raise UserError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if name == "digits":
         return _digits(split)
+    if name in SYNTHETIC:
+        base, n_train, n_test = SYNTHETIC[name]
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        n = n_train if split == "train" else n_test
+        images = torch.randint(0, 256, (n, *DATASETS[base]["shape"]), dtype=torch.uint8, generator=g)
+        return images, torch.randint(0, DATASETS[base]["classes"], (n,), generator=g)
     root = os.path.expanduser(os.fspath(root or DEFAULT_DATA_ROOT))
     if not download and not os.path.isdir(root):
         raise UserError(_missing(name, root, "the directory does not exist"))

@@ -1,0 +1,114 @@
+"""Packing: wall time of the same 8-trial study at K = 1, 2, 4, 8 trials per device and `auto`, vs the ideal.
+
+    python benchmarks/packing.py --device cuda     # ResNet-18 on synthetic-cifar10 (50,000 images), 1 epoch each
+    python benchmarks/packing.py                   # CPU: SimpleCNN on digits, K up to the cores
+    python benchmarks/packing.py --quick           # CI-sized (CPU, 4 trials)
+
+Each K runs the real sweep (pruneflow.sweep.run_sweep: Ray, HDF5, checkpoints) from the same random-init dense
+checkpoint: dense + control + DepGraph-L1 at 6 sparsities = 8 trials.
+work  = the sum of the trials' wall times at K = 1 (each trial alone on the device);
+ideal = work / K (a lower bound: no trial can finish before its own work, shared or not);
+span  = first trial start to last trial end (what packing controls); wall = the whole sweep call (Ray start-up,
+        the auto probe and the HDF5 writes included).
+On a CPU, K trials at a time take K cores (one torch thread each) and K is capped at the cores the job has, as
+the sweep itself does; larger K are skipped.
+"""
+
+import argparse
+import contextlib
+import os
+import tempfile
+import time
+
+import yaml
+
+from _common import print_header
+
+from pruneflow.infer import checkpoint as ckpt_io
+from pruneflow.infer.device import resolve_device
+from pruneflow.models import build_model
+from pruneflow.results import read_trials
+from pruneflow.sweep import run_sweep
+from pruneflow.train import model_meta
+
+
+def make_study(tmp, arch, dataset, sparsities, epochs, device):
+    """A job file and a random-init dense checkpoint (packing does not depend on trained weights)."""
+    from pruneflow.data import dataset_info
+
+    info = dataset_info(dataset)
+    job = dict(study="packing", model=dict(arch=arch), data=dict(dataset=dataset),
+               prune=dict(methods=["l1@depgraph"], sparsities=sparsities), finetune=dict(epochs=epochs),
+               resources=dict(device=device, threads_per_trial=1, sample_interval_s=0.5), retries=0)
+    job_path = os.path.join(tmp, "packing.yaml")
+    with open(job_path, "w") as f:
+        yaml.safe_dump(job, f)
+    dense = os.path.join(tmp, "dense.safetensors")
+    ckpt_io.save(build_model(arch, info["classes"], info["shape"][0], "cifar"), dense,
+                 model_meta(arch, dataset, "cifar", info["classes"]))
+    return job_path, dense
+
+
+def run_at(job, dense, out, k, on_gpu, cores):
+    """One sweep at K trials per device; returns (wall s, records)."""
+    env_before = os.environ.get("SLURM_CPUS_PER_TASK")
+    if not on_gpu:  # K concurrent CPU trials = K cores given to the job
+        os.environ["SLURM_CPUS_PER_TASK"] = str(cores if k == "auto" else k)
+    try:
+        t0 = time.perf_counter()
+        with open(out + ".log", "w") as log, contextlib.redirect_stdout(log):
+            summary = run_sweep(job, out=out, dense=dense, progress=False, **{"resources.trials_per_gpu": k})
+        wall = time.perf_counter() - t0
+    finally:
+        if env_before is None:
+            os.environ.pop("SLURM_CPUS_PER_TASK", None)
+        else:
+            os.environ["SLURM_CPUS_PER_TASK"] = env_before
+    records = read_trials(summary["file"])
+    failed = [r["id"] for r in records if r["status"] != "done"]
+    if failed:
+        raise SystemExit(f"K={k}: trial(s) {failed} failed; see {out}.log")
+    return wall, records
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ks", default="1,2,4,8,auto", help="trials per device to compare")
+    ap.add_argument("--arch", default=None, help="default: resnet18 on a GPU, simple_cnn on a CPU")
+    ap.add_argument("--dataset", default=None, help="default: synthetic-cifar10 on a GPU, digits on a CPU")
+    ap.add_argument("--epochs", type=int, default=None, help="fine-tune epochs per trial (default 1 GPU, 2 CPU)")
+    args = ap.parse_args()
+    dev = resolve_device(args.device)
+    on_gpu = dev.type == "cuda"
+    cores = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or len(os.sched_getaffinity(0))
+    arch = args.arch or ("resnet18" if on_gpu else "simple_cnn")
+    dataset = args.dataset or ("synthetic-cifar10" if on_gpu else "digits")
+    sparsities = [0.3, 0.6] if args.quick else [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+    epochs = args.epochs or (1 if on_gpu or args.quick else 2)
+    ks = [k if k == "auto" else int(k) for k in args.ks.split(",")]
+    head = f"{'K':>5} {'per dev':>7} {'wall s':>8} {'span s':>8} {'ideal s':>8} {'span/ideal':>10} {'vs K=1':>7}"
+    print_header(dev, f"{arch} on {dataset}, {len(sparsities) + 2} trials, {epochs} fine-tune epoch(s), "
+                      f"{cores} core(s)", head)
+    with tempfile.TemporaryDirectory(prefix="pf-packing-") as tmp:
+        job, dense = make_study(tmp, arch, dataset, sparsities, epochs, str(dev))
+        work = span1 = None
+        for k in ks:
+            if not on_gpu and k != "auto" and k > cores:
+                print(f"{k:>5} {'':>7} skipped: more trials than the {cores} core(s)")
+                continue
+            wall, records = run_at(job, dense, os.path.join(tmp, f"k{k}"), k, on_gpu, cores)
+            span = max(r["ended_at"] for r in records) - min(r["started_at"] for r in records)
+            per_device = int(records[0]["trials_per_device"])
+            if work is None:
+                if k != 1:
+                    raise SystemExit("the first K must be 1: it measures each trial's work alone")
+                work, span1 = sum(r["wall_s"] for r in records), span
+            ideal = work / per_device
+            print(f"{str(k):>5} {per_device:>7} {wall:>8.1f} {span:>8.1f} {ideal:>8.1f} {span / ideal:>10.2f} "
+                  f"{span1 / span:>7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

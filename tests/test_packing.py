@@ -1,0 +1,106 @@
+"""Packing trials onto devices (fixed K and auto), utilisation sampling, and the packing benchmark."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_clean_error, run_module
+from pruneflow.results import read_trials, read_utilisation
+from pruneflow.spec import StudySpec, load_spec
+from pruneflow.sweep import AUTO_MEMORY_SHARE, choose_trials_per_gpu, plan_packing
+
+GiB = 2**30
+
+
+def spec_with(**resources):
+    spec = StudySpec()
+    for k, v in resources.items():
+        setattr(spec.resources, k, v)
+    return spec
+
+
+def test_auto_k_is_bounded_by_memory_cores_and_at_least_one():
+    assert choose_trials_per_gpu(10 * GiB, 80 * GiB, 16) == int(80 * AUTO_MEMORY_SHARE // 10)  # memory: 6
+    assert choose_trials_per_gpu(1 * GiB, 80 * GiB, 4) == 4  # cores per GPU
+    assert choose_trials_per_gpu(100 * GiB, 80 * GiB, 16) == 1  # too big still runs, alone
+    assert choose_trials_per_gpu(1, 80 * GiB, 1000) == 32  # a hard ceiling
+
+
+def test_plan_on_gpu_uses_the_probe_for_auto_and_fixed_k_otherwise():
+    probe = lambda: dict(footprint_bytes=3 * GiB, total_bytes=24 * GiB)  # noqa: E731
+    auto = plan_packing(spec_with(trials_per_gpu="auto"), cpus=16, gpus=2, probe=probe)
+    k = int(24 * AUTO_MEMORY_SHARE // 3)
+    assert auto["per_device"] == k and auto["slots"] == 2 * k and auto["options"]["num_gpus"] == pytest.approx(1 / k)
+    assert "3.00 GiB" in auto["note"] and auto["device"] == "cuda"
+    fixed = plan_packing(spec_with(trials_per_gpu=8), cpus=16, gpus=1, probe=None)
+    assert fixed["options"] == dict(num_gpus=1 / 8, num_cpus=0) and fixed["slots"] == 8
+
+    def broken():
+        raise RuntimeError("CUDA out of memory")
+
+    fallback = plan_packing(spec_with(trials_per_gpu="auto"), cpus=16, gpus=1, probe=broken)
+    assert fallback["per_device"] == 1 and "probe failed" in fallback["note"]
+
+
+@pytest.mark.parametrize("cpus,threads,slots,used", [(2, 1, 2, 1), (2, 4, 1, 2), (8, 3, 2, 3), (1, 2, 1, 1)])
+def test_plan_on_cpu_never_exceeds_the_cores(cpus, threads, slots, used):
+    plan = plan_packing(spec_with(trials_per_gpu="auto", threads_per_trial=threads), cpus=cpus, gpus=0)
+    assert plan["slots"] == slots and plan["threads"] == used and plan["device"] == "cpu"
+    assert plan["slots"] * plan["options"]["num_cpus"] <= cpus  # what Ray is asked for at once
+
+
+def test_job_file_trials_per_gpu(tmp_path):
+    job = tmp_path / "j.yaml"
+    job.write_text("resources:\n  trials_per_gpu: auto\n")
+    assert load_spec(job)[0].resources.trials_per_gpu == "auto"
+    job.write_text("resources:\n  trials_per_gpu: 4\n")
+    assert load_spec(job)[0].resources.trials_per_gpu == 4
+    for bad, needle in (("many", "'auto'"), ("0", ">= 1")):
+        p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path,
+                       "--resources.trials_per_gpu", bad)
+        assert_clean_error(p, "trials_per_gpu", needle)
+
+
+def test_sweep_with_one_slurm_cpu_runs_one_thread_and_samples_utilisation(tmp_path, dense_ckpt):
+    """Slurm gave one CPU, the job asks 3 threads per trial and auto packing: one trial at a time, one thread
+    (Ray would wait forever for a 3-CPU slot on a 1-CPU instance), and the run's utilisation is stored."""
+    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--dense", dense_ckpt,
+                   "--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.5]", "--finetune.epochs", "1",
+                   "--latency.trials", "3", "--resources.threads_per_trial", "3", "--resources.trials_per_gpu", "auto",
+                   "--resources.sample_interval_s", "0.2", "--noprogress", env={"SLURM_CPUS_PER_TASK": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "1 at a time on 0 GPU(s) / 1 CPU(s), 1 thread(s) each" in p.stdout
+    path = tmp_path / "quickstart" / "shard-0-of-1.h5"
+    records = read_trials(path)
+    assert len(records) == 3 and all(r["trials_per_device"] == 1 for r in records)
+    spans = sorted((r["started_at"], r["ended_at"]) for r in records)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))  # one at a time: no overlap
+    (run,) = read_utilisation(path)
+    s = run["series"]
+    assert len(s["time"]) >= 3 and len(s["cpu_percent"]) == len(s["time"]) == len(s["memory_used_bytes"])
+    assert run["attrs"]["interval_s"] == pytest.approx(0.2) and run["attrs"]["slots"] == 1
+    assert s["time"][0] <= spans[0][0] and s["time"][-1] >= spans[-1][1] - 1.0  # the samples cover the trials
+    assert s["memory_used_bytes"].min() > 0 and 0 <= s["cpu_percent"].max() <= 100
+
+
+def test_synthetic_datasets_have_the_real_shapes_and_sizes():
+    from pruneflow.data import load_split
+
+    x, y = load_split("synthetic-cifar10", "test")
+    assert x.shape == (10000, 3, 32, 32) and x.dtype == torch.uint8 and y.max() < 10
+    x2, _ = load_split("synthetic-cifar10", "test")
+    assert torch.equal(x, x2)  # seeded: every trial sees the same images
+    assert load_split("synthetic-mnist", "train")[0].shape == (60000, 1, 28, 28)
+
+
+@pytest.mark.slow
+def test_packing_benchmark_quick():
+    p = subprocess.run([sys.executable, "benchmarks/packing.py", "--quick", "--ks", "1,2,auto"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = {ln.split()[0]: ln.split() for ln in p.stdout.splitlines() if ln.split() and ln.split()[0] in ("1", "2", "auto")}
+    assert set(rows) == {"1", "2", "auto"}, p.stdout
+    assert rows["1"][1] == "1" and rows["2"][1] == "2" and float(rows["1"][5]) == pytest.approx(1.0, abs=0.05)
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert int(rows["auto"][1]) == cores  # CPU auto: one trial per core, one thread each

@@ -38,6 +38,27 @@ def parse_method(label):
     return method, backend
 
 
+# Where each backend comes from: NNI is an optional extra (no wheels for Apple silicon), Torch-Pruning is
+# pure Python and installs anywhere.
+BACKEND_PACKAGES = {"nni": ("nni", "pip install 'pruneflow[nni]'"), "depgraph": ("torch_pruning", "pip install torch-pruning")}
+
+
+def require_backend(label):
+    """Fail with one clear message when the backend of method ``label`` is not installed."""
+    import importlib.util
+
+    method, backend = parse_method(label)
+    module, how = BACKEND_PACKAGES[backend]
+    if importlib.util.find_spec(module) is None:
+        hint = ""
+        if backend == "nni":  # level (unstructured) has no DepGraph twin: name the structured ones
+            alt = f"{method}@depgraph" if method in BACKENDS["depgraph"] else ", ".join(f"{m}@depgraph" for m in STRUCTURED)
+            hint = f"; or use the DepGraph backend, which needs no NNI: {alt} (see jobs/quickstart_depgraph.yaml)"
+        raise UserError(f"pruning method {label!r} needs {backend.upper() if backend == 'nni' else 'Torch-Pruning'}, "
+                        f"which is not installed here ({how}{hint})")
+    return method, backend
+
+
 def check_sparsity(sparsity):
     try:
         s = float(sparsity)
@@ -59,7 +80,7 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
     training batches) feeds the taylor criterion; ``round_to`` / ``global_pruning`` apply to DepGraph.
     """
     label = method
-    method, backend = parse_method(method)
+    method, backend = require_backend(method)
     sparsity = check_sparsity(sparsity)
     bad = [t for t in op_types if t not in OP_TYPES]
     if bad or not op_types:

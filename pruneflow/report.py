@@ -3,8 +3,9 @@
 Reads every ``shard-*.h5`` of the study (merged: a done record wins over a failed one) and every device
 JSON written by ``python -m pruneflow.infer --ckpt DIR`` (``*/devices/*.json``), and writes to
 ``results/<study>/report/``: the seed's time-and-accuracy figure per model x method x device, the methods
-overlaid, Pareto fronts, size and speedup, the cross-device comparison, and summary.md (tables whose
-numbers are the HDF5 values, failures, what is missing, provenance). docs/report.md describes each figure.
+overlaid, Pareto fronts, size and speedup, the cross-device comparison, the architecture views (graph and
+per-layer widths from the checkpoints, pruneflow/views.py), and summary.md (tables whose numbers are the
+HDF5 values, failures, what is missing, provenance). docs/report.md describes each figure.
 """
 
 import contextlib
@@ -18,7 +19,7 @@ import types
 
 from .infer.errors import UserError, check_writable_dir
 
-KINDS = ("time", "methods", "pareto", "size", "devices", "summary")
+KINDS = ("time", "methods", "pareto", "size", "devices", "arch", "summary")
 FORMATS = ("png", "pdf", "svg")
 DEVICE_SCHEMA = "pruneflow-device/1"
 ARM_ORDER = {"dense": 0, "control": 1, "pruned": 2}
@@ -523,7 +524,7 @@ def pick_shown(records, methods, show):
     return None
 
 
-def summary_md(study, notes, figures, series_by_model, shown, command):
+def summary_md(study, notes, figures, series_by_model, shown, command, arch_lines=()):
     recs = sorted(study.records, key=_sort_key)
     n_failed = sum(r["status"] != "done" for r in recs)
     first = next(iter(study.files.values()))
@@ -556,6 +557,7 @@ def summary_md(study, notes, figures, series_by_model, shown, command):
         lines += ["## Failed trials", ""]
         lines += table([[r["id"], r.get("attempts", ""), r.get("error", "")] for r in failed],
                        ["trial", "attempts", "error"]) + [""]
+    lines += ["## Architecture views", ""] + list(arch_lines) if arch_lines else []
     lines += ["## Figures", ""] + [f"- [{os.path.basename(p)}]({os.path.basename(p)})" for p in figures] + [""]
     lines += provenance(study)
     lines += ["## Models (`print(model)`)", ""]
@@ -633,17 +635,21 @@ def _kinds(only):
     return items
 
 
-def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KINDS, dpi=100, command=""):
+def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KINDS, dpi=100, command="", arch=None):
     """Write the figures and summary.md; returns (written paths, notes)."""
+    from .views import arch_views, check_arch
+
     study = load_study(study_dir)
     shown = pick_shown(study.records, method_order(study, study.records), show)  # a bad --show fails before writing
+    # a bad --arch fails here too; --arch ID|SPARSITY asks for the views even when --only leaves them out
+    choice = check_arch(study.records, arch) if "arch" in kinds or not (arch is None or arch is False) else None
     out = check_writable_dir(out or os.path.join(study_dir, "report"))
     notes, _ = missing_parts(study)
     for r in sorted(study.records, key=_sort_key):
         if r["status"] != "done":
             notes.append(f"trial {r['id']} failed: {str(r.get('error', ''))[:300]}")
     notes += study.notes
-    written = []
+    written, arch_lines = [], []
     series_by_model = {}
     for model in sorted({r.get("model") for r in study.records}, key=str):
         records = [r for r in study.records if r.get("model") == model]
@@ -676,10 +682,18 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
                 notes.append(f"figure {name} skipped: no finished trials to plot")
             else:
                 save_figure(fig, out, name, formats, dpi, written)
+        if choice is not None:
+            try:
+                paths, more, lines = arch_views(study, model, records, methods, out, formats, dpi, choice)
+            except Exception as e:  # e.g. a model torch.fx cannot trace: the rest of the report still matters
+                paths, more, lines = [], [f"architecture views for {model} skipped: {type(e).__name__}: {e}"], []
+            written += paths
+            notes += [n for n in more if n not in notes]  # "graphviz not installed" once, not per model
+            arch_lines += lines
     if "summary" in kinds:
         path = os.path.join(out, "summary.md")
         text = summary_md(study, notes, [p for p in written if p.endswith(f".{formats[0]}")], series_by_model,
-                          shown, command)
+                          shown, command, arch_lines)
 
         def write(tmp):
             with open(tmp, "w") as f:
@@ -690,7 +704,7 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
     return written, notes
 
 
-def cli(study, out=None, format="png,pdf", show=None, only=None, dpi=100):
+def cli(study, out=None, format="png,pdf", show=None, only=None, dpi=100, arch=None):
     """Figures and a summary.md from a study's results (every shard file plus device JSONs).
 
     Args:
@@ -699,8 +713,12 @@ def cli(study, out=None, format="png,pdf", show=None, only=None, dpi=100):
       format: figure formats, comma-separated: png, pdf, svg (default png,pdf).
       show: trial id whose print(model) goes into summary.md next to the dense one, e.g. l1-0.50-s0
         (default: the most sparse finished trial of the first method).
-      only: comma-separated subset of time, methods, pareto, size, devices, summary (default: all).
+      only: comma-separated subset of time, methods, pareto, size, devices, arch, summary (default: all).
       dpi: resolution of raster figures (100: readable at 100 % zoom, small files).
+      arch: architecture views, on by default when the study has checkpoints: the computation graph of the
+        dense model and one pruned model, and the channels kept per layer for each method. A trial id
+        (--arch l1-0.70-s0) picks the pruned model drawn and the chart's sparsity; a number (--arch 0.7)
+        the sparsity (default 0.5 or the nearest present); --noarch leaves them out.
     """
     formats, kinds = _formats(format), _kinds(only)
     try:
@@ -713,8 +731,10 @@ def cli(study, out=None, format="png,pdf", show=None, only=None, dpi=100):
     given = dict(out=out, format=None if format == "png,pdf" else ",".join(formats), show=show,
                  only=None if only is None else ",".join(kinds), dpi=None if dpi == 100 else f"{dpi:g}")
     command = " ".join(["python -m pruneflow.report", shlex.quote(os.fspath(study))]
-                       + [f"--{k} {shlex.quote(str(v))}" for k, v in given.items() if v is not None])
-    written, notes = make_report(os.fspath(study), out, formats, show, kinds, dpi, command)
+                       + [f"--{k} {shlex.quote(str(v))}" for k, v in given.items() if v is not None]
+                       + (["--arch"] if arch is True else ["--noarch"] if arch is False else
+                          [] if arch is None else [f"--arch {shlex.quote(str(arch))}"]))
+    written, notes = make_report(os.fspath(study), out, formats, show, kinds, dpi, command, arch)
     for n in notes:
         print(f"note: {n}")
     print(f"wrote {len(written)} file(s):")

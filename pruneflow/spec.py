@@ -239,7 +239,7 @@ def _parse_scalar(text):
 def validate(spec):
     from .data import DATASETS
     from .models import ARCHITECTURES, STEMS
-    from .prune import OP_TYPES, parse_method
+    from .prune import OP_TYPES, require_backend
     from .train import RECIPES
 
     def one_of(value, valid, what):
@@ -256,7 +256,7 @@ def validate(spec):
     one_of(spec.performance.loader, ("device", "torchvision"), "performance.loader")
     one_of(spec.performance.precision, ("auto", "fp32", "bf16"), "performance.precision")
     for m in spec.prune.methods:
-        parse_method(m)
+        require_backend(m)  # before hours of dense training, not at the first trial
     for t in spec.prune.mac_targets:
         if not t > 1:
             raise UserError(f"prune.mac_targets: {t} must be > 1 (the factor by which MACs shrink)")

@@ -92,6 +92,7 @@ def slot_counts(device="auto"):
 # of stages the probe does not run), and the most trials one GPU takes whatever their size.
 AUTO_MEMORY_SHARE = 0.85
 AUTO_MAX_PER_GPU = 32
+MPS_AUTO_TRIALS = 2
 
 
 def choose_trials_per_gpu(footprint_bytes, total_bytes, cpus_per_gpu, share=AUTO_MEMORY_SHARE, limit=AUTO_MAX_PER_GPU):
@@ -101,12 +102,13 @@ def choose_trials_per_gpu(footprint_bytes, total_bytes, cpus_per_gpu, share=AUTO
     return max(1, min(by_memory, int(cpus_per_gpu), limit))
 
 
-def plan_packing(spec, cpus, gpus, probe=None):
+def plan_packing(spec, cpus, gpus, probe=None, mps=False):
     """Ray resources per trial and trials at a time: {options, slots, per_device, threads, device, note}.
 
     GPU: K trials share each GPU (num_gpus = 1/K); ``trials_per_gpu: auto`` takes K from ``probe()`` (the
     memory one trial occupies, see trial.probe_memory). CPU: trials x threads never exceed the CPUs this job
-    was given (Slurm's SLURM_CPUS_PER_TASK, else the process's affinity), whatever the job file asks."""
+    was given (Slurm's SLURM_CPUS_PER_TASK, else the process's affinity), whatever the job file asks. ``mps``:
+    an Apple-silicon GPU is usable (device 'auto' then means 'mps')."""
     res = spec.resources
     threads = res.threads_per_trial
     if gpus:
@@ -127,6 +129,13 @@ def plan_packing(spec, cpus, gpus, probe=None):
                     device=device, note=note)
     threads = min(threads, cpus)
     slots = max(1, cpus // threads)
+    if res.device == "mps" or (res.device == "auto" and mps):
+        # Apple silicon: Ray has no notion of the MPS device, so K is a cap on concurrent trials (each still
+        # holds its CPU threads). Unified memory is shared with the CPU: no probe, a modest default.
+        k = MPS_AUTO_TRIALS if res.trials_per_gpu == "auto" else res.trials_per_gpu
+        slots = max(1, min(k, slots))
+        return dict(options=dict(num_gpus=0, num_cpus=threads), slots=slots, per_device=slots, threads=threads,
+                    device="mps", note="")
     device = "cpu" if res.device == "auto" else res.device
     return dict(options=dict(num_gpus=0, num_cpus=threads), slots=slots, per_device=slots, threads=threads,
                 device=device, note="")
@@ -140,13 +149,15 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
     from .trial import probe_memory, run_trial
 
     cpus, gpus = slot_counts(spec.resources.device)
+    # ops MPS lacks run on the CPU instead of failing; set before Ray starts, so its workers inherit it
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     with local_ray(cpus, gpus), UtilisationSampler(spec.resources.sample_interval_s) as sampler:
         def probe():
             config_gpu = dict(config, resources=dict(config["resources"], device="cuda" if spec.resources.device == "auto"
                                                      else spec.resources.device))
             return ray.get(ray.remote(probe_memory).options(num_gpus=1, num_cpus=0).remote(config_gpu, dense_path))
 
-        plan = plan_packing(spec, cpus, gpus, probe)
+        plan = plan_packing(spec, cpus, gpus, probe, mps=not gpus and mps_available())
         config = dict(config, resources=dict(config["resources"], device=plan["device"]))
         threads = plan["threads"]
         if plan["note"]:
@@ -195,6 +206,12 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
             sampler.__exit__()  # stop sampling before writing (idempotent with the with-statement's exit)
             store.add_utilisation(sampler.series(), dict(sampler.attrs, trials_per_device=plan["per_device"],
                                                          slots=plan["slots"]))
+
+
+def mps_available():
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 @contextlib.contextmanager

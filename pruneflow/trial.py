@@ -171,6 +171,8 @@ def peak_memory(dev):
 
     if dev.type == "cuda":
         return dict(peak_memory_bytes=int(torch.cuda.max_memory_allocated(dev)), peak_memory_kind="cuda_max_allocated")
+    if dev.type == "mps":  # Metal's allocations for this process now (MPS keeps no high-water mark)
+        return dict(peak_memory_bytes=int(torch.mps.driver_allocated_memory()), peak_memory_kind="mps_driver_allocated")
     try:
         import psutil
 

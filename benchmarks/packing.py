@@ -17,6 +17,7 @@ the sweep itself does; larger K are skipped.
 import argparse
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 
@@ -79,6 +80,7 @@ def main():
     ap.add_argument("--arch", default=None, help="default: resnet18 on a GPU, simple_cnn on a CPU")
     ap.add_argument("--dataset", default=None, help="default: synthetic-cifar10 on a GPU, digits on a CPU")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tune epochs per trial (default 1 GPU, 2 CPU)")
+    ap.add_argument("--keep", default=None, help="copy each K's results file and sweep log into this folder")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     on_gpu = dev.type == "cuda"
@@ -99,6 +101,11 @@ def main():
                 print(f"{k:>5} {'':>7} skipped: more trials than the {cores} core(s)")
                 continue
             wall, records = run_at(job, dense, os.path.join(tmp, f"k{k}"), k, on_gpu, cores)
+            if args.keep:  # e.g. for `python -m pruneflow.report` (its timeline shows the packing)
+                os.makedirs(os.path.join(args.keep, f"k{k}", "packing"), exist_ok=True)
+                shutil.copy(os.path.join(tmp, f"k{k}", "packing", "shard-0-of-1.h5"),
+                            os.path.join(args.keep, f"k{k}", "packing"))
+                shutil.copy(os.path.join(tmp, f"k{k}.log"), os.path.join(args.keep, f"k{k}.log"))
             span = max(r["ended_at"] for r in records) - min(r["started_at"] for r in records)
             per_device = int(records[0]["trials_per_device"])
             if work is None:

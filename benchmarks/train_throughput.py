@@ -45,12 +45,17 @@ def main():
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--images", type=int, default=None, help="images per epoch (default 4096; quick 256)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed-style pipeline")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also each part alone: the loaders without a model, then fp32/bf16 x NCHW/channels_last")
+    ap.add_argument("--models", default=None, help="comma list of configs to run, e.g. simple_cnn,resnet18")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     n = args.images or (256 if args.quick else 4096)
     configs = [("simple_cnn", "mnist", None)] if args.quick else [
         ("simple_cnn", "mnist", None), ("resnet18", "cifar10", None), ("resnet18", "cifar10", "l1@depgraph"),
         ("resnet101", "cifar10", None)]
+    if args.models:
+        configs = [c for c in configs if (c[0] + ("-pruned" if c[2] else "")) in args.models.split(",")]
     head = f"{'model':<22} {'seed-style img/s':>16} {'pruneflow img/s':>16} {'ratio':>6}"
     print_header(dev, f"batch {args.batch_size}, {n} images per epoch", head)
     g = torch.Generator().manual_seed(0)
@@ -73,6 +78,35 @@ def main():
                                                          channels_last=perf["channels_last"]), dev, perf["amp_dtype"])
         name = arch + (f" ({pruned} 0.5)" if pruned else "")
         print(f"{name:<22} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
+        if args.ablate:
+            ablate(model, images, labels, dataset, args, dev, seed)
+
+
+def loader_only(batches, device):
+    """Images/s of an input pipeline alone: every batch made and moved to the device, no model."""
+    for _ in zip(range(2), batches):
+        pass
+    synchronize(device)
+    t0 = time.perf_counter()
+    n = 0
+    for x, _ in batches:
+        n += len(x)
+    synchronize(device)
+    return n / (time.perf_counter() - t0)
+
+
+def ablate(model, images, labels, dataset, args, dev, seed_ips):
+    """Which part buys what: each loader alone, then the device loader with each precision x memory format."""
+    kw = dict(train=True, num_workers=args.workers)
+    rows = [("  loader: seed-style", loader_only(SeedStyleBatches(images, labels, dataset, args.batch_size, dev, **kw), dev)),
+            ("  loader: device", loader_only(Batches(images, labels, dataset, args.batch_size, dev, train=True), dev))]
+    for amp in (None, torch.bfloat16):
+        for cl in (False, True):
+            m = model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
+            b = Batches(images, labels, dataset, args.batch_size, dev, train=True, channels_last=cl)
+            rows.append((f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} device", images_per_s(m, b, dev, amp)))
+    for name, ips in rows:
+        print(f"{name:<22} {'':>16} {ips:>16,.0f} {ips / seed_ips:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

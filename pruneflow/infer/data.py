@@ -132,8 +132,12 @@ class Batches:
     def __iter__(self):
         n = len(self.labels)
         if self.train:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            order = torch.randperm(n, generator=g).to(self.device)
+            # Random numbers are drawn where the batch lives: a CPU draw copied to a GPU per batch would make
+            # the CPU wait for the GPU three times a step. CUDA and CPU generators give different (each
+            # reproducible) orders for the same seed.
+            g = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu")
+            g.manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(n, generator=g, device=g.device).to(self.device)
             self.epoch += 1
         else:
             g, order = None, torch.arange(n, device=self.device)
@@ -152,9 +156,10 @@ def random_crop_flip(x, pad, generator=None):
     """torchvision's RandomCrop(size, padding=pad) + RandomHorizontalFlip for a whole uint8 batch at once."""
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # zero fill, as RandomCrop's default
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    flip = torch.rand(n, generator=generator).to(x.device) < 0.5
+    where = generator.device if generator is not None else x.device  # draw on the generator's device
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=where).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=where).to(x.device)
+    flip = (torch.rand(n, generator=generator, device=where) < 0.5).to(x.device)
     rows = dy[:, None] + torch.arange(h, device=x.device)[None, :]  # (n, h)
     cols = dx[:, None] + torch.arange(w, device=x.device)[None, :]  # (n, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols)

@@ -4,8 +4,9 @@ Reads every ``shard-*.h5`` of the study (merged: a done record wins over a faile
 JSON written by ``python -m pruneflow.infer --ckpt DIR`` (``*/devices/*.json``), and writes to
 ``results/<study>/report/``: the seed's time-and-accuracy figure per model x method x device, the methods
 overlaid, Pareto fronts, size and speedup, the cross-device comparison, the architecture views (graph and
-per-layer widths from the checkpoints, pruneflow/views.py), and summary.md (tables whose numbers are the
-HDF5 values, failures, what is missing, provenance). docs/report.md describes each figure.
+per-layer widths from the checkpoints, pruneflow/views.py), the resource timeline of each sweep run
+(pruneflow/timeline.py), and summary.md (tables whose numbers are the HDF5 values, failures, what is missing,
+resources, provenance). docs/report.md describes each figure.
 """
 
 import contextlib
@@ -19,14 +20,16 @@ import types
 
 from .infer.errors import UserError, check_writable_dir
 
-KINDS = ("time", "methods", "pareto", "size", "devices", "arch", "summary")
+KINDS = ("time", "methods", "pareto", "size", "devices", "arch", "timeline", "summary")
 FORMATS = ("png", "pdf", "svg")
 DEVICE_SCHEMA = "pruneflow-device/1"
 ARM_ORDER = {"dense": 0, "control": 1, "pruned": 2}
 # Fixed colours so a method looks the same in every figure.
-METHOD_COLORS = {"level": "C0", "l1": "C1", "l2": "C2", "fpgm": "C3"}
+METHOD_COLORS = {"level": "C0", "l1": "C1", "l2": "C2", "fpgm": "C3", "taylor": "C5", "slim": "C6"}
 # Methods often coincide (L1 and L2 choose the same channels): distinct markers and dashes keep both visible.
-METHOD_STYLES = {"level": ("o", "-"), "l1": ("s", "--"), "l2": ("^", ":"), "fpgm": ("D", "-.")}
+METHOD_STYLES = {"level": ("o", "-"), "l1": ("s", "--"), "l2": ("^", ":"), "fpgm": ("D", "-."), "taylor": ("v", "-"),
+                 "slim": ("P", "--")}
+DEPGRAPH_DASH = (0, (6, 2, 1, 2, 1, 2))  # l1@depgraph: l1's colour and marker, hollow, dash-dot-dot
 DENSE_COLOR, CONTROL_COLOR = "black", "C4"
 
 
@@ -193,8 +196,16 @@ def _fig(ncols=1, width=8.0, height=4.8, nrows=1, **kw):
 
 def mstyle(m, line=True):
     """Matplotlib keyword arguments that draw method ``m`` the same way in every figure (scatter: line=False)."""
-    marker, dash = METHOD_STYLES.get(m, ("o", "-"))
-    return dict(color=METHOD_COLORS.get(m), marker=marker, label=m, **({"linestyle": dash} if line else {}))
+    import zlib
+
+    base, _, backend = str(m).partition("@")
+    marker, dash = METHOD_STYLES.get(base, ("o", "-"))
+    color = METHOD_COLORS.get(base) or f"C{7 + zlib.crc32(base.encode()) % 3}"  # unknown: stable, unused by the rest
+    if not backend or backend == "nni":
+        return dict(color=color, marker=marker, label=m, **({"linestyle": dash} if line else {}))
+    if not line:  # scatter: hollow markers in the base method's colour
+        return dict(facecolors="none", edgecolors=color, linewidths=1.5, marker=marker, label=m)
+    return dict(color=color, marker=marker, markerfacecolor="white", linestyle=DEPGRAPH_DASH, label=m)
 
 
 def device_label(key):
@@ -524,7 +535,7 @@ def pick_shown(records, methods, show):
     return None
 
 
-def summary_md(study, notes, figures, series_by_model, shown, command, arch_lines=()):
+def summary_md(study, notes, figures, series_by_model, shown, command, arch_lines=(), resource_lines=()):
     recs = sorted(study.records, key=_sort_key)
     n_failed = sum(r["status"] != "done" for r in recs)
     first = next(iter(study.files.values()))
@@ -558,6 +569,7 @@ def summary_md(study, notes, figures, series_by_model, shown, command, arch_line
         lines += table([[r["id"], r.get("attempts", ""), r.get("error", "")] for r in failed],
                        ["trial", "attempts", "error"]) + [""]
     lines += ["## Architecture views", ""] + list(arch_lines) if arch_lines else []
+    lines += list(resource_lines)
     lines += ["## Figures", ""] + [f"- [{os.path.basename(p)}]({os.path.basename(p)})" for p in figures] + [""]
     lines += provenance(study)
     lines += ["## Models (`print(model)`)", ""]
@@ -690,10 +702,20 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
             written += paths
             notes += [n for n in more if n not in notes]  # "graphviz not installed" once, not per model
             arch_lines += lines
+    if "timeline" in kinds:  # one figure per sweep run of each shard file (pruneflow/timeline.py)
+        from .timeline import timeline_figures
+
+        for name, fig, note in timeline_figures(study.paths):
+            if fig is None:
+                notes.append(note)
+            else:
+                save_figure(fig, out, name, formats, dpi, written)
     if "summary" in kinds:
+        from .timeline import resources_md
+
         path = os.path.join(out, "summary.md")
         text = summary_md(study, notes, [p for p in written if p.endswith(f".{formats[0]}")], series_by_model,
-                          shown, command, arch_lines)
+                          shown, command, arch_lines, resources_md(study.paths))
 
         def write(tmp):
             with open(tmp, "w") as f:
@@ -713,7 +735,7 @@ def cli(study, out=None, format="png,pdf", show=None, only=None, dpi=100, arch=N
       format: figure formats, comma-separated: png, pdf, svg (default png,pdf).
       show: trial id whose print(model) goes into summary.md next to the dense one, e.g. l1-0.50-s0
         (default: the most sparse finished trial of the first method).
-      only: comma-separated subset of time, methods, pareto, size, devices, arch, summary (default: all).
+      only: comma-separated subset of time, methods, pareto, size, devices, arch, timeline, summary (default: all).
       dpi: resolution of raster figures (100: readable at 100 % zoom, small files).
       arch: architecture views, on by default when the study has checkpoints: the computation graph of the
         dense model and one pruned model, and the channels kept per layer for each method. A trial id

@@ -6,13 +6,15 @@
 
 seed-style:  torch DataLoader + per-image torchvision transforms (crop/flip for CIFAR), fp32, NCHW.
 pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device, and on
-             CUDA bf16 autocast + channels_last + cudnn.benchmark (pruneflow.train.resolve_perf 'auto').
+             CUDA fp32 with TF32 + channels_last + cudnn.benchmark (pruneflow.train.resolve_perf 'auto');
+             --ablate adds each part alone and bf16 autocast.
 Both run the same optimiser step (pruneflow.train.train_one_epoch) on synthetic uint8 images of the data
 set's shape (MNIST/CIFAR-10 are not downloadable here; the pipelines' costs do not depend on pixel values).
 The fine-tune row trains a DepGraph-L1-pruned (0.5) ResNet-18.
 """
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -27,10 +29,8 @@ from pruneflow.train import get_recipe, make_optimizer, resolve_perf, train_one_
 
 def images_per_s(model, batches, device, amp_dtype):
     opt, _ = make_optimizer(model, get_recipe("finetune"), 1)
-    warm = list(zip(range(2), batches))  # first batches: allocator, cuDNN autotuning
-    for _, (x, y) in warm:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
+    # a few steps first, at the timed precision: allocator, cuDNN autotuning (cudnn.benchmark) for these shapes
+    train_one_epoch(model, itertools.islice(iter(batches), 3), opt, amp_dtype=amp_dtype)
     synchronize(device)
     t0 = time.perf_counter()
     train_one_epoch(model, batches, opt, amp_dtype=amp_dtype)

@@ -81,7 +81,7 @@ class ResourcesSpec:
 @dataclass
 class PerformanceSpec:
     loader: str = "device"  # device (data set on the device, batched augmentation) | torchvision (the seed's DataLoader)
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (fp32; TF32 tensor cores on CUDA) | fp32 | bf16 (autocast: large batches)
     channels_last: typing.Optional[bool] = None  # default: on for CUDA
     compile: bool = False  # torch.compile the training step: slow start, faster epochs (long runs only)
 

@@ -36,16 +36,21 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_perf(perf, device):
-    """{loader, amp_dtype, channels_last, compile} for ``device``. 'auto' precision is bf16 autocast on CUDA and
-    fp32 on CPU (bf16 on CPU only when asked); channels_last defaults to on for CUDA (NHWC convolutions)."""
+    """{loader, amp_dtype, channels_last, compile} for ``device``. 'auto' precision is fp32 everywhere, with
+    TF32 tensor-core convolutions and matmuls on CUDA: on an H200 at the seed's batch 64, bf16 autocast was
+    slower than fp32 for SimpleCNN and ResNet-18 (its casts cost more than its faster kernels save at that
+    size; docs/benchmarks.md). bf16 autocast only when asked (large batches). channels_last defaults to on for
+    CUDA (NHWC convolutions)."""
     perf = dict(DEFAULT_PERF, **{k: v for k, v in (perf or {}).items() if v is not None or k == "channels_last"})
     if perf["precision"] not in PRECISIONS:
         raise UserError(f"unknown precision {perf['precision']!r}; valid: {', '.join(PRECISIONS)}")
     cuda = torch.device(device).type == "cuda"
-    bf16 = perf["precision"] == "bf16" or (perf["precision"] == "auto" and cuda)
+    bf16 = perf["precision"] == "bf16"
     channels_last = cuda if perf["channels_last"] is None else bool(perf["channels_last"])
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
+        if perf["precision"] == "auto":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls (cuDNN convolutions use TF32 by default)
     return dict(loader=perf["loader"], amp_dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last,
                 compile=bool(perf["compile"]))
 

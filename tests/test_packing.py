@@ -50,6 +50,14 @@ def test_plan_on_cpu_never_exceeds_the_cores(cpus, threads, slots, used):
     assert plan["slots"] * plan["options"]["num_cpus"] <= cpus  # what Ray is asked for at once
 
 
+def test_plan_on_apple_silicon_uses_mps_and_caps_trials():
+    auto = plan_packing(spec_with(device="auto", trials_per_gpu="auto"), cpus=10, gpus=0, mps=True)
+    assert auto["device"] == "mps" and auto["slots"] == 2 and auto["options"] == dict(num_gpus=0, num_cpus=1)
+    assert plan_packing(spec_with(device="mps", trials_per_gpu=8), cpus=4, gpus=0)["slots"] == 4  # cores cap
+    assert plan_packing(spec_with(device="auto"), cpus=4, gpus=0, mps=False)["device"] == "cpu"
+    assert plan_packing(spec_with(device="cpu"), cpus=4, gpus=0, mps=True)["device"] == "cpu"  # asked for
+
+
 def test_job_file_trials_per_gpu(tmp_path):
     job = tmp_path / "j.yaml"
     job.write_text("resources:\n  trials_per_gpu: auto\n")

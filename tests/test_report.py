@@ -20,9 +20,9 @@ METHODS = ("level", "l1", "l2")
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, dense_ckpt):
     out = tmp_path_factory.mktemp("results")
-    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, *SMALL)
+    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, *SMALL, "--dense", dense_ckpt)
     assert p.returncode == 0, p.stdout + p.stderr
     return out / "quickstart"
 
@@ -35,11 +35,11 @@ def report(study):
 
 
 @pytest.fixture(scope="module")
-def partial(study, tmp_path_factory):
+def partial(study, tmp_path_factory, dense_ckpt):
     """Shard 0 of 2 only (so shard 1/2 and its trials are missing), with l1-0.30-s0 failing for good."""
     out = tmp_path_factory.mktemp("partial")
     p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, *SMALL, "--shard", "0/2", "--retries", "0",
-                   "--dense", study / "dense.safetensors", env={"PRUNEFLOW_INJECT_FAILURE": "l1-0.30-s0"})
+                   "--dense", dense_ckpt, env={"PRUNEFLOW_INJECT_FAILURE": "l1-0.30-s0"})
     assert p.returncode == 1 and "3 done, 1 failed" in p.stdout, p.stdout + p.stderr
     return out / "quickstart"
 

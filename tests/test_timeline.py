@@ -20,9 +20,9 @@ SMALL = ["--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.3,0.6]", 
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, dense_ckpt):
     out = tmp_path_factory.mktemp("timeline")
-    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, *SMALL)
+    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, *SMALL, "--dense", dense_ckpt)
     assert p.returncode == 0, p.stdout + p.stderr
     return out / "quickstart"
 

@@ -109,12 +109,12 @@ def test_width_chart_draws_the_checkpoint_tensor_shapes(tmp_path):
 # ------------------------------------------------------------------------------------------ the report
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, dense_ckpt):
     """dense + level and l1@depgraph at 50 %, one seed, no control (about 40 s on 2 CPU cores)."""
     out = tmp_path_factory.mktemp("results")
     p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, "--prune.methods", "[level, l1@depgraph]",
                    "--prune.sparsities", "[0.5]", "--control", "false", "--finetune.epochs", "1", "--train.epochs", "1",
-                   "--latency.trials", "3", "--noprogress")
+                   "--latency.trials", "3", "--noprogress", "--dense", dense_ckpt)
     assert p.returncode == 0, p.stdout + p.stderr
     return out / "quickstart"
 

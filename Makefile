@@ -10,6 +10,9 @@ PYTHON ?= python3
 STAMP := $(VENV)/.pruneflow-$(shell cksum pyproject.toml | cut -d' ' -f1)
 # torch pinned to the release this project is tested with; pip takes it from local wheels where present.
 TORCH := torch==2.14.1 torchvision==0.29.1
+# Two pytest workers: much of the suite waits (Ray and Slurm start-up, subprocesses), so two overlap well even
+# on 2 cores; the Slurm tests share one worker (xdist_group), as the local Slurm has one node.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast system-deps slurm clean
 
@@ -27,7 +30,7 @@ $(STAMP):
 	$(PIP) --upgrade pip $(QUIET)
 	$(PIP) $(TORCH) $(QUIET)
 	$(PIP) -e '.[hpc,test]' $(QUIET)
-	$(PY) -c "import torch, nni, ray, h5py, submitit, pytest, jsonschema"
+	$(PY) -c "import torch, nni, ray, h5py, submitit, pytest, xdist, jsonschema"
 	touch $@
 
 demo: setup
@@ -37,7 +40,7 @@ system-deps:
 	bash slurm/local/start.sh
 
 test: setup system-deps
-	PRUNEFLOW_REQUIRE_SLURM=1 $(PY) -m pytest -q tests
+	PRUNEFLOW_REQUIRE_SLURM=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slurm and not slow" tests

@@ -11,7 +11,8 @@ from conftest import ROOT, assert_clean_error, run_module
 from pruneflow.results import read_study, read_trials
 from pruneflow.spec import grid, load_spec
 
-pytestmark = pytest.mark.slurm
+# one local Slurm node: these tests run one after another on one xdist worker (make test uses -n 2)
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 SMALL = ["--prune.sparsities", "[0.5]", "--finetune.epochs", "1", "--latency.trials", "3", "--train.epochs", "1"]
 

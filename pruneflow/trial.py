@@ -10,6 +10,9 @@ import traceback
 
 # Fault injection for tests of the sweep's failure handling: trial ids listed here raise.
 INJECT_ENV = "PRUNEFLOW_INJECT_FAILURE"
+# ... and "<trial id>=<seconds>" entries here stall that trial, in a Slurm job's first allocation only
+# (SLURM_RESTART_COUNT unset or 0): a requeue test then knows the first allocation cannot finish.
+INJECT_DELAY_ENV = "PRUNEFLOW_INJECT_DELAY"
 
 
 def run_trial(trial, config, dense_path, ckpt_dir, threads=1):
@@ -86,6 +89,9 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
 
     if trial.id in os.environ.get(INJECT_ENV, "").split(","):
         raise RuntimeError(f"injected failure for {trial.id} ({INJECT_ENV})")
+    delays = dict(e.split("=", 1) for e in os.environ.get(INJECT_DELAY_ENV, "").split(",") if "=" in e)
+    if trial.id in delays and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
+        time.sleep(float(delays[trial.id]))
     torch.set_num_threads(max(1, int(threads)))
     dev = resolve_device(config["resources"]["device"])
     if dev.type == "cuda":

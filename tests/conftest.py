@@ -26,6 +26,21 @@ def assert_clean_error(proc, *needles):
     return lines[0]
 
 
+def quickstart_study(out, dense, *args):
+    """A small real sweep of jobs/quickstart.yaml (settings overridden by ``args``) from the dense checkpoint
+    ``dense``, into OUT; returns the study directory."""
+    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, *args, "--dense", dense)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return out / "quickstart"
+
+
+def report_of(study, *args):
+    """``python -m pruneflow.report STUDY ARGS`` that must succeed: (the process, the report directory)."""
+    p = run_module("pruneflow.report", study, *args)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p, study / "report"
+
+
 @pytest.fixture(scope="session")
 def dense_ckpt(tmp_path_factory):
     """A SimpleCNN trained for 3 epochs on the embedded digits (shared by many tests)."""

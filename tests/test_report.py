@@ -9,7 +9,7 @@ import shutil
 import h5py
 import pytest
 
-from conftest import assert_clean_error, run_module
+from conftest import assert_clean_error, quickstart_study, report_of, run_module
 from pruneflow.report import pareto_front
 from pruneflow.results import read_study
 
@@ -21,17 +21,12 @@ METHODS = ("level", "l1", "l2")
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, dense_ckpt):
-    out = tmp_path_factory.mktemp("results")
-    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, *SMALL, "--dense", dense_ckpt)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return out / "quickstart"
+    return quickstart_study(tmp_path_factory.mktemp("results"), dense_ckpt, *SMALL)
 
 
 @pytest.fixture(scope="module")
 def report(study):
-    p = run_module("pruneflow.report", study)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p, study / "report"
+    return report_of(study)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_module
+from conftest import quickstart_study, report_of, run_module
 from pruneflow.report import METHOD_COLORS, METHOD_STYLES, mstyle
 from pruneflow.results import read_trials, read_utilisation
 from pruneflow.timeline import STAGES, assign_lanes, fig_timeline
@@ -21,17 +21,12 @@ SMALL = ["--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.3,0.6]", 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, dense_ckpt):
-    out = tmp_path_factory.mktemp("timeline")
-    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, *SMALL, "--dense", dense_ckpt)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return out / "quickstart"
+    return quickstart_study(tmp_path_factory.mktemp("timeline"), dense_ckpt, *SMALL)
 
 
 @pytest.fixture(scope="module")
 def report(study):
-    p = run_module("pruneflow.report", study, "--noarch")
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p, study / "report"
+    return report_of(study, "--noarch")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import assert_clean_error, run_module
+from conftest import assert_clean_error, quickstart_study, run_module
 from pruneflow.infer import checkpoint as ckpt_io
 from pruneflow.infer.errors import UserError
 from pruneflow.models import build_model, default_prune_targets
@@ -111,12 +111,9 @@ def test_width_chart_draws_the_checkpoint_tensor_shapes(tmp_path):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, dense_ckpt):
     """dense + level and l1@depgraph at 50 %, one seed, no control (about 40 s on 2 CPU cores)."""
-    out = tmp_path_factory.mktemp("results")
-    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, "--prune.methods", "[level, l1@depgraph]",
-                   "--prune.sparsities", "[0.5]", "--control", "false", "--finetune.epochs", "1", "--train.epochs", "1",
-                   "--latency.trials", "3", "--noprogress", "--dense", dense_ckpt)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return out / "quickstart"
+    return quickstart_study(tmp_path_factory.mktemp("results"), dense_ckpt, "--prune.methods", "[level, l1@depgraph]",
+                            "--prune.sparsities", "[0.5]", "--control", "false", "--finetune.epochs", "1",
+                            "--latency.trials", "3", "--noprogress")
 
 
 def width_table(summary):

@@ -95,6 +95,7 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
     example = torch.rand(2, *input_shape)
     before = {"params": count_params(model), "macs": count_macs(model, input_shape), "widths": layer_widths(model)}
     config = [{"op_types": list(op_types), "sparse_ratio": sparsity, "exclude_op_names": list(exclude)}]
+    seconds_speedup = 0.0  # DepGraph removes channels as it goes: no separate speed-up step
     if backend == "depgraph":
         from .depgraph import prune_depgraph
 
@@ -102,7 +103,7 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
             prune_depgraph(model, method, sparsity, input_shape, op_types, exclude, calibration, round_to,
                            global_pruning)
     else:
-        _prune_nni(model, method, sparsity, example, config, dependency_aware, verbose)
+        seconds_speedup = _prune_nni(model, method, sparsity, example, config, dependency_aware, verbose)
     model.eval()
     targets = [n for n, t, _, _ in before["widths"] if t in op_types and n not in exclude]
     stats = {
@@ -111,6 +112,7 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
         "params_dense": before["params"], "macs_dense": before["macs"], "widths_dense": before["widths"],
         "params": count_params(model), "macs": count_macs(model, input_shape), "widths": layer_widths(model),
         "nonzero_params": sum(int((p != 0).sum()) for p in model.parameters()),
+        "seconds_speedup": seconds_speedup,
     }
     stats["mac_reduction"] = stats["macs_dense"] / max(stats["macs"], 1)
     stats["channel_sparsity"] = _channel_sparsity(before["widths"], stats["widths"], targets)
@@ -119,7 +121,10 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
 
 
 def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbose):
-    """NNI 3.0: masks from the pruner, then ModelSpeedup (structured) or masks written into weights (level)."""
+    """NNI 3.0: masks from the pruner, then ModelSpeedup (structured) or masks written into weights (level).
+    Returns the seconds ModelSpeedup took (0 for level)."""
+    import time
+
     with _quiet(verbose):
         from nni.compression import pruning as nni_pruning
 
@@ -134,8 +139,10 @@ def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbo
             from nni.compression.speedup import ModelSpeedup
 
             # NNI's own tracer crashes on torch >= 2.2; a torch.fx trace of the model works.
+            t0 = time.perf_counter()
             graph = torch.fx.symbolic_trace(model)
             ModelSpeedup(model, example, masks, graph_module=graph, logger=_silent_logger(verbose)).speedup_model()
+            return time.perf_counter() - t0
         else:
             # NNI 3.0 does not write the masks into the weights after unwrap_model(): do it here.
             with torch.no_grad():
@@ -145,6 +152,7 @@ def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbo
                         tensor = getattr(module, param, None)
                         if tensor is not None:  # NNI lists a mask for 'bias' even when the layer has none
                             tensor.mul_(mask.to(tensor.dtype))
+            return 0.0
 
 
 def prune_to_mac_reduction(model, method, target, input_shape, tolerance=0.02, max_steps=16, **kwargs):

@@ -142,6 +142,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     clock.stage("save")
     return dict(
         **{f"seconds_{k}": v for k, v in clock.seconds.items()}, **peak_memory(dev),
+        seconds_speedup=stats.get("seconds_speedup", 0.0),  # the part of seconds_prune spent in NNI's speed-up
         backend=backend, sparsity=sparsity, params=stats["params"], macs=stats["macs"], params_dense=stats["params_dense"], macs_dense=stats["macs_dense"],
         mac_reduction=stats["mac_reduction"], channel_sparsity=stats["channel_sparsity"],
         weight_sparsity=stats["weight_sparsity"], nonzero_params=stats["nonzero_params"],

@@ -55,6 +55,10 @@ class UtilisationSampler:
         return self
 
     def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self):
+        """End sampling (idempotent); the samples stay readable through ``series()``."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5 * self.interval_s + 1)

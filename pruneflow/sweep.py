@@ -105,7 +105,7 @@ def choose_trials_per_gpu(footprint_bytes, total_bytes, cpus_per_gpu, share=AUTO
 def plan_packing(spec, cpus, gpus, probe=None, mps=False):
     """Ray resources per trial and trials at a time: {options, slots, per_device, threads, device, note}.
 
-    GPU: K trials share each GPU (num_gpus = 1/K); ``trials_per_gpu: auto`` takes K from ``probe()`` (the
+    GPU: K trials share each GPU (num_gpus = 1/K); ``trials_per_gpu: auto`` takes K from ``probe(device)`` (the
     memory one trial occupies, see trial.probe_memory). CPU: trials x threads never exceed the CPUs this job
     was given (Slurm's SLURM_CPUS_PER_TASK, else the process's affinity), whatever the job file asks. ``mps``:
     an Apple-silicon GPU is usable (device 'auto' then means 'mps')."""
@@ -114,16 +114,16 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False):
     if gpus:
         note = ""
         k = res.trials_per_gpu
+        device = "cuda" if res.device == "auto" else res.device
         if k == "auto":
             try:
-                m = probe()
+                m = probe(device)
             except Exception as e:  # e.g. the dense model alone does not fit: the trials will say so themselves
                 k, note = 1, f"auto packing: the memory probe failed ({type(e).__name__}: {str(e)[:200]}); 1 trial per GPU"
             else:
                 k = choose_trials_per_gpu(m["footprint_bytes"], m["total_bytes"], max(1, cpus // gpus))
                 note = (f"auto packing: one trial occupies {m['footprint_bytes'] / 2**30:.2f} GiB of "
                         f"{m['total_bytes'] / 2**30:.1f} GiB -> {k} trial(s) per GPU")
-        device = "cuda" if res.device == "auto" else res.device
         # CPU work per trial is light next to its GPU work, so Ray's CPU count is not the packing limit.
         return dict(options=dict(num_gpus=1.0 / k, num_cpus=0), slots=gpus * k, per_device=k, threads=threads,
                     device=device, note=note)
@@ -152,9 +152,8 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
     # ops MPS lacks run on the CPU instead of failing; set before Ray starts, so its workers inherit it
     os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     with local_ray(cpus, gpus), UtilisationSampler(spec.resources.sample_interval_s) as sampler:
-        def probe():
-            config_gpu = dict(config, resources=dict(config["resources"], device="cuda" if spec.resources.device == "auto"
-                                                     else spec.resources.device))
+        def probe(device):
+            config_gpu = dict(config, resources=dict(config["resources"], device=device))
             return ray.get(ray.remote(probe_memory).options(num_gpus=1, num_cpus=0).remote(config_gpu, dense_path))
 
         plan = plan_packing(spec, cpus, gpus, probe, mps=not gpus and mps_available())
@@ -203,7 +202,7 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
         finally:
             bar.set_postfix(done=counts["done"], failed=counts["failed"], running=0)
             bar.close()
-            sampler.__exit__()  # stop sampling before writing (idempotent with the with-statement's exit)
+            sampler.stop()  # before writing: the series is complete
             store.add_utilisation(sampler.series(), dict(sampler.attrs, trials_per_device=plan["per_device"],
                                                          slots=plan["slots"]))
 

@@ -28,7 +28,7 @@ def test_auto_k_is_bounded_by_memory_cores_and_at_least_one():
 
 
 def test_plan_on_gpu_uses_the_probe_for_auto_and_fixed_k_otherwise():
-    probe = lambda: dict(footprint_bytes=3 * GiB, total_bytes=24 * GiB)  # noqa: E731
+    probe = lambda device: dict(footprint_bytes=3 * GiB, total_bytes=24 * GiB)  # noqa: E731
     auto = plan_packing(spec_with(trials_per_gpu="auto"), cpus=16, gpus=2, probe=probe)
     k = int(24 * AUTO_MEMORY_SHARE // 3)
     assert auto["per_device"] == k and auto["slots"] == 2 * k and auto["options"]["num_gpus"] == pytest.approx(1 / k)
@@ -36,7 +36,7 @@ def test_plan_on_gpu_uses_the_probe_for_auto_and_fixed_k_otherwise():
     fixed = plan_packing(spec_with(trials_per_gpu=8), cpus=16, gpus=1, probe=None)
     assert fixed["options"] == dict(num_gpus=1 / 8, num_cpus=0) and fixed["slots"] == 8
 
-    def broken():
+    def broken(device):
         raise RuntimeError("CUDA out of memory")
 
     fallback = plan_packing(spec_with(trials_per_gpu="auto"), cpus=16, gpus=1, probe=broken)

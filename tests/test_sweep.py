@@ -47,7 +47,9 @@ def test_quickstart_grid_completes_and_h5dump_reads_it(tmp_path, dense_ckpt):
         assert r["peak_memory_bytes"] > 10_000_000 and r["peak_memory_kind"] == "cpu_rss"
     assert 0 < by["l1-0.30-s0"]["seconds_speedup"] < by["l1-0.30-s0"]["seconds_prune"]  # NNI's speed-up, a part
     assert by["level-0.70-s0"]["seconds_speedup"] == 0 == by["dense-s0"]["seconds_speedup"]
-    assert by["l1-0.30-s0"]["seconds_finetune"] > 0 and by["dense-s0"]["seconds_finetune"] < by["control-s0"]["seconds_finetune"]
+    # No timing comparisons between trials (the first trial in a worker also pays its data loading): the
+    # dense arm trains no epoch, so its finetune stage is only the epoch-0 evaluation.
+    assert all(r["seconds_finetune"] > 0 for r in records)
     for r in records:  # every checkpoint exists and loads with the torch-only loader
         assert os.path.exists(tmp_path / "quickstart" / r["checkpoint"])
     with h5py.File(path, "r") as f:

@@ -96,7 +96,7 @@ def train_one_epoch(model, batches, opt, masks=None, progress=False, desc="", am
     would make the CPU wait for the GPU every step and starve it (the seed's loop did)."""
     from .prune import apply_masks
 
-    forward = step_model or model
+    forward = model if step_model is None else step_model  # not `or`: a compiled module has no truth value
     model.train()
     total_loss = correct = None
     seen = 0

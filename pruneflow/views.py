@@ -15,7 +15,9 @@ import os
 import shutil
 import subprocess
 
+from .figures import DENSE_COLOR, atomic_write, mstyle, new_figure, save_figure, slug
 from .infer.errors import UserError
+from .study import done
 
 GRAPHVIZ_NOTE = "graphviz not installed: architecture graphs skipped"
 PRUNED_FILL = "#fdd0a2"  # nodes narrower than the dense model's
@@ -161,7 +163,6 @@ def graph_dot(panels, input_shape, title=""):
 def render(dot_text, base, formats=("svg",), dpi=96):
     """Write ``base``.dot and render it to ``base``.<fmt> with Graphviz's dot; returns the written paths.
     Each file is written to a temporary name and renamed (a reader never sees half a file)."""
-    from .report import atomic_write
 
     def write_dot(tmp):
         with open(tmp, "w") as f:
@@ -221,12 +222,11 @@ def fig_widths(title, dense, series, subtitle=""):
     rows)]. Returns (figure, the data it drew: layers, dense outs, {method: outs})."""
     import numpy as np
 
-    from .report import DENSE_COLOR, _fig, mstyle
 
     layers = [r[0] for r in dense]
     base = np.array([r[3] for r in dense], dtype=float)
     data = {"layers": layers, "dense": [int(x) for x in base], "methods": {}}
-    fig, axes = _fig(nrows=2, width=max(8.0, min(16.0, 0.22 * len(layers) + 4)), height=7.5, sharex=True)
+    fig, axes = new_figure(nrows=2, width=max(8.0, min(16.0, 0.22 * len(layers) + 4)), height=7.5, sharex=True)
     x = np.arange(len(layers))
     for ax, scale in zip(axes[:, 0], (1.0, 100 / base)):
         # wide and pale, under the methods: level pruning keeps every width and lies exactly on it
@@ -282,7 +282,6 @@ def check_arch(records, arch):
 def arch_views(study, model, records, methods, out, formats, dpi, choice):
     """The graph (dense + one pruned trial) and the width chart of one model; returns (written, notes,
     summary.md lines)."""
-    from .report import done, save_figure, slug
 
     def ckpt(r):
         return os.path.join(study.dir, r.get("checkpoint") or "")

@@ -91,3 +91,15 @@ def test_divergence_is_detected_without_a_sync_per_step(dense_ckpt):
     model, meta = ckpt_io.load(dense_ckpt)
     with pytest.raises(TrainingDiverged):
         finetune(model, meta, 1, device="cpu", lr=1e12)
+
+
+def test_compiled_fine_tuning_trains_the_model_itself(dense_ckpt):
+    # performance.compile: the compiled wrapper does the steps, the plain module (saved, evaluated) holds the
+    # weights. A compiled module has no truth value: `step_model or model` raised for every model.
+    from pruneflow.infer import checkpoint as ckpt_io
+    from pruneflow.train import finetune
+
+    model, meta = ckpt_io.load(dense_ckpt)
+    before = model.fc2.weight.detach().clone()
+    history = finetune(model, meta, 1, device="cpu", perf={"compile": True})
+    assert not torch.equal(before, model.fc2.weight.detach()) and history[-1]["val_acc"] > 0.5

@@ -10,7 +10,7 @@ import h5py
 import pytest
 
 from conftest import assert_clean_error, quickstart_study, report_of, run_module
-from pruneflow.report import pareto_front
+from pruneflow.study import pareto_front
 from pruneflow.results import read_study
 
 # The sweep's small grid: dense + control + level/l1/l2 x {0.3, 0.7}, one seed (about 35 s on 2 CPU cores).
@@ -198,7 +198,7 @@ def test_pareto_front_keeps_only_undominated_points():
 def test_missing_trials_are_attributed_to_missing_shards_first():
     from types import SimpleNamespace
 
-    from pruneflow.report import missing_parts
+    from pruneflow.study import missing_parts
 
     config = {"seeds": [0], "control": True, "prune": {"methods": ["l1"], "sparsities": [0.3, 0.7]}}
     # 4 trials: shard 0/2 = dense-s0, l1-0.30-s0; shard 1/2 = control-s0, l1-0.70-s0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import quickstart_study, report_of, run_module
-from pruneflow.report import METHOD_COLORS, METHOD_STYLES, mstyle
+from pruneflow.figures import METHOD_COLORS, METHOD_STYLES, mstyle
 from pruneflow.results import read_trials, read_utilisation
 from pruneflow.timeline import STAGES, assign_lanes, fig_timeline
 

@@ -1,0 +1,209 @@
+"""A study directory read back for reporting: its trial records (every shard file merged), the device JSONs
+beside them, what the config expected and is missing, and the numbers figures and tables share (baselines,
+speedups, per-sparsity curves). No plotting here: pruneflow/figures.py draws, pruneflow/report.py writes.
+"""
+
+import glob
+import json
+import os
+import re
+import types
+
+from .infer.errors import UserError
+
+DEVICE_SCHEMA = "pruneflow-device/1"
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def load_study(study_dir):
+    """Records, per-file attrs and device JSONs of one study; raises UserError when there is nothing to read."""
+    from .results import check_file, read_file_attrs, read_study, study_files
+
+    study_dir = os.fspath(study_dir)
+    if not os.path.exists(study_dir):
+        raise UserError(f"study directory {study_dir} does not exist")
+    if not os.path.isdir(study_dir):
+        raise UserError(f"{study_dir} is not a directory; pass a study directory such as results/quickstart")
+    paths = study_files(study_dir)
+    if not paths:
+        below = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(study_dir, "*", "shard-*.h5")))
+        hint = f" (did you mean {below[0]}?)" if below else " (run python -m pruneflow.sweep first)"
+        raise UserError(f"no results found in {study_dir}: no shard-*.h5 files{hint}")
+    for p in paths:  # one clear error for a foreign or newer file before reading anything
+        check_file(p)
+    files = {os.path.basename(p): read_file_attrs(p) for p in paths}
+    records = read_study(study_dir)
+    if not records:
+        raise UserError(f"no results found in {study_dir}: its shard file(s) hold no trials yet")
+    for r in records:
+        r["device_key"] = sweep_device(r, files[r["file"]]["env"])
+    devices, notes = read_device_jsons(study_dir)
+    return types.SimpleNamespace(dir=study_dir, name=os.path.basename(os.path.abspath(study_dir)), paths=paths,
+                                 files=files, records=records, devices=devices, notes=notes)
+
+
+def sweep_device(r, env):
+    """(type, hardware name) a trial was timed on; the CPU's name for CPU trials even on a GPU node."""
+    dev = str(r.get("device") or (r.get("latency_settings") or {}).get("device") or "")
+    if not dev:
+        return None  # a failed trial: never timed
+    kind = dev.split(":")[0]
+    return kind, str(env.get("cpu") if kind == "cpu" else env.get("device_name") or kind)
+
+
+def read_device_jsons(study_dir):
+    """Every pruneflow-device/1 JSON below the study (checkpoints/devices/*.json and the like)."""
+    found, notes = [], []
+    paths = sorted(set(glob.glob(os.path.join(study_dir, "*", "devices", "*.json"))
+                       + glob.glob(os.path.join(study_dir, "devices", "*.json"))))
+    for p in paths:
+        rel = os.path.relpath(p, study_dir)
+        try:
+            with open(p) as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as e:
+            notes.append(f"skipped device file {rel}: not readable JSON ({e})")
+            continue
+        if not isinstance(doc, dict) or doc.get("schema") != DEVICE_SCHEMA:
+            schema = doc.get("schema") if isinstance(doc, dict) else None
+            notes.append(f"skipped device file {rel}: schema {schema!r}, expected {DEVICE_SCHEMA!r}")
+            continue
+        doc["path"] = rel
+        found.append(doc)
+    return found, notes
+
+
+def expected_ids(config):
+    """Trial ids the study's config asks for, with the sweep's own grid and sharding."""
+    from .spec import grid
+
+    prune = config.get("prune") or {}
+    spec = types.SimpleNamespace(seeds=config.get("seeds") or [0], control=config.get("control", True),
+                                 prune=types.SimpleNamespace(methods=prune.get("methods") or [],
+                                                             sparsities=prune.get("sparsities") or [],
+                                                             mac_targets=prune.get("mac_targets") or []))
+    return [t.id for t in grid(spec)]
+
+
+def missing_parts(study):
+    """Notes on absent shard files and on trials the config expects but no file holds."""
+    from .spec import shard_trials
+
+    notes, present = [], {r["id"] for r in study.records}
+    expected = []
+    for attrs in study.files.values():
+        expected += [i for i in expected_ids(attrs["config"]) if i not in expected]
+    seen = {}
+    for name in study.files:
+        m = re.fullmatch(r"shard-(\d+)-of-(\d+)\.h5", name)
+        if m:
+            seen.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    explained = set()
+    for n, have in sorted(seen.items()):
+        for i in sorted(set(range(n)) - have):
+            ids = [t for t in shard_trials(expected, (i, n)) if t not in present]
+            explained.update(ids)
+            what = f"its trial(s) {', '.join(ids)} are absent" if ids else "its trials are all present in other files"
+            notes.append(f"shard {i}/{n} is missing (shard-{i}-of-{n}.h5 not found): {what}")
+    absent = [i for i in expected if i not in present and i not in explained]
+    if absent:  # e.g. a sweep killed before it reached them: re-running the same command adds them
+        notes.append(f"{len(absent)} expected trial(s) have no record in the shard files present: {', '.join(absent)}")
+    return notes, expected
+
+
+# ------------------------------------------------------------------------------------------ numbers
+
+def done(records, **match):
+    return [r for r in records if r["status"] == "done" and all(r.get(k) == v for k, v in match.items())]
+
+
+def baseline(r, records, arm):
+    """The dense (or control) record to compare ``r`` with: same device and seed where there is one."""
+    cands = done(records, arm=arm, model=r.get("model"))
+    for keys in (("device_key", "seed"), ("device_key",), ("seed",), ()):
+        hit = [c for c in cands if all(c.get(k) == r.get(k) for k in keys)]
+        if hit:
+            return hit[0]
+    return None
+
+
+def speedup(r, records):
+    base = baseline(r, records, "dense")
+    if r["status"] != "done" or base is None or r["device_key"] != base["device_key"]:
+        return None
+    return base["latency_median"] / r["latency_median"]
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def curve(records, device_key):
+    """Per sparsity over seeds: x, latency mean/std in ms (raw samples pooled), train/val acc % (mean, std)."""
+    import numpy as np
+
+    rows = sorted(r for r in {round(r["sparsity"], 4) for r in records})
+    out = {k: [] for k in ("x", "t_mean", "t_std", "train", "train_std", "val", "val_std")}
+    for s in rows:
+        group = [r for r in records if round(r["sparsity"], 4) == s]
+        timed = [r for r in group if r["device_key"] == device_key]
+        samples = [x for r in timed for x in r["latency"]] or [r["latency_mean"] for r in timed]
+        out["x"].append(100 * s)
+        out["t_mean"].append(1e3 * np.mean(samples) if samples else np.nan)
+        out["t_std"].append(1e3 * np.std(samples, ddof=1) if len(samples) > 1 else 0.0)
+        for k in ("train", "val"):
+            accs = [100 * r[f"{k}_acc"] for r in group]
+            out[k].append(np.mean(accs))
+            out[f"{k}_std"].append(np.std(accs, ddof=1) if len(accs) > 1 else 0.0)
+    return {k: np.asarray(v, dtype=float) for k, v in out.items()}
+
+
+def pareto_front(points):
+    """Points (x to minimise, y to maximise) not dominated by any other, sorted by x."""
+    front, best = [], float("-inf")
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def method_order(study, records):
+    cfg = next(iter(study.files.values()))["config"]
+    listed = list((cfg.get("prune") or {}).get("methods") or [])
+    return listed + sorted({r["method"] for r in records if r["arm"] == "pruned"} - set(listed))
+
+
+def device_label(key):
+    return "?" if key is None else f"{key[0]} ({key[1]})" if key[1] and key[1] != key[0] else key[0]
+
+
+def device_series(study, model, records):
+    """One latency series per device: the sweep's own device(s), then each device JSON (same checkpoints)."""
+    series = []
+    for key in sorted({r["device_key"] for r in done(records)} - {None}):
+        timed = [r for r in done(records) if r["device_key"] == key]
+        rows = [dict(method=r["method"], arm=r["arm"], sparsity=r["sparsity"], mean=r["latency_mean"],
+                     std=r["latency_std"], median=r["latency_median"], file=os.path.basename(r["checkpoint"]))
+                for r in timed]
+        bs = (timed[0].get("latency_settings") or {}).get("batch_size", "?")
+        series.append((f"sweep: {device_label(key)}, batch {bs}", rows))
+    for doc in study.devices:
+        mach, st = doc.get("machine") or {}, doc.get("settings") or {}
+        rows = []
+        for c in doc.get("checkpoints") or []:
+            if c.get("arch") not in (None, model):
+                continue
+            lat = c.get("latency") or {}
+            arm = c.get("arm") or ("dense" if c.get("file", "").startswith("dense") else
+                                   "control" if c.get("file", "").startswith("control") else
+                                   "pruned" if c.get("method") not in (None, "none") else "dense")
+            rows.append(dict(method=c.get("method", "none"), arm=arm, sparsity=float(c.get("sparsity", 0.0)),
+                             mean=lat.get("mean"), std=lat.get("std") or 0.0, median=lat.get("median"),
+                             file=c.get("file")))
+        if rows:
+            label = (f"{mach.get('hostname', '?')}: {mach.get('device', '?')} ({mach.get('device_name', '?')}), "
+                     f"batch {st.get('batch_size', '?')}, {st.get('dtype', 'float32')}")
+            series.append((label, rows))
+    return series

@@ -20,6 +20,8 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 step throughput 100 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4
+step compile 150 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4 \
+    --models simple_cnn,resnet18 --compile reduce-overhead
 step packing 200 "$py" benchmarks/packing.py --device cuda --keep "$out/packing-study"
 step projection 170 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda
 step latency 60 "$py" benchmarks/latency.py --device cuda

@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                 # SimpleCNN (MNIST shape), ResNet-18/101 (CIFAR shape)
     python benchmarks/train_throughput.py --quick         # CI-sized
     python benchmarks/train_throughput.py --device cuda
+    python benchmarks/train_throughput.py --device cuda --compile reduce-overhead   # + torch.compile row
 
 seed-style:  torch DataLoader + per-image torchvision transforms (crop/flip for CIFAR), fp32, NCHW.
 pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device, and on
@@ -27,13 +28,15 @@ from pruneflow.models import build_model, default_prune_targets
 from pruneflow.train import get_recipe, make_optimizer, resolve_perf, train_one_epoch
 
 
-def images_per_s(model, batches, device, amp_dtype):
+def images_per_s(model, batches, device, amp_dtype, compile_mode=None):
     opt, _ = make_optimizer(model, get_recipe("finetune"), 1)
-    # a few steps first, at the timed precision: allocator, cuDNN autotuning (cudnn.benchmark) for these shapes
-    train_one_epoch(model, itertools.islice(iter(batches), 3), opt, amp_dtype=amp_dtype)
+    step_model = torch.compile(model, mode=compile_mode) if compile_mode else None
+    # a few steps first, at the timed precision: allocator, cuDNN autotuning (cudnn.benchmark) for these shapes,
+    # and torch.compile's compilation (and CUDA-graph recording) when asked
+    train_one_epoch(model, itertools.islice(iter(batches), 3), opt, amp_dtype=amp_dtype, step_model=step_model)
     synchronize(device)
     t0 = time.perf_counter()
-    train_one_epoch(model, batches, opt, amp_dtype=amp_dtype)
+    train_one_epoch(model, batches, opt, amp_dtype=amp_dtype, step_model=step_model)
     synchronize(device)
     return len(batches.images if hasattr(batches, "images") else batches.dataset) / (time.perf_counter() - t0)
 
@@ -48,6 +51,8 @@ def main():
     ap.add_argument("--ablate", action="store_true",
                     help="also each part alone: the loaders without a model, then fp32/bf16 x NCHW/channels_last")
     ap.add_argument("--models", default=None, help="comma list of configs to run, e.g. simple_cnn,resnet18")
+    ap.add_argument("--compile", default=None, metavar="MODE",
+                    help="also pruneflow's pipeline with torch.compile(mode=MODE): default, reduce-overhead, ...")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     n = args.images or (256 if args.quick else 4096)
@@ -78,6 +83,13 @@ def main():
                                                          channels_last=perf["channels_last"]), dev, perf["amp_dtype"])
         name = arch + (f" ({pruned} 0.5)" if pruned else "")
         print(f"{name:<22} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
+        if args.compile:  # compiled after the eager runs, on a fresh copy: the same weights, its own optimiser
+            import copy
+
+            compiled = images_per_s(copy.deepcopy(fast_model).train(), Batches(
+                images, labels, dataset, args.batch_size, dev, train=True, channels_last=perf["channels_last"]),
+                dev, perf["amp_dtype"], args.compile)
+            print(f"{'  compile ' + args.compile:<22} {'':>16} {compiled:>16,.0f} {compiled / seed:>6.2f}", flush=True)
         if args.ablate:
             ablate(model, images, labels, dataset, args, dev, seed)
 

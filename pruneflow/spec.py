@@ -83,7 +83,9 @@ class PerformanceSpec:
     loader: str = "device"  # device (data set on the device, batched augmentation) | torchvision (the seed's DataLoader)
     precision: str = "auto"  # auto (fp32; TF32 tensor cores on CUDA) | fp32 | bf16 (autocast: large batches)
     channels_last: typing.Optional[bool] = None  # default: on for CUDA
-    compile: bool = False  # torch.compile the training step: slow start, faster epochs (long runs only)
+    # torch.compile the training step: slow start, faster epochs (long runs only). true = mode 'default';
+    # 'reduce-overhead' adds CUDA graphs (fewer kernel launches: the limit at batch 64 on a fast GPU)
+    compile: typing.Union[bool, str] = False
 
 
 @dataclass
@@ -241,7 +243,7 @@ def validate(spec, check_backends=True):
     from .data import DATASETS
     from .models import ARCHITECTURES, STEMS
     from .prune import OP_TYPES, parse_method, require_backend
-    from .train import RECIPES
+    from .train import COMPILE_MODES, RECIPES
 
     def one_of(value, valid, what):
         if value not in valid:
@@ -256,6 +258,8 @@ def validate(spec, check_backends=True):
     one_of(spec.resources.device.split(":")[0], ("auto", "cpu", "cuda", "mps"), "resources.device")
     one_of(spec.performance.loader, ("device", "torchvision"), "performance.loader")
     one_of(spec.performance.precision, ("auto", "fp32", "bf16"), "performance.precision")
+    if not isinstance(spec.performance.compile, bool):
+        one_of(spec.performance.compile, COMPILE_MODES, "performance.compile")
     for m in spec.prune.methods:
         (require_backend if check_backends else parse_method)(m)  # before hours of dense training
     for t in spec.prune.mac_targets:

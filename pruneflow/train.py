@@ -33,14 +33,15 @@ RECIPES = {
 # How training runs (not what it computes): see resolve_perf. The job file's `performance` section.
 DEFAULT_PERF = dict(loader="device", precision="auto", channels_last=None, compile=False)
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def resolve_perf(perf, device):
-    """{loader, amp_dtype, channels_last, compile} for ``device``. 'auto' precision is fp32 everywhere, with
-    TF32 tensor-core convolutions and matmuls on CUDA: on an H200 at the seed's batch 64, bf16 autocast was
-    slower than fp32 for SimpleCNN and ResNet-18 (its casts cost more than its faster kernels save at that
-    size; docs/benchmarks.md). bf16 autocast only when asked (large batches). channels_last defaults to on for
-    CUDA (NHWC convolutions)."""
+    """{loader, amp_dtype, channels_last, compile (None or a torch.compile mode)} for ``device``. 'auto'
+    precision is fp32 everywhere, with TF32 tensor-core convolutions and matmuls on CUDA: on an H200 at the
+    seed's batch 64, bf16 autocast was slower than fp32 for SimpleCNN and ResNet-18 (its casts cost more than
+    its faster kernels save at that size; docs/benchmarks.md). bf16 autocast only when asked (large batches).
+    channels_last defaults to on for CUDA (NHWC convolutions)."""
     perf = dict(DEFAULT_PERF, **{k: v for k, v in (perf or {}).items() if v is not None or k == "channels_last"})
     if perf["precision"] not in PRECISIONS:
         raise UserError(f"unknown precision {perf['precision']!r}; valid: {', '.join(PRECISIONS)}")
@@ -51,8 +52,11 @@ def resolve_perf(perf, device):
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
         if perf["precision"] == "auto":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls (cuDNN convolutions use TF32 by default)
+    mode = perf["compile"]
+    if mode not in (False, True, None, *COMPILE_MODES):
+        raise UserError(f"unknown compile mode {mode!r}; valid: true, false, {', '.join(COMPILE_MODES)}")
     return dict(loader=perf["loader"], amp_dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last,
-                compile=bool(perf["compile"]))
+                compile="default" if mode is True else mode or None)
 
 
 class TrainingDiverged(RuntimeError):
@@ -147,15 +151,16 @@ def evaluate(model, batches, amp_dtype=None):
 
 
 def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress=False, on_epoch=None,
-        resume=None, amp_dtype=None, compile=False):
+        resume=None, amp_dtype=None, compile=None):
     """Train for ``epochs``; returns the per-epoch history (train/val loss and accuracy, lr, seconds).
 
     ``on_epoch(epoch, history, model, opt, sched)`` runs after each epoch (checkpointing for requeue);
     ``resume`` is a state dict written from such a callback ({epoch, history, model, optimizer, scheduler}).
     """
     opt, sched = make_optimizer(model, recipe, epochs)
-    # torch.compile: slower start (seconds to minutes), faster steps; the uncompiled module keeps the weights.
-    step_model = torch.compile(model) if compile else None
+    # torch.compile (``compile``: a mode, or True for 'default'): slower start (seconds to minutes), faster
+    # steps; the uncompiled module keeps the weights, so evaluation and saving never see the wrapper.
+    step_model = torch.compile(model, mode=None if compile is True else compile) if compile else None
     history, start = [], 0
     if resume is not None:
         model.load_state_dict(resume["model"])

@@ -49,6 +49,8 @@ def test_resolve_perf_per_device():
     cuda = resolve_perf(None, "cuda")  # resolving needs no GPU
     assert cuda["amp_dtype"] is None and cuda["channels_last"] is True  # fp32 (TF32): measured faster at batch 64
     assert resolve_perf({"precision": "bf16"}, "cuda")["amp_dtype"] == torch.bfloat16
+    assert [resolve_perf({"compile": c}, "cpu")["compile"] for c in (False, True, "reduce-overhead")] == \
+        [None, "default", "reduce-overhead"]
 
 
 def test_bf16_training_on_cpu_when_asked(dense_ckpt):

@@ -27,6 +27,8 @@ def test_overrides_from_command_line():
     spec, _ = load_spec("jobs/quickstart.yaml", {"finetune.epochs": "7", "prune.sparsities": "[0.5, 0.9]",
                                                  "control": "false"})
     assert spec.finetune.epochs == 7 and spec.prune.sparsities == [0.5, 0.9] and spec.control is False
+    for given, mode in (("true", True), ("false", False), ("reduce-overhead", "reduce-overhead")):
+        assert load_spec("jobs/quickstart.yaml", {"performance.compile": given})[0].performance.compile == mode
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -37,6 +39,7 @@ def test_overrides_from_command_line():
     ("prune:\n  methods: []\n", "grid is empty"),
     ("model:\n  arch: vgg\n", "model.arch 'vgg' is not valid"),
     ("latency:\n  trials: 0\n", "latency.trials must be >= 1"),
+    ("performance:\n  compile: fast\n", "performance.compile 'fast' is not valid; choose from: default, reduce-overhead"),
 ])
 def test_bad_job_files(tmp_path, text, needle):
     job = tmp_path / "bad.yaml"

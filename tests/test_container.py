@@ -322,7 +322,9 @@ def test_help_lists_every_command_fast_and_without_torch():
         p = run_module("pruneflow", word)
         wall = time.perf_counter() - t0
         assert p.returncode == 0, p.stderr
-        assert wall < 2.0, f"python -m pruneflow {word} took {wall:.2f} s"
+        # "fast" is checked below as behaviour (no heavy import); this bound only catches a hang, since the
+        # suite's other worker may be loading the same 2 cores
+        assert wall < 10.0, f"python -m pruneflow {word} took {wall:.2f} s"
         for c in COMMANDS:
             assert re.search(rf"^\s+{c}\s+\S", p.stdout, re.M), c
     probe = ("import runpy, sys; sys.argv = ['pruneflow', '--help']; "

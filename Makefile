@@ -40,7 +40,7 @@ system-deps:
 	bash slurm/local/start.sh
 
 test: setup system-deps
-	PRUNEFLOW_REQUIRE_SLURM=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	PRUNEFLOW_REQUIRE_SLURM=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=30 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slurm and not slow" tests

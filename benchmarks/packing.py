@@ -2,7 +2,7 @@
 
     python benchmarks/packing.py --device cuda     # ResNet-18 on synthetic-cifar10 (50,000 images), 1 epoch each
     python benchmarks/packing.py                   # CPU: SimpleCNN on digits, K up to the cores
-    python benchmarks/packing.py --quick           # CI-sized (CPU, 4 trials)
+    python benchmarks/packing.py --quick           # CI-sized (CPU, 3 trials)
 
 Each K runs the real sweep (pruneflow.sweep.run_sweep: Ray, HDF5, checkpoints) from the same random-init dense
 checkpoint: dense + control + DepGraph-L1 at 6 sparsities = 8 trials.
@@ -87,7 +87,7 @@ def main():
     cores = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or len(os.sched_getaffinity(0))
     arch = args.arch or ("resnet18" if on_gpu else "simple_cnn")
     dataset = args.dataset or ("synthetic-cifar10" if on_gpu else "digits")
-    sparsities = [0.3, 0.6] if args.quick else [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+    sparsities = [0.5] if args.quick else [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
     epochs = args.epochs or (1 if on_gpu or args.quick else 2)
     ks = [k if k == "auto" else int(k) for k in args.ks.split(",")]
     head = f"{'K':>5} {'per dev':>7} {'wall s':>8} {'span s':>8} {'ideal s':>8} {'span/ideal':>10} {'vs K=1':>7}"

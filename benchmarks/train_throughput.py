@@ -79,16 +79,13 @@ def main():
         seed = images_per_s(model.to(dev).train(), SeedStyleBatches(images, labels, dataset, args.batch_size, dev,
                                                                     train=True, num_workers=args.workers), dev, None)
         fast_model = model.to(dev, memory_format=torch.channels_last) if perf["channels_last"] else model.to(dev)
-        fast = images_per_s(fast_model.train(), Batches(images, labels, dataset, args.batch_size, dev, train=True,
-                                                         channels_last=perf["channels_last"]), dev, perf["amp_dtype"])
+        fast_batches = Batches(images, labels, dataset, args.batch_size, dev, train=True,
+                               channels_last=perf["channels_last"])
+        fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"])
         name = arch + (f" ({pruned} 0.5)" if pruned else "")
         print(f"{name:<22} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
-        if args.compile:  # compiled after the eager runs, on a fresh copy: the same weights, its own optimiser
-            import copy
-
-            compiled = images_per_s(copy.deepcopy(fast_model).train(), Batches(
-                images, labels, dataset, args.batch_size, dev, train=True, channels_last=perf["channels_last"]),
-                dev, perf["amp_dtype"], args.compile)
+        if args.compile:  # the same model and batches, stepped through a compiled wrapper with its own optimiser
+            compiled = images_per_s(fast_model, fast_batches, dev, perf["amp_dtype"], args.compile)
             print(f"{'  compile ' + args.compile:<22} {'':>16} {compiled:>16,.0f} {compiled / seed:>6.2f}", flush=True)
         if args.ablate:
             ablate(model, images, labels, dataset, args, dev, seed)

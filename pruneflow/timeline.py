@@ -110,14 +110,13 @@ def fig_timeline(path, run, trials):
 
     import matplotlib
 
-
     t0 = run_start(run)
     x = run["series"]["time"] - t0
     tops, bars = panels(run), trial_bars(run, trials)
     n_lanes = max([b["lane"] + 1 for b in bars] or [1])
     ratios = [1.0] * len(tops) + [max(1.0, 0.45 * n_lanes)]
     fig, axes = new_figure(nrows=len(ratios), width=11, height=1.9 * len(tops) + 1.3 + 0.45 * n_lanes, sharex=True,
-                     gridspec_kw=dict(height_ratios=ratios))
+                           gridspec_kw=dict(height_ratios=ratios))
     axes = list(axes[:, 0]) if len(ratios) > 1 else list(axes)
     for ax, p in zip(axes, tops):
         for i, (label, y) in enumerate(p["lines"].items()):

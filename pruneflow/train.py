@@ -158,9 +158,9 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
     ``resume`` is a state dict written from such a callback ({epoch, history, model, optimizer, scheduler}).
     """
     opt, sched = make_optimizer(model, recipe, epochs)
-    # torch.compile (``compile``: a mode, or True for 'default'): slower start (seconds to minutes), faster
+    # torch.compile (``compile``: a mode, as resolve_perf gives it): slower start (seconds to minutes), faster
     # steps; the uncompiled module keeps the weights, so evaluation and saving never see the wrapper.
-    step_model = torch.compile(model, mode=None if compile is True else compile) if compile else None
+    step_model = torch.compile(model, mode=compile) if compile else None
     history, start = [], 0
     if resume is not None:
         model.load_state_dict(resume["model"])

@@ -222,7 +222,6 @@ def fig_widths(title, dense, series, subtitle=""):
     rows)]. Returns (figure, the data it drew: layers, dense outs, {method: outs})."""
     import numpy as np
 
-
     layers = [r[0] for r in dense]
     base = np.array([r[3] for r in dense], dtype=float)
     data = {"layers": layers, "dense": [int(x) for x in base], "methods": {}}

@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py                 # SimpleCNN (MNIST shape), ResNet-18/101 (CIFAR shape)
     python benchmarks/train_throughput.py --quick         # CI-sized
     python benchmarks/train_throughput.py --device cuda
-    python benchmarks/train_throughput.py --device cuda --compile reduce-overhead   # + torch.compile row
+    python benchmarks/train_throughput.py --device cuda --compile cudagraphs,reduce-overhead   # + compiled rows
 
 seed-style:  torch DataLoader + per-image torchvision transforms (crop/flip for CIFAR), fp32, NCHW.
 pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device, and on
@@ -25,16 +25,18 @@ from _common import print_header
 from pruneflow.data import Batches, SeedStyleBatches
 from pruneflow.infer.device import resolve_device, synchronize
 from pruneflow.models import build_model, default_prune_targets
-from pruneflow.train import get_recipe, make_optimizer, resolve_perf, train_one_epoch
+from pruneflow.train import compile_model, get_recipe, make_optimizer, resolve_perf, train_one_epoch
 
 
 def images_per_s(model, batches, device, amp_dtype, compile_mode=None):
     opt, _ = make_optimizer(model, get_recipe("finetune"), 1)
-    step_model = torch.compile(model, mode=compile_mode) if compile_mode else None
+    step_model = compile_model(model, compile_mode) if compile_mode else None
     # a few steps first, at the timed precision: allocator, cuDNN autotuning (cudnn.benchmark) for these shapes,
-    # and torch.compile's compilation (and CUDA-graph recording) when asked
+    # and torch.compile's compilation (and CUDA-graph recording) when asked; printed as the compile's cost
+    t0 = time.perf_counter()
     train_one_epoch(model, itertools.islice(iter(batches), 3), opt, amp_dtype=amp_dtype, step_model=step_model)
     synchronize(device)
+    images_per_s.warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     train_one_epoch(model, batches, opt, amp_dtype=amp_dtype, step_model=step_model)
     synchronize(device)
@@ -51,8 +53,9 @@ def main():
     ap.add_argument("--ablate", action="store_true",
                     help="also each part alone: the loaders without a model, then fp32/bf16 x NCHW/channels_last")
     ap.add_argument("--models", default=None, help="comma list of configs to run, e.g. simple_cnn,resnet18")
-    ap.add_argument("--compile", default=None, metavar="MODE",
-                    help="also pruneflow's pipeline with torch.compile(mode=MODE): default, reduce-overhead, ...")
+    ap.add_argument("--compile", default=None, metavar="MODES",
+                    help="also pruneflow's pipeline compiled, one row per mode (comma list): cudagraphs, "
+                         "reduce-overhead, default, ... (pruneflow.train.COMPILE_MODES)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     n = args.images or (256 if args.quick else 4096)
@@ -84,9 +87,15 @@ def main():
         fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"])
         name = arch + (f" ({pruned} 0.5)" if pruned else "")
         print(f"{name:<22} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
-        if args.compile:  # the same model and batches, stepped through a compiled wrapper with its own optimiser
-            compiled = images_per_s(fast_model, fast_batches, dev, perf["amp_dtype"], args.compile)
-            print(f"{'  compile ' + args.compile:<22} {'':>16} {compiled:>16,.0f} {compiled / seed:>6.2f}", flush=True)
+        for mode in args.compile.split(",") if args.compile else []:
+            # the same model and batches, stepped through a compiled wrapper with its own optimiser
+            resolved = resolve_perf(dict(compile=mode), dev)["compile"]
+            if resolved is None:
+                print(f"  compile {mode}: not on {dev.type} (CUDA graphs need CUDA)", flush=True)
+                continue
+            compiled = images_per_s(fast_model, fast_batches, dev, perf["amp_dtype"], resolved)
+            print(f"{'  compile ' + mode:<22} {'':>16} {compiled:>16,.0f} {compiled / seed:>6.2f}"
+                  f"  (warm-up incl. compile {images_per_s.warmup_s:.0f} s)", flush=True)
         if args.ablate:
             ablate(model, images, labels, dataset, args, dev, seed)
 

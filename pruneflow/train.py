@@ -33,7 +33,9 @@ RECIPES = {
 # How training runs (not what it computes): see resolve_perf. The job file's `performance` section.
 DEFAULT_PERF = dict(loader="device", precision="auto", channels_last=None, compile=False)
 PRECISIONS = ("auto", "fp32", "bf16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+# torch.compile's modes, and 'cudagraphs': TorchDynamo + AOTAutograd replayed as CUDA graphs without Inductor's
+# code generation (launch overhead gone for a fraction of the compile time; CUDA only, eager elsewhere)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cudagraphs")
 
 
 def resolve_perf(perf, device):
@@ -55,8 +57,20 @@ def resolve_perf(perf, device):
     mode = perf["compile"]
     if mode not in (False, True, None, *COMPILE_MODES):
         raise UserError(f"unknown compile mode {mode!r}; valid: true, false, {', '.join(COMPILE_MODES)}")
+    mode = "default" if mode is True else mode or None
+    if mode == "cudagraphs" and not cuda:
+        mode = None  # nothing to record off CUDA: the backend would only add tracing
     return dict(loader=perf["loader"], amp_dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last,
-                compile="default" if mode is True else mode or None)
+                compile=mode)
+
+
+def compile_model(model, mode):
+    """``model`` wrapped by torch.compile for training steps (``mode`` one of COMPILE_MODES). Shapes are
+    specialised (dynamic=False): a step whose batch size differs from the first runs eagerly instead
+    (train_one_epoch), so an epoch's short last batch costs no second compilation."""
+    if mode == "cudagraphs":
+        return torch.compile(model, backend="cudagraphs", dynamic=False)
+    return torch.compile(model, mode=mode, dynamic=False)
 
 
 class TrainingDiverged(RuntimeError):
@@ -94,22 +108,24 @@ def make_optimizer(model, recipe, epochs):
 def train_one_epoch(model, batches, opt, masks=None, progress=False, desc="", amp_dtype=None, step_model=None,
                     check_every=50):
     """One pass over ``batches``; returns (mean loss, accuracy). ``masks`` keep pruned zeros at zero;
-    ``amp_dtype`` runs forward/loss under autocast; ``step_model`` is a compiled wrapper of ``model``.
+    ``amp_dtype`` runs forward/loss under autocast; ``step_model`` is a compiled wrapper of ``model``, used for
+    batches of the first batch's size (a short last batch runs through ``model``: no recompilation).
 
     Loss and accuracy are summed on the device and read once per ``check_every`` steps: a ``.item()`` per step
     would make the CPU wait for the GPU every step and starve it (the seed's loop did)."""
     from .prune import apply_masks
 
-    forward = model if step_model is None else step_model  # not `or`: a compiled module has no truth value
     model.train()
     total_loss = correct = None
-    seen = 0
+    seen = full = 0
     it = batches
     if progress:
         from tqdm import tqdm
 
         it = tqdm(batches, desc=desc, leave=False, unit="batch")
     for step, (x, y) in enumerate(it, 1):
+        full = full or len(x)
+        forward = step_model if step_model is not None and len(x) == full else model  # not `or`: a compiled module has no truth value
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             out = forward(x)
             loss = F.cross_entropy(out, y)
@@ -160,7 +176,7 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
     opt, sched = make_optimizer(model, recipe, epochs)
     # torch.compile (``compile``: a mode, as resolve_perf gives it): slower start (seconds to minutes), faster
     # steps; the uncompiled module keeps the weights, so evaluation and saving never see the wrapper.
-    step_model = torch.compile(model, mode=compile) if compile else None
+    step_model = compile_model(model, compile) if compile else None
     history, start = [], 0
     if resume is not None:
         model.load_state_dict(resume["model"])

@@ -51,6 +51,9 @@ def test_resolve_perf_per_device():
     assert resolve_perf({"precision": "bf16"}, "cuda")["amp_dtype"] == torch.bfloat16
     assert [resolve_perf({"compile": c}, "cpu")["compile"] for c in (False, True, "reduce-overhead")] == \
         [None, "default", "reduce-overhead"]
+    # CUDA graphs without Inductor: recorded on CUDA only, plain eager steps elsewhere
+    assert resolve_perf({"compile": "cudagraphs"}, "cuda")["compile"] == "cudagraphs"
+    assert resolve_perf({"compile": "cudagraphs"}, "cpu")["compile"] is None
 
 
 def test_bf16_training_on_cpu_when_asked(dense_ckpt):
@@ -93,6 +96,31 @@ def test_divergence_is_detected_without_a_sync_per_step(dense_ckpt):
     model, meta = ckpt_io.load(dense_ckpt)
     with pytest.raises(TrainingDiverged):
         finetune(model, meta, 1, device="cpu", lr=1e12)
+
+
+def test_compiled_step_runs_full_batches_only():
+    # a compiled step is specialised to the first batch's shape; the epoch's short last batch goes through the
+    # plain module, so it costs no second compilation (minutes for a ResNet) and computes the same function
+    from pruneflow.data import Batches
+    from pruneflow.models import build_model
+    from pruneflow.train import get_recipe, make_optimizer, train_one_epoch
+
+    class CountingStep(torch.nn.Module):  # stands where torch.compile's wrapper stands; the same forward
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.sizes = model, []
+
+        def forward(self, x):
+            self.sizes.append(len(x))
+            return self.model(x)
+
+    torch.manual_seed(0)
+    model = build_model("simple_cnn", 10, 1, "cifar")
+    images, labels = torch.randint(0, 256, (150, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (150,))
+    step = CountingStep(model)
+    opt, _ = make_optimizer(model, get_recipe("finetune"), 1)
+    loss, acc = train_one_epoch(model, Batches(images, labels, "mnist", 64, train=True), opt, step_model=step)
+    assert step.sizes == [64, 64] and 0 <= acc <= 1 and loss > 0  # 150 = 64 + 64 + 22: the 22 ran eagerly
 
 
 def test_compiled_fine_tuning_trains_the_model_itself(dense_ckpt):

@@ -27,7 +27,8 @@ def test_overrides_from_command_line():
     spec, _ = load_spec("jobs/quickstart.yaml", {"finetune.epochs": "7", "prune.sparsities": "[0.5, 0.9]",
                                                  "control": "false"})
     assert spec.finetune.epochs == 7 and spec.prune.sparsities == [0.5, 0.9] and spec.control is False
-    for given, mode in (("true", True), ("false", False), ("reduce-overhead", "reduce-overhead")):
+    for given, mode in (("true", True), ("false", False), ("reduce-overhead", "reduce-overhead"),
+                        ("cudagraphs", "cudagraphs")):
         assert load_spec("jobs/quickstart.yaml", {"performance.compile": given})[0].performance.compile == mode
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The benchmarks on one GPU, as quoted in docs/benchmarks.md:   bash benchmarks/gpu_suite.sh OUTDIR
-# Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine; every
-# step's output is kept in OUTDIR/<step>.txt, and the packing study's results files in OUTDIR/packing-study.
+# The benchmarks on one GPU, as quoted in docs/benchmarks.md:   bash benchmarks/gpu_suite.sh OUTDIR [STEP ...]
+# Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine (up to 17 min
+# in all: name a few STEPs to fit a shorter lease); every step's output is kept in OUTDIR/<step>.txt,
+# and the packing study's results files in OUTDIR/packing-study.
 set -u
 out=${1:-results/gpu-suite}
 py=${PYTHON:-python3}
@@ -10,9 +11,11 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 nproc | sed 's/^/cpus: /' | tee -a "$out/gpu.txt"
 
-step() {  # step NAME SECONDS COMMAND...
+steps=" ${*:2} "
+step() {  # step NAME SECONDS COMMAND...: runs when no STEP was named, or this one was
     local name=$1 limit=$2
     shift 2
+    [ "$steps" = "  " ] || [[ "$steps" == *" $name "* ]] || return 0
     echo "== $name ($limit s at most): $*"
     timeout "$limit" "$@" > "$out/$name.txt" 2>&1
     echo "exit $?" >> "$out/$name.txt"
@@ -20,8 +23,10 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 step throughput 100 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4
-step compile 150 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4 \
-    --models simple_cnn,resnet18 --compile reduce-overhead
+step compile 200 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4 \
+    --models simple_cnn,resnet18,resnet101 --compile cudagraphs,reduce-overhead
+step compile-bf16 200 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4 \
+    --models simple_cnn,resnet18,resnet101 --compile reduce-overhead --precision bf16
 step packing 200 "$py" benchmarks/packing.py --device cuda --keep "$out/packing-study"
-step projection 170 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda
+step projection 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda  # the job's compile
 step latency 60 "$py" benchmarks/latency.py --device cuda

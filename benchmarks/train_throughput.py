@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --quick         # CI-sized
     python benchmarks/train_throughput.py --device cuda
     python benchmarks/train_throughput.py --device cuda --compile cudagraphs,reduce-overhead   # + compiled rows
+    python benchmarks/train_throughput.py --device cuda --compile reduce-overhead --precision bf16
 
 seed-style:  torch DataLoader + per-image torchvision transforms (crop/flip for CIFAR), fp32, NCHW.
 pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device, and on
@@ -52,6 +53,7 @@ def main():
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed-style pipeline")
     ap.add_argument("--ablate", action="store_true",
                     help="also each part alone: the loaders without a model, then fp32/bf16 x NCHW/channels_last")
+    ap.add_argument("--precision", default="auto", help="pruneflow's rows: auto (fp32 + TF32 on CUDA) or bf16")
     ap.add_argument("--models", default=None, help="comma list of configs to run, e.g. simple_cnn,resnet18")
     ap.add_argument("--compile", default=None, metavar="MODES",
                     help="also pruneflow's pipeline compiled, one row per mode (comma list): cudagraphs, "
@@ -78,7 +80,7 @@ def main():
 
             ops, exclude = default_prune_targets(arch)
             model, _ = prune(model, pruned, 0.5, shape, ops, exclude)
-        perf = resolve_perf(None, dev)
+        perf = resolve_perf(dict(precision=args.precision), dev)
         seed = images_per_s(model.to(dev).train(), SeedStyleBatches(images, labels, dataset, args.batch_size, dev,
                                                                     train=True, num_workers=args.workers), dev, None)
         fast_model = model.to(dev, memory_format=torch.channels_last) if perf["channels_last"] else model.to(dev)
@@ -89,7 +91,7 @@ def main():
         print(f"{name:<22} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
         for mode in args.compile.split(",") if args.compile else []:
             # the same model and batches, stepped through a compiled wrapper with its own optimiser
-            resolved = resolve_perf(dict(compile=mode), dev)["compile"]
+            resolved = resolve_perf(dict(compile=mode, precision=args.precision), dev)["compile"]
             if resolved is None:
                 print(f"  compile {mode}: not on {dev.type} (CUDA graphs need CUDA)", flush=True)
                 continue

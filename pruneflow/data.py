@@ -10,6 +10,10 @@ from .infer.errors import UserError
 
 
 LOADERS = ("device", "torchvision")
+# Evaluation batches: at least this many images. Eval-mode outputs do not depend on the batch (BatchNorm uses
+# its running statistics), and a GPU at the seed's batch 64 spends an evaluation launching kernels. Forward
+# passes without autograd hold a few activations at a time (the auto-packing probe measures one such batch).
+EVAL_BATCH_SIZE = 512
 
 
 def train_test_batches(dataset, batch_size, device, seed=0, data_root=None, download=False, channels_last=False,
@@ -24,8 +28,8 @@ def train_test_batches(dataset, batch_size, device, seed=0, data_root=None, down
     cls = Batches if loader == "device" else SeedStyleBatches
     train = cls(*load_split(dataset, "train", data_root, download), dataset, batch_size, device,
                 train=True, seed=seed, channels_last=channels_last)
-    test = cls(*load_split(dataset, "test", data_root, download), dataset, batch_size, device,
-               train=False, channels_last=channels_last)
+    test = cls(*load_split(dataset, "test", data_root, download), dataset, max(batch_size, EVAL_BATCH_SIZE),
+               device, train=False, channels_last=channels_last)
     return train, test
 
 

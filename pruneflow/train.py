@@ -34,7 +34,8 @@ RECIPES = {
 DEFAULT_PERF = dict(loader="device", precision="auto", channels_last=None, compile=False)
 PRECISIONS = ("auto", "fp32", "bf16")
 # torch.compile's modes, and 'cudagraphs': TorchDynamo + AOTAutograd replayed as CUDA graphs without Inductor's
-# code generation (launch overhead gone for a fraction of the compile time; CUDA only, eager elsewhere)
+# code generation (launch overhead gone for a fraction of the compile time). The CUDA-graph modes
+# (cudagraphs, reduce-overhead) apply on CUDA only: see resolve_perf.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cudagraphs")
 
 
@@ -58,8 +59,11 @@ def resolve_perf(perf, device):
     if mode not in (False, True, None, *COMPILE_MODES):
         raise UserError(f"unknown compile mode {mode!r}; valid: true, false, {', '.join(COMPILE_MODES)}")
     mode = "default" if mode is True else mode or None
-    if mode == "cudagraphs" and not cuda:
-        mode = None  # nothing to record off CUDA: the backend would only add tracing
+    if mode in ("cudagraphs", "reduce-overhead") and not cuda:
+        # modes for CUDA graphs: off CUDA, cudagraphs would only add tracing and reduce-overhead is Inductor's
+        # default mode, which measured no faster than eager on the CPU (docs/benchmarks.md); a GPU job file
+        # that asks for them runs eagerly on a CPU node instead of paying minutes of compilation per trial
+        mode = None
     return dict(loader=perf["loader"], amp_dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last,
                 compile=mode)
 

@@ -51,7 +51,7 @@ def probe_memory(config, dense_path, steps=4):
 
     import torch
 
-    from .data import Batches, load_split, train_test_batches
+    from .data import EVAL_BATCH_SIZE, Batches, load_split, train_test_batches
     from .infer import checkpoint as ckpt_io
     from .infer.device import resolve_device
     from .train import evaluate, get_recipe, make_optimizer, resolve_perf, train_one_epoch
@@ -71,7 +71,8 @@ def probe_memory(config, dense_path, steps=4):
     opt, _ = make_optimizer(model, recipe, 1)
     train_one_epoch(model, itertools.islice(iter(train_b), steps), opt, amp_dtype=p["amp_dtype"])
     images, labels = load_split(meta["dataset"], "train", data["root"])
-    evaluate(model, itertools.islice(iter(Batches(images[:256], labels[:256], meta["dataset"], 256, dev)), 1))
+    n = EVAL_BATCH_SIZE
+    evaluate(model, itertools.islice(iter(Batches(images[:n], labels[:n], meta["dataset"], n, dev)), 1))
     torch.cuda.synchronize(dev)
     free, total = torch.cuda.mem_get_info(dev)
     return dict(footprint_bytes=int(total - free), total_bytes=int(total),
@@ -124,10 +125,10 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     clock.stage("finetune")
     # Training accuracy for every arm the same way: eval mode, no augmentation, whole training split (the
     # running accuracy of the last epoch would mix in dropout and the weights' drift over the epoch).
-    from .data import Batches, load_split
+    from .data import EVAL_BATCH_SIZE, Batches, load_split
 
     images, labels = load_split(meta["dataset"], "train", data["root"])
-    _, train_acc = evaluate(model, Batches(images, labels, meta["dataset"], 256, dev))
+    _, train_acc = evaluate(model, Batches(images, labels, meta["dataset"], EVAL_BATCH_SIZE, dev))
     clock.stage("evaluate")
     lat = config["latency"]
     x = torch.randn(lat["batch_size"], *meta["input_shape"], device=dev)

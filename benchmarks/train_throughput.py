@@ -66,7 +66,7 @@ def main():
         ("resnet101", "cifar10", None)]
     if args.models:
         configs = [c for c in configs if (c[0] + ("-pruned" if c[2] else "")) in args.models.split(",")]
-    head = f"{'model':<22} {'seed-style img/s':>16} {'pruneflow img/s':>16} {'ratio':>6}"
+    head = f"{'model':<26} {'seed-style img/s':>16} {'pruneflow img/s':>16} {'ratio':>6}"
     print_header(dev, f"batch {args.batch_size}, {n} images per epoch", head)
     g = torch.Generator().manual_seed(0)
     for arch, dataset, pruned in configs:
@@ -88,7 +88,7 @@ def main():
                                channels_last=perf["channels_last"])
         fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"])
         name = arch + (f" ({pruned} 0.5)" if pruned else "")
-        print(f"{name:<22} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
+        print(f"{name:<26} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
         for mode in args.compile.split(",") if args.compile else []:
             # the same model and batches, stepped through a compiled wrapper with its own optimiser
             resolved = resolve_perf(dict(compile=mode, precision=args.precision), dev)["compile"]
@@ -96,7 +96,7 @@ def main():
                 print(f"  compile {mode}: not on {dev.type} (CUDA graphs need CUDA)", flush=True)
                 continue
             compiled = images_per_s(fast_model, fast_batches, dev, perf["amp_dtype"], resolved)
-            print(f"{'  compile ' + mode:<22} {'':>16} {compiled:>16,.0f} {compiled / seed:>6.2f}"
+            print(f"{'  compile ' + mode:<26} {'':>16} {compiled:>16,.0f} {compiled / seed:>6.2f}"
                   f"  (warm-up incl. compile {images_per_s.warmup_s:.0f} s)", flush=True)
         if args.ablate:
             ablate(model, images, labels, dataset, args, dev, seed)
@@ -126,7 +126,7 @@ def ablate(model, images, labels, dataset, args, dev, seed_ips):
             b = Batches(images, labels, dataset, args.batch_size, dev, train=True, channels_last=cl)
             rows.append((f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} device", images_per_s(m, b, dev, amp)))
     for name, ips in rows:
-        print(f"{name:<22} {'':>16} {ips:>16,.0f} {ips / seed_ips:>6.2f}", flush=True)
+        print(f"{name:<26} {'':>16} {ips:>16,.0f} {ips / seed_ips:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

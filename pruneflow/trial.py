@@ -43,7 +43,7 @@ def run_trial(trial, config, dense_path, ckpt_dir, threads=1):
 
 def probe_memory(config, dense_path, steps=4):
     """What one trial occupies on its GPU: a few fine-tuning steps of the dense model (the largest a trial
-    trains) with the study's recipe, loader and precision, then one evaluation batch. Returns
+    trains) with the study's recipe, loader, precision and compile mode, then one evaluation batch. Returns
     {footprint_bytes: the whole process's share of the device (CUDA context, cuDNN workspaces, the caching
     allocator's pool, the device-resident data set), total_bytes, max_allocated_bytes}. Runs in a Ray task that
     holds a whole GPU, so nothing else is counted (on a shared GPU the footprint errs on the large side)."""
@@ -54,7 +54,7 @@ def probe_memory(config, dense_path, steps=4):
     from .data import EVAL_BATCH_SIZE, Batches, load_split, train_test_batches
     from .infer import checkpoint as ckpt_io
     from .infer.device import resolve_device
-    from .train import evaluate, get_recipe, make_optimizer, resolve_perf, train_one_epoch
+    from .train import compile_model, evaluate, get_recipe, make_optimizer, resolve_perf, train_one_epoch
 
     dev = resolve_device(config["resources"]["device"])
     if dev.type != "cuda":
@@ -69,7 +69,10 @@ def probe_memory(config, dense_path, steps=4):
     train_b, _ = train_test_batches(meta["dataset"], recipe["batch_size"], dev, 0, data["root"], data["download"],
                                     p["channels_last"], p["loader"])
     opt, _ = make_optimizer(model, recipe, 1)
-    train_one_epoch(model, itertools.islice(iter(train_b), steps), opt, amp_dtype=p["amp_dtype"])
+    # compiled as the trials will be: CUDA graphs keep their own memory pools, which a trial holds too
+    # (and the compilation fills the node's Inductor cache for the dense-shaped trials)
+    step_model = compile_model(model, p["compile"]) if p["compile"] else None
+    train_one_epoch(model, itertools.islice(iter(train_b), steps), opt, amp_dtype=p["amp_dtype"], step_model=step_model)
     images, labels = load_split(meta["dataset"], "train", data["root"])
     n = EVAL_BATCH_SIZE
     evaluate(model, itertools.islice(iter(Batches(images[:n], labels[:n], meta["dataset"], n, dev)), 1))

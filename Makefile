@@ -11,7 +11,8 @@ STAMP := $(VENV)/.pruneflow-$(shell cksum pyproject.toml | cut -d' ' -f1)
 # torch pinned to the release this project is tested with; pip takes it from local wheels where present.
 TORCH := torch==2.14.1 torchvision==0.29.1
 # Two pytest workers: much of the suite waits (Ray and Slurm start-up, subprocesses), so two overlap well even
-# on 2 cores; the Slurm tests share one worker (xdist_group), as the local Slurm has one node.
+# on 2 cores. Tests marked xdist_group share one worker: the Slurm tests (the local Slurm has one node) and
+# the modules that build one study for all their tests.
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast system-deps slurm clean

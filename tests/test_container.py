@@ -24,6 +24,9 @@ import pytest
 
 from conftest import ROOT, assert_clean_error, run_module
 
+# one worker runs this module, so its module-scoped fixtures (an install, a sweep) are built once
+pytestmark = pytest.mark.xdist_group("container")
+
 DEF = os.path.join(ROOT, "containers", "prune.def")
 BUILD = os.path.join(ROOT, "containers", "build.sh")
 IMAGE_ROOT = "/opt/pruneflow"  # where %files puts the repository inside the image

@@ -13,6 +13,9 @@ from conftest import assert_clean_error, quickstart_study, report_of, run_module
 from pruneflow.study import pareto_front
 from pruneflow.results import read_study
 
+# one worker runs this module, so its module-scoped study is built once (xdist gives each worker its own)
+pytestmark = pytest.mark.xdist_group("report")
+
 # The sweep's small grid: dense + control + level/l1/l2 x {0.3, 0.7}, one seed (about 35 s on 2 CPU cores).
 SMALL = ["--prune.sparsities", "[0.3, 0.7]", "--finetune.epochs", "1", "--latency.trials", "5", "--train.epochs", "2",
          "--noprogress"]

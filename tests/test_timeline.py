@@ -14,6 +14,9 @@ from pruneflow.figures import METHOD_COLORS, METHOD_STYLES, mstyle
 from pruneflow.results import read_trials, read_utilisation
 from pruneflow.timeline import STAGES, assign_lanes, fig_timeline
 
+# one worker runs this module, so its module-scoped study is built once (xdist gives each worker its own)
+pytestmark = pytest.mark.xdist_group("timeline")
+
 # dense + control + l1@depgraph x {0.3, 0.6}, 2 slots on 2 cores, sampled every 0.25 s (about 40 s)
 SMALL = ["--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.3,0.6]", "--train.epochs", "1",
          "--finetune.epochs", "1", "--latency.trials", "5", "--resources.sample_interval_s", "0.25", "--noprogress"]

@@ -17,6 +17,9 @@ from pruneflow.prune import prune, pruned_meta
 from pruneflow.train import model_meta
 from pruneflow.views import GRAPHVIZ_NOTE, checkpoint_graph, checkpoint_widths, fig_widths, graph_nodes, render
 
+# one worker runs this module, so its module-scoped study is built once (xdist gives each worker its own)
+pytestmark = pytest.mark.xdist_group("views")
+
 SIMPLE = ("simple_cnn", "digits", (1, 28, 28))
 RESNET = ("resnet18", "cifar10", (3, 32, 32))
 

@@ -87,7 +87,6 @@ class PerformanceSpec:
     # 'reduce-overhead' (Inductor + CUDA graphs: ~1 min to compile a ResNet-101) and 'cudagraphs' (CUDA graphs
     # only: seconds) remove the kernel launches that limit batch 64 on a fast GPU; both run eagerly off CUDA
     compile: typing.Union[bool, str] = False
-    compile: typing.Union[bool, str] = False
 
 
 @dataclass

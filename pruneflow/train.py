@@ -129,7 +129,8 @@ def train_one_epoch(model, batches, opt, masks=None, progress=False, desc="", am
         it = tqdm(batches, desc=desc, leave=False, unit="batch")
     for step, (x, y) in enumerate(it, 1):
         full = full or len(x)
-        forward = step_model if step_model is not None and len(x) == full else model  # not `or`: a compiled module has no truth value
+        # `is not None`, not truthiness: a compiled module has no truth value
+        forward = step_model if step_model is not None and len(x) == full else model
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             out = forward(x)
             loss = F.cross_entropy(out, y)

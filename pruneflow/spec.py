@@ -85,7 +85,8 @@ class PerformanceSpec:
     channels_last: typing.Optional[bool] = None  # default: on for CUDA
     # torch.compile the training step: slow start, faster epochs (long runs only). true = mode 'default';
     # 'reduce-overhead' (Inductor + CUDA graphs: ~1 min to compile a ResNet-101) and 'cudagraphs' (CUDA graphs
-    # only: seconds) remove the kernel launches that limit batch 64 on a fast GPU; both run eagerly off CUDA
+    # only: seconds) remove the kernel launches that limit batch 64 on a fast GPU; both run eagerly off CUDA.
+    # A compilation that fails (no C++ compiler on the node, say) trains eagerly after a one-line warning.
     compile: typing.Union[bool, str] = False
 
 

@@ -7,6 +7,7 @@ trains a dense model; ``--init CKPT`` fine-tunes an existing (pruned) checkpoint
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -69,12 +70,34 @@ def resolve_perf(perf, device):
 
 
 def compile_model(model, mode):
-    """``model`` wrapped by torch.compile for training steps (``mode`` one of COMPILE_MODES). Shapes are
+    """``model``'s forward through torch.compile for training steps (``mode`` one of COMPILE_MODES). Shapes are
     specialised (dynamic=False): a step whose batch size differs from the first runs eagerly instead
-    (train_one_epoch), so an epoch's short last batch costs no second compilation."""
+    (train_one_epoch), so an epoch's short last batch costs no second compilation.
+
+    If compiling fails (a node without a working C/C++ compiler, an operator TorchDynamo cannot trace), one line
+    says so and the steps run eagerly: compiling changes how fast a trial trains, never what it computes, so a
+    study should not lose its trials to it."""
     if mode == "cudagraphs":
-        return torch.compile(model, backend="cudagraphs", dynamic=False)
-    return torch.compile(model, mode=mode, dynamic=False)
+        compiled = torch.compile(model, backend="cudagraphs", dynamic=False)
+    else:
+        compiled = torch.compile(model, mode=mode, dynamic=False)
+    failed = []
+
+    def step(x):
+        if failed:
+            return model(x)
+        try:
+            return compiled(x)
+        except Exception as e:
+            if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise
+            failed.append(e)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"warning: performance.compile {mode!r} failed ({type(e).__name__}: {first}); training eagerly",
+                  file=sys.stderr, flush=True)
+            return model(x)
+
+    return step
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,5 +1,6 @@
 """Performance paths must compute the same things: device-resident data vs the seed's torchvision pipeline,
 and the resolved speed settings per device."""
+import os
 import subprocess
 import sys
 
@@ -122,6 +123,21 @@ def test_compiled_step_runs_full_batches_only():
     opt, _ = make_optimizer(model, get_recipe("finetune"), 1)
     loss, acc = train_one_epoch(model, Batches(images, labels, "mnist", 64, train=True), opt, step_model=step)
     assert step.sizes == [64, 64] and 0 <= acc <= 1 and loss > 0  # 150 = 64 + 64 + 22: the 22 ran eagerly
+
+
+def test_a_failing_compile_trains_eagerly_with_one_warning(dense_ckpt, tmp_path):
+    # a node without a working C++ compiler: Inductor cannot build its kernels. The trial still trains (eagerly)
+    # and says so in one line, instead of every trial of the study failing on a traceback.
+    code = ("import sys; from pruneflow.infer import checkpoint as c; from pruneflow.train import finetune\n"
+            "m, meta = c.load(sys.argv[1]); h = finetune(m, meta, 1, device='cpu', perf={'compile': True})\n"
+            "print('val_acc', h[-1]['val_acc'])")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    p = subprocess.run([sys.executable, "-c", code, dense_ckpt], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    warnings = [ln for ln in p.stderr.splitlines() if ln.startswith("warning: performance.compile")]
+    assert len(warnings) == 1 and "training eagerly" in warnings[0] and "compiler" in warnings[0].lower(), p.stderr
+    assert float(p.stdout.split("val_acc")[-1]) > 0.5
 
 
 def test_compiled_fine_tuning_trains_the_model_itself(dense_ckpt):

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from _common import print_header
+from _common import print_header, run
 
 from pruneflow.infer.device import resolve_device
 from pruneflow.infer.timing import summarize, time_forward
@@ -65,4 +65,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

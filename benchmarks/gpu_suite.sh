@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmarks on one GPU, as quoted in docs/benchmarks.md:   bash benchmarks/gpu_suite.sh OUTDIR [STEP ...]
-# Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine (up to 17 min
+# Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine (up to 21 min
 # in all: name a few STEPs to fit a shorter lease); every step's output is kept in OUTDIR/<step>.txt,
 # and the packing study's results files in OUTDIR/packing-study.
 set -u
@@ -29,6 +29,7 @@ step compile-bf16 200 "$py" benchmarks/train_throughput.py --device cuda --image
     --models simple_cnn,resnet18,resnet101 --compile reduce-overhead --precision bf16
 step packing 200 "$py" benchmarks/packing.py --device cuda --keep "$out/packing-study"
 step projection 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda  # the job's compile
+step projection-bf16 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda --precision bf16
 step latency 60 "$py" benchmarks/latency.py --device cuda
 # Only when named: packing under NVIDIA MPS (a job-private daemon), whose kernels from several processes run
 # side by side instead of time-sliced: the lever the packing target (span <= 1.1 x ideal) points to.

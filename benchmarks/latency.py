@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from _common import print_header
+from _common import print_header, run
 
 from pruneflow.infer.device import resolve_device
 from pruneflow.infer.timing import summarize, time_forward
@@ -48,4 +48,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -24,7 +24,7 @@ import time
 
 import yaml
 
-from _common import print_header
+from _common import print_header, run
 
 from pruneflow.infer import checkpoint as ckpt_io
 from pruneflow.infer.device import resolve_device
@@ -120,4 +120,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -3,6 +3,7 @@
     python benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda
     python benchmarks/projection.py jobs/quickstart.yaml --quick             # CI-sized, CPU
     python benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda --compile cudagraphs --epochs 2
+    python benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda --precision bf16
 
 What runs: the study's own job file (model, recipes, batch sizes, latency settings, packing) with a reduced
 grid, through pruneflow.sweep.run_sweep, on synthetic images of the data set's shape and size (so an epoch
@@ -27,18 +28,19 @@ import os
 import tempfile
 import time
 
-from _common import print_header
+from _common import print_header, run
 
 from pruneflow.infer.checkpoint import read_meta
 from pruneflow.infer.device import resolve_device
 from pruneflow.results import read_trials
 from pruneflow.spec import grid, load_spec
 from pruneflow.sweep import run_sweep
+from pruneflow.train import resolve_perf
 
 FIXED = ("load", "prune", "evaluate", "time", "save")
 
 
-def measure(job, out, dataset, sparsities, epochs, device, k, compile_mode):
+def measure(job, out, dataset, sparsities, epochs, device, k, compile_mode, precision):
     overrides = {"train.epochs": epochs, "finetune.epochs": epochs, "prune.methods": ["l1@depgraph"],
                  "prune.sparsities": sparsities, "prune.mac_targets": [], "resources.device": device, "seeds": [0],
                  "control": True}
@@ -48,6 +50,8 @@ def measure(job, out, dataset, sparsities, epochs, device, k, compile_mode):
         overrides["resources.trials_per_gpu"] = k
     if compile_mode:
         overrides["performance.compile"] = compile_mode
+    if precision:
+        overrides["performance.precision"] = precision
     t0 = time.perf_counter()
     with open(out + ".log", "w") as log, contextlib.redirect_stdout(log):
         summary = run_sweep(job, out=out, progress=False, **overrides)
@@ -82,12 +86,14 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sparsities", default=None, help="measured sparsities (default 0.1,0.3,0.5,0.7,0.9)")
     ap.add_argument("--epochs", type=int, default=None,
-                    help="measured epochs, dense and per trial (default 1; 2 with --compile)")
+                    help="measured epochs, dense and per trial (default 1; 2 when compiling)")
     ap.add_argument("--compile", default=None, metavar="MODE", help="performance.compile for the study, e.g. cudagraphs")
+    ap.add_argument("--precision", default=None, help="performance.precision for the study (auto, fp32, bf16)")
     ap.add_argument("--trials-per-gpu", default=None, help="override the job's packing (a number or auto)")
     ap.add_argument("--real-data", action="store_true", help="use the job's data set instead of synthetic images")
     args = ap.parse_args()
     dev = resolve_device(args.device)
+    resolve_perf({"compile": args.compile, "precision": args.precision}, dev)  # bad settings fail before measuring
     spec, _ = load_spec(args.job, check_backends=False)  # its grid; the measuring needs DepGraph only
     sparsities = [float(s) for s in (args.sparsities or ("0.5" if args.quick else "0.1,0.3,0.5,0.7,0.9")).split(",")]
     dataset = None if args.real_data or spec.data.dataset == "digits" else f"synthetic-{spec.data.dataset}"
@@ -95,9 +101,10 @@ def main():
     head = f"{'part':<34} {'measured':>12} {'projected s':>12}"
     print_header(dev, f"study {spec.study} ({spec.model.arch}, {dataset or spec.data.dataset})", head)
     with tempfile.TemporaryDirectory(prefix="pf-projection-") as tmp:
-        epochs = args.epochs or (2 if args.compile else 1)
+        compiling = resolve_perf({"compile": args.compile or spec.performance.compile}, dev)["compile"]
+        epochs = args.epochs or (2 if compiling else 1)
         wall, records, dense_meta = measure(args.job, os.path.join(tmp, "out"), dataset, sparsities, epochs,
-                                            str(dev), k, args.compile)
+                                            str(dev), k, args.compile, args.precision)
     dense_epoch, dense_excess = split_epochs([e["seconds"] for e in dense_meta["history"]])
     dense_s = spec.train.epochs * dense_epoch + dense_excess
     n = overlap(records)
@@ -129,4 +136,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

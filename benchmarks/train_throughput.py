@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from _common import print_header
+from _common import print_header, run
 
 from pruneflow.data import Batches, SeedStyleBatches
 from pruneflow.infer.device import resolve_device, synchronize
@@ -60,6 +60,9 @@ def main():
                          "reduce-overhead, default, ... (pruneflow.train.COMPILE_MODES)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
+    modes = args.compile.split(",") if args.compile else []
+    for mode in modes:  # bad settings fail now, not after minutes of measuring
+        resolve_perf(dict(compile=mode, precision=args.precision), dev)
     n = args.images or (256 if args.quick else 4096)
     configs = [("simple_cnn", "mnist", None)] if args.quick else [
         ("simple_cnn", "mnist", None), ("resnet18", "cifar10", None), ("resnet18", "cifar10", "l1@depgraph"),
@@ -89,7 +92,7 @@ def main():
         fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"])
         name = arch + (f" ({pruned} 0.5)" if pruned else "")
         print(f"{name:<26} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
-        for mode in args.compile.split(",") if args.compile else []:
+        for mode in modes:
             # the same model and batches, stepped through a compiled wrapper with its own optimiser
             resolved = resolve_perf(dict(compile=mode, precision=args.precision), dev)["compile"]
             if resolved is None:
@@ -130,4 +133,4 @@ def ablate(model, images, labels, dataset, args, dev, seed_ips):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,8 +1,10 @@
 """The benchmarks run in CI-sized mode so they cannot rot (their full-size figures live in docs/)."""
+import re
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, assert_clean_error
+from pruneflow.spec import grid, load_spec
 
 
 def test_backends_benchmark_quick():
@@ -15,3 +17,29 @@ def test_backends_benchmark_quick():
         nominal, achieved, mac_reduction = float(r[3]), float(r[4]), float(r[5])
         assert achieved == nominal == 0.5 and mac_reduction > 3  # SimpleCNN: no coupled channels
     assert "# device cpu" in p.stdout
+
+
+def test_projection_benchmark_quick():
+    # the real sweep of the quickstart study, 2 measured epochs per run; the projection's own arithmetic holds:
+    # dense = train.epochs x the steady epoch + the first epoch's excess, and the study = dense + trials
+    p = subprocess.run([sys.executable, "benchmarks/projection.py", "jobs/quickstart.yaml", "--quick", "--epochs", "2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    dense = re.search(r"dense epoch \(alone; 1st \+(\d+) s\)\s+([\d.]+)s\s+(\d+)", p.stdout)
+    trials = re.search(r"trials, \d+ at once \((\d+) in the grid\)\s+(\d+)", p.stdout)
+    whole = re.search(r"whole study\s+(\d+)", p.stdout)
+    assert dense and trials and whole, p.stdout
+    excess, epoch, dense_s = int(dense[1]), float(dense[2]), int(dense[3])
+    spec = load_spec("jobs/quickstart.yaml")[0]
+    assert epoch > 0 and abs(dense_s - (spec.train.epochs * epoch + excess)) <= 0.05 * spec.train.epochs + 1.5
+    assert int(trials[1]) == len(grid(spec))
+    assert abs(int(whole[1]) - (dense_s + int(trials[2]))) <= 1
+
+
+def test_benchmarks_refuse_bad_settings_in_one_line_before_measuring():
+    for script, args, needle in (("train_throughput.py", ["--quick", "--compile", "reduce-overhead,fast"], "fast"),
+                                 ("projection.py", ["jobs/quickstart.yaml", "--quick", "--precision", "fp16"], "fp16")):
+        p = subprocess.run([sys.executable, f"benchmarks/{script}", *args], capture_output=True, text=True, cwd=ROOT,
+                           timeout=120)
+        assert_clean_error(p, needle)
+        assert "img/s" not in p.stdout and "projected" not in p.stdout  # nothing was measured first

@@ -12,9 +12,10 @@ import argparse
 
 import torch
 
-from _common import print_header, run
+from _common import print_header
 
 from pruneflow.infer.device import resolve_device
+from pruneflow.infer.errors import exit_on_user_error
 from pruneflow.infer.timing import summarize, time_forward
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.prune import prune
@@ -48,4 +49,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    exit_on_user_error(main)  # bad settings: one line, exit 2

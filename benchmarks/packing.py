@@ -24,10 +24,11 @@ import time
 
 import yaml
 
-from _common import print_header, run
+from _common import print_header
 
 from pruneflow.infer import checkpoint as ckpt_io
 from pruneflow.infer.device import resolve_device
+from pruneflow.infer.errors import exit_on_user_error
 from pruneflow.models import build_model
 from pruneflow.results import read_trials
 from pruneflow.sweep import run_sweep
@@ -120,4 +121,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    exit_on_user_error(main)  # bad settings: one line, exit 2

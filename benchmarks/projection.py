@@ -28,10 +28,11 @@ import os
 import tempfile
 import time
 
-from _common import print_header, run
+from _common import print_header
 
 from pruneflow.infer.checkpoint import read_meta
 from pruneflow.infer.device import resolve_device
+from pruneflow.infer.errors import exit_on_user_error
 from pruneflow.results import read_trials
 from pruneflow.spec import grid, load_spec
 from pruneflow.sweep import run_sweep
@@ -93,15 +94,16 @@ def main():
     ap.add_argument("--real-data", action="store_true", help="use the job's data set instead of synthetic images")
     args = ap.parse_args()
     dev = resolve_device(args.device)
-    resolve_perf({"compile": args.compile, "precision": args.precision}, dev)  # bad settings fail before measuring
     spec, _ = load_spec(args.job, check_backends=False)  # its grid; the measuring needs DepGraph only
+    # what the study will compile on this device (bad settings fail here, before measuring)
+    compiling = resolve_perf({"compile": args.compile or spec.performance.compile, "precision": args.precision},
+                             dev)["compile"]
     sparsities = [float(s) for s in (args.sparsities or ("0.5" if args.quick else "0.1,0.3,0.5,0.7,0.9")).split(",")]
     dataset = None if args.real_data or spec.data.dataset == "digits" else f"synthetic-{spec.data.dataset}"
     k = args.trials_per_gpu if args.trials_per_gpu in (None, "auto") else int(args.trials_per_gpu)
     head = f"{'part':<34} {'measured':>12} {'projected s':>12}"
     print_header(dev, f"study {spec.study} ({spec.model.arch}, {dataset or spec.data.dataset})", head)
     with tempfile.TemporaryDirectory(prefix="pf-projection-") as tmp:
-        compiling = resolve_perf({"compile": args.compile or spec.performance.compile}, dev)["compile"]
         epochs = args.epochs or (2 if compiling else 1)
         wall, records, dense_meta = measure(args.job, os.path.join(tmp, "out"), dataset, sparsities, epochs,
                                             str(dev), k, args.compile, args.precision)
@@ -136,4 +138,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    exit_on_user_error(main)  # bad settings: one line, exit 2

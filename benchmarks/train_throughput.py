@@ -21,17 +21,18 @@ import time
 
 import torch
 
-from _common import print_header, run
+from _common import print_header
 
 from pruneflow.data import Batches, SeedStyleBatches
 from pruneflow.infer.device import resolve_device, synchronize
+from pruneflow.infer.errors import exit_on_user_error
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.train import compile_model, get_recipe, make_optimizer, resolve_perf, train_one_epoch
 
 
 def images_per_s(model, batches, device, amp_dtype, compile_mode=None):
     opt, _ = make_optimizer(model, get_recipe("finetune"), 1)
-    step_model = compile_model(model, compile_mode) if compile_mode else None
+    step_model = compile_model(model, compile_mode)
     # a few steps first, at the timed precision: allocator, cuDNN autotuning (cudnn.benchmark) for these shapes,
     # and torch.compile's compilation (and CUDA-graph recording) when asked; printed as the compile's cost
     t0 = time.perf_counter()
@@ -60,9 +61,10 @@ def main():
                          "reduce-overhead, default, ... (pruneflow.train.COMPILE_MODES)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
-    modes = args.compile.split(",") if args.compile else []
-    for mode in modes:  # bad settings fail now, not after minutes of measuring
-        resolve_perf(dict(compile=mode, precision=args.precision), dev)
+    perf = resolve_perf(dict(precision=args.precision), dev)
+    # {mode: what it resolves to here (None: not on this device)}; bad settings fail now, not after minutes
+    modes = {mode: resolve_perf(dict(compile=mode, precision=args.precision), dev)["compile"]
+             for mode in (args.compile.split(",") if args.compile else [])}
     n = args.images or (256 if args.quick else 4096)
     configs = [("simple_cnn", "mnist", None)] if args.quick else [
         ("simple_cnn", "mnist", None), ("resnet18", "cifar10", None), ("resnet18", "cifar10", "l1@depgraph"),
@@ -83,7 +85,6 @@ def main():
 
             ops, exclude = default_prune_targets(arch)
             model, _ = prune(model, pruned, 0.5, shape, ops, exclude)
-        perf = resolve_perf(dict(precision=args.precision), dev)
         seed = images_per_s(model.to(dev).train(), SeedStyleBatches(images, labels, dataset, args.batch_size, dev,
                                                                     train=True, num_workers=args.workers), dev, None)
         fast_model = model.to(dev, memory_format=torch.channels_last) if perf["channels_last"] else model.to(dev)
@@ -92,9 +93,8 @@ def main():
         fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"])
         name = arch + (f" ({pruned} 0.5)" if pruned else "")
         print(f"{name:<26} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
-        for mode in modes:
+        for mode, resolved in modes.items():
             # the same model and batches, stepped through a compiled wrapper with its own optimiser
-            resolved = resolve_perf(dict(compile=mode, precision=args.precision), dev)["compile"]
             if resolved is None:
                 print(f"  compile {mode}: not on {dev.type} (CUDA graphs need CUDA)", flush=True)
                 continue
@@ -133,4 +133,4 @@ def ablate(model, images, labels, dataset, args, dev, seed_ips):
 
 
 if __name__ == "__main__":
-    run(main)
+    exit_on_user_error(main)  # bad settings: one line, exit 2

@@ -70,13 +70,16 @@ def resolve_perf(perf, device):
 
 
 def compile_model(model, mode):
-    """``model``'s forward through torch.compile for training steps (``mode`` one of COMPILE_MODES). Shapes are
+    """``model``'s forward through torch.compile for training steps (``mode`` one of COMPILE_MODES, or None:
+    no compiling, returns None, the ``step_model`` of uncompiled training). Shapes are
     specialised (dynamic=False): a step whose batch size differs from the first runs eagerly instead
     (train_one_epoch), so an epoch's short last batch costs no second compilation.
 
     If compiling fails (a node without a working C/C++ compiler, an operator TorchDynamo cannot trace), one line
     says so and the steps run eagerly: compiling changes how fast a trial trains, never what it computes, so a
     study should not lose its trials to it."""
+    if mode is None:
+        return None
     if mode == "cudagraphs":
         compiled = torch.compile(model, backend="cudagraphs", dynamic=False)
     else:
@@ -204,7 +207,7 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
     opt, sched = make_optimizer(model, recipe, epochs)
     # torch.compile (``compile``: a mode, as resolve_perf gives it): slower start (seconds to minutes), faster
     # steps; the uncompiled module keeps the weights, so evaluation and saving never see the wrapper.
-    step_model = compile_model(model, compile) if compile else None
+    step_model = compile_model(model, compile)
     history, start = [], 0
     if resume is not None:
         model.load_state_dict(resume["model"])

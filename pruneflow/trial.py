@@ -51,7 +51,7 @@ def probe_memory(config, dense_path, steps=4):
 
     import torch
 
-    from .data import EVAL_BATCH_SIZE, Batches, load_split, train_test_batches
+    from .data import train_test_batches
     from .infer import checkpoint as ckpt_io
     from .infer.device import resolve_device
     from .train import compile_model, evaluate, get_recipe, make_optimizer, resolve_perf, train_one_epoch
@@ -66,16 +66,14 @@ def probe_memory(config, dense_path, steps=4):
     model.to(dev)
     if p["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    train_b, _ = train_test_batches(meta["dataset"], recipe["batch_size"], dev, 0, data["root"], data["download"],
-                                    p["channels_last"], p["loader"])
+    train_b, test_b = train_test_batches(meta["dataset"], recipe["batch_size"], dev, 0, data["root"],
+                                         data["download"], p["channels_last"], p["loader"])
     opt, _ = make_optimizer(model, recipe, 1)
     # compiled as the trials will be: CUDA graphs keep their own memory pools, which a trial holds too
     # (and the compilation fills the node's Inductor cache for the dense-shaped trials)
-    step_model = compile_model(model, p["compile"]) if p["compile"] else None
+    step_model = compile_model(model, p["compile"])
     train_one_epoch(model, itertools.islice(iter(train_b), steps), opt, amp_dtype=p["amp_dtype"], step_model=step_model)
-    images, labels = load_split(meta["dataset"], "train", data["root"])
-    n = EVAL_BATCH_SIZE
-    evaluate(model, itertools.islice(iter(Batches(images[:n], labels[:n], meta["dataset"], n, dev)), 1))
+    evaluate(model, itertools.islice(iter(test_b), 1), p["amp_dtype"])  # an evaluation batch, as fit runs them
     torch.cuda.synchronize(dev)
     free, total = torch.cuda.mem_get_info(dev)
     return dict(footprint_bytes=int(total - free), total_bytes=int(total),

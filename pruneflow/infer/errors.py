@@ -15,24 +15,29 @@ class UserError(Exception):
 EXIT_USER_ERROR = 2
 
 
-def run_cli(component, name=None):
-    """Run a Fire CLI; turn UserError (and Ctrl-C) into one line on stderr and a non-zero exit.
+def exit_on_user_error(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, with a UserError turned into one line on stderr and exit code 2.
 
     ``PRUNEFLOW_DEBUG=1`` re-raises so developers still get the traceback.
     """
-    import fire
-
     try:
-        result = fire.Fire(component, name=name)
+        return fn(*args, **kwargs)
     except UserError as e:
         if os.environ.get("PRUNEFLOW_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+
+
+def run_cli(component, name=None):
+    """Run a Fire CLI; turn UserError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    import fire
+
+    try:
+        return exit_on_user_error(fire.Fire, component, name=name)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    return result
 
 
 def check_writable_file(path):

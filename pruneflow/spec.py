@@ -242,10 +242,10 @@ def _parse_scalar(text):
 # ------------------------------------------------------------------------------------------- validation
 
 def validate(spec, check_backends=True):
-    from .data import DATASETS
+    from .data import DATASETS, LOADERS
     from .models import ARCHITECTURES, STEMS
     from .prune import OP_TYPES, parse_method, require_backend
-    from .train import COMPILE_MODES, RECIPES
+    from .train import COMPILE_MODES, PRECISIONS, RECIPES
 
     def one_of(value, valid, what):
         if value not in valid:
@@ -258,8 +258,8 @@ def validate(spec, check_backends=True):
         one_of(spec.train.recipe, tuple(RECIPES), "train.recipe")
     one_of(spec.finetune.recipe, tuple(RECIPES), "finetune.recipe")
     one_of(spec.resources.device.split(":")[0], ("auto", "cpu", "cuda", "mps"), "resources.device")
-    one_of(spec.performance.loader, ("device", "torchvision"), "performance.loader")
-    one_of(spec.performance.precision, ("auto", "fp32", "bf16"), "performance.precision")
+    one_of(spec.performance.loader, LOADERS, "performance.loader")
+    one_of(spec.performance.precision, PRECISIONS, "performance.precision")
     if not isinstance(spec.performance.compile, bool):
         one_of(spec.performance.compile, COMPILE_MODES, "performance.compile")
     for m in spec.prune.methods:

@@ -8,7 +8,8 @@
 
 seed-style:  torch DataLoader + per-image torchvision transforms (crop/flip for CIFAR), fp32, NCHW.
 pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device, and on
-             CUDA fp32 with TF32 + channels_last + cudnn.benchmark (pruneflow.train.resolve_perf 'auto');
+             CUDA fp32 with TF32 + channels_last + cudnn.benchmark, on the CPU tiny-map convolutions' weight
+             gradients as one GEMM (pruneflow.train.resolve_perf 'auto', pruneflow.small_maps);
              --ablate adds each part alone and bf16 autocast.
 Both run the same optimiser step (pruneflow.train.train_one_epoch) on synthetic uint8 images of the data
 set's shape (MNIST/CIFAR-10 are not downloadable here; the pipelines' costs do not depend on pixel values).
@@ -27,12 +28,12 @@ from pruneflow.data import Batches, SeedStyleBatches
 from pruneflow.infer.device import resolve_device, synchronize
 from pruneflow.infer.errors import exit_on_user_error
 from pruneflow.models import build_model, default_prune_targets
-from pruneflow.train import compile_model, get_recipe, make_optimizer, resolve_perf, train_one_epoch
+from pruneflow.train import get_recipe, make_optimizer, resolve_perf, step_model_for, train_one_epoch
 
 
-def images_per_s(model, batches, device, amp_dtype, compile_mode=None):
+def images_per_s(model, batches, device, amp_dtype, compile_mode=None, small_map_grad=False):
     opt, _ = make_optimizer(model, get_recipe("finetune"), 1)
-    step_model = compile_model(model, compile_mode)
+    step_model = step_model_for(model, compile_mode, small_map_grad)
     # a few steps first, at the timed precision: allocator, cuDNN autotuning (cudnn.benchmark) for these shapes,
     # and torch.compile's compilation (and CUDA-graph recording) when asked; printed as the compile's cost
     t0 = time.perf_counter()
@@ -55,6 +56,9 @@ def main():
     ap.add_argument("--ablate", action="store_true",
                     help="also each part alone: the loaders without a model, then fp32/bf16 x NCHW/channels_last")
     ap.add_argument("--precision", default="auto", help="pruneflow's rows: auto (fp32 + TF32 on CUDA) or bf16")
+    ap.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"),
+                    help="ResNets' stem: cifar (pruneflow's default, 3x3/1) or imagenet (7x7/2 + pool, the seed's model "
+                         "as in jobs/resnet101_cifar10.yaml: ~16x fewer MACs at 32x32, so the input pipeline weighs more)")
     ap.add_argument("--models", default=None, help="comma list of configs to run, e.g. simple_cnn,resnet18")
     ap.add_argument("--compile", default=None, metavar="MODES",
                     help="also pruneflow's pipeline compiled, one row per mode (comma list): cudagraphs, "
@@ -72,14 +76,14 @@ def main():
     if args.models:
         configs = [c for c in configs if (c[0] + ("-pruned" if c[2] else "")) in args.models.split(",")]
     head = f"{'model':<26} {'seed-style img/s':>16} {'pruneflow img/s':>16} {'ratio':>6}"
-    print_header(dev, f"batch {args.batch_size}, {n} images per epoch", head)
+    print_header(dev, f"batch {args.batch_size}, {n} images per epoch, ResNet stem {args.stem}", head)
     g = torch.Generator().manual_seed(0)
     for arch, dataset, pruned in configs:
         shape = (1, 28, 28) if dataset == "mnist" else (3, 32, 32)
         images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
         labels = torch.randint(0, 10, (n,), generator=g)
         torch.manual_seed(0)
-        model = build_model(arch, 10, shape[0], "cifar")
+        model = build_model(arch, 10, shape[0], args.stem)
         if pruned:
             from pruneflow.prune import prune
 
@@ -90,7 +94,7 @@ def main():
         fast_model = model.to(dev, memory_format=torch.channels_last) if perf["channels_last"] else model.to(dev)
         fast_batches = Batches(images, labels, dataset, args.batch_size, dev, train=True,
                                channels_last=perf["channels_last"])
-        fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"])
+        fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"], None, perf["small_map_grad"])
         name = arch + (f" ({pruned} 0.5)" if pruned else "")
         print(f"{name:<26} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
         for mode, resolved in modes.items():
@@ -123,11 +127,15 @@ def ablate(model, images, labels, dataset, args, dev, seed_ips):
     kw = dict(train=True, num_workers=args.workers)
     rows = [("  loader: seed-style", loader_only(SeedStyleBatches(images, labels, dataset, args.batch_size, dev, **kw), dev)),
             ("  loader: device", loader_only(Batches(images, labels, dataset, args.batch_size, dev, train=True), dev))]
-    for amp in (None, torch.bfloat16):
-        for cl in (False, True):
-            m = model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
-            b = Batches(images, labels, dataset, args.batch_size, dev, train=True, channels_last=cl)
-            rows.append((f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} device", images_per_s(m, b, dev, amp)))
+    # every combination with the step as resolve_perf gives it (on the CPU: tiny-map gradients as a GEMM), and
+    # on the CPU fp32 without that too
+    small = resolve_perf(None, dev)["small_map_grad"]
+    for amp, cl, sm in [(a, c, small) for a in (None, torch.bfloat16) for c in (False, True)] + \
+            ([(None, False, False), (None, True, False)] if small else []):
+        m = model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
+        b = Batches(images, labels, dataset, args.batch_size, dev, train=True, channels_last=cl)
+        name = f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} {'device' if sm == small else 'oneDNN grads'}"
+        rows.append((name, images_per_s(m, b, dev, amp, None, sm)))
     for name, ips in rows:
         print(f"{name:<26} {'':>16} {ips:>16,.0f} {ips / seed_ips:>6.2f}", flush=True)
 

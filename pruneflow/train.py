@@ -32,7 +32,7 @@ RECIPES = {
 
 
 # How training runs (not what it computes): see resolve_perf. The job file's `performance` section.
-DEFAULT_PERF = dict(loader="device", precision="auto", channels_last=None, compile=False)
+DEFAULT_PERF = dict(loader="device", precision="auto", channels_last=None, compile=False, small_map_grad=True)
 PRECISIONS = ("auto", "fp32", "bf16")
 # torch.compile's modes, and 'cudagraphs': TorchDynamo + AOTAutograd replayed as CUDA graphs without Inductor's
 # code generation (launch overhead gone for a fraction of the compile time). The CUDA-graph modes
@@ -41,11 +41,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def resolve_perf(perf, device):
-    """{loader, amp_dtype, channels_last, compile (None or a torch.compile mode)} for ``device``. 'auto'
+    """{loader, amp_dtype, channels_last, compile (None or a torch.compile mode), small_map_grad} for ``device``. 'auto'
     precision is fp32 everywhere, with TF32 tensor-core convolutions and matmuls on CUDA: on an H200 at the
     seed's batch 64, bf16 autocast was slower than fp32 for SimpleCNN and ResNet-18 (its casts cost more than
     its faster kernels save at that size; docs/benchmarks.md). bf16 autocast only when asked (large batches).
-    channels_last defaults to on for CUDA (NHWC convolutions)."""
+    channels_last defaults to on for CUDA (NHWC convolutions). small_map_grad (pruneflow.small_maps) applies to
+    uncompiled training on the CPU only."""
     perf = dict(DEFAULT_PERF, **{k: v for k, v in (perf or {}).items() if v is not None or k == "channels_last"})
     if perf["precision"] not in PRECISIONS:
         raise UserError(f"unknown precision {perf['precision']!r}; valid: {', '.join(PRECISIONS)}")
@@ -66,7 +67,20 @@ def resolve_perf(perf, device):
         # that asks for them runs eagerly on a CPU node instead of paying minutes of compilation per trial
         mode = None
     return dict(loader=perf["loader"], amp_dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last,
-                compile=mode)
+                compile=mode, small_map_grad=bool(perf["small_map_grad"]) and mode is None
+                and torch.device(device).type == "cpu")
+
+
+def step_model_for(model, compile=None, small_map_grad=False):
+    """What training steps call instead of ``model`` (None: the module itself), as resolve_perf says: a compiled
+    wrapper (compile_model), or on the CPU the module with tiny-map weight gradients as a GEMM (small_maps)."""
+    if compile is not None:
+        return compile_model(model, compile)
+    if small_map_grad:
+        from .small_maps import SmallMapGrad
+
+        return SmallMapGrad(model)
+    return None
 
 
 def compile_model(model, mode):
@@ -138,7 +152,7 @@ def make_optimizer(model, recipe, epochs):
 def train_one_epoch(model, batches, opt, masks=None, progress=False, desc="", amp_dtype=None, step_model=None,
                     check_every=50):
     """One pass over ``batches``; returns (mean loss, accuracy). ``masks`` keep pruned zeros at zero;
-    ``amp_dtype`` runs forward/loss under autocast; ``step_model`` is a compiled wrapper of ``model``, used for
+    ``amp_dtype`` runs forward/loss under autocast; ``step_model`` is what step_model_for made of ``model``, used for
     batches of the first batch's size (a short last batch runs through ``model``: no recompilation).
 
     Loss and accuracy are summed on the device and read once per ``check_every`` steps: a ``.item()`` per step
@@ -198,7 +212,7 @@ def evaluate(model, batches, amp_dtype=None):
 
 
 def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress=False, on_epoch=None,
-        resume=None, amp_dtype=None, compile=None):
+        resume=None, amp_dtype=None, compile=None, small_map_grad=False):
     """Train for ``epochs``; returns the per-epoch history (train/val loss and accuracy, lr, seconds).
 
     ``on_epoch(epoch, history, model, opt, sched)`` runs after each epoch (checkpointing for requeue);
@@ -207,7 +221,7 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
     opt, sched = make_optimizer(model, recipe, epochs)
     # torch.compile (``compile``: a mode, as resolve_perf gives it): slower start (seconds to minutes), faster
     # steps; the uncompiled module keeps the weights, so evaluation and saving never see the wrapper.
-    step_model = compile_model(model, compile)
+    step_model = step_model_for(model, compile, small_map_grad)
     history, start = [], 0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -291,7 +305,7 @@ def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, d
         os.replace(tmp, state_path)
 
     history = fit(model, train_b, test_b, recipe, epochs, progress=progress, on_epoch=save_state, resume=resume,
-                  amp_dtype=p["amp_dtype"], compile=p["compile"])
+                  amp_dtype=p["amp_dtype"], compile=p["compile"], small_map_grad=p["small_map_grad"])
     meta.update(accuracy=history[-1]["val_acc"] if history else None, history=history)
     ckpt_io.save(model, out, meta)
     if os.path.exists(state_path):
@@ -320,7 +334,7 @@ def finetune(model, meta, epochs, recipe="finetune", seed=0, device="auto", data
         loss, acc = evaluate(model, test_b, p["amp_dtype"])
         return [dict(epoch=0, train_loss=math.nan, train_acc=math.nan, val_loss=loss, val_acc=acc, lr=0.0, seconds=0.0)]
     return fit(model, train_b, test_b, recipe, epochs, masks=masks, progress=progress, amp_dtype=p["amp_dtype"],
-               compile=p["compile"])
+               compile=p["compile"], small_map_grad=p["small_map_grad"])
 
 
 def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="cifar", init=None, seed=0,

@@ -19,6 +19,16 @@ def test_backends_benchmark_quick():
     assert "# device cpu" in p.stdout
 
 
+def test_small_maps_benchmark_quick():
+    # each shape's weight gradient both ways (the script stops if they differ), and the path pruneflow takes
+    p = subprocess.run([sys.executable, "benchmarks/small_maps.py", "--quick"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = [ln.split() for ln in p.stdout.splitlines() if re.match(r"\s*\d+x\d+ ", ln)]
+    assert [(r[0], r[-1]) for r in rows] == [("1x1", "GEMM"), ("1x1", "GEMM"), ("4x4", "own")]
+    assert all(float(r[5]) > 0 and float(r[6]) > 0 for r in rows)
+
+
 def test_projection_benchmark_quick():
     # the real sweep of the quickstart study, 2 measured epochs per run; the projection's own arithmetic holds:
     # dense = train.epochs x the steady epoch + the first epoch's excess, and the study = dense + trials

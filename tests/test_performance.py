@@ -150,3 +150,71 @@ def test_compiled_fine_tuning_trains_the_model_itself(dense_ckpt):
     before = model.fc2.weight.detach().clone()
     history = finetune(model, meta, 1, device="cpu", perf={"compile": True})
     assert not torch.equal(before, model.fc2.weight.detach()) and history[-1]["val_acc"] > 0.5
+
+
+def test_small_map_weight_gradients_match_autograd(monkeypatch):
+    # pruneflow.small_maps computes the weight gradient of convolutions with <= 4 output pixels as one matrix
+    # product (oneDNN's CPU kernel is ~13x slower there). Same gradients as autograd's own, in float64; the
+    # convolutions it must leave alone (larger maps, groups, dilation) are left alone.
+    from pruneflow import small_maps
+    from pruneflow.models import build_model
+
+    taken = []
+    apply = small_maps._SmallMapConv.apply
+    monkeypatch.setattr(small_maps._SmallMapConv, "apply", lambda *a: taken.append(a[1].shape) or apply(*a))
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=True)  # 4x4 -> 2x2: taken, with bias
+            self.b = torch.nn.Conv2d(6, 5, 3, stride=2, padding=1)  # 2x2 -> 1x1 (stride 2): taken
+            self.c = torch.nn.Conv2d(5, 4, 3, padding=1, bias=False)  # 1x1 -> 1x1: taken, no bias
+            self.g = torch.nn.Conv2d(4, 4, 1, groups=2)  # grouped: ordinary kernel
+            self.d = torch.nn.Conv2d(3, 2, 3, padding=2, dilation=2)  # dilated: ordinary kernel
+            self.big = torch.nn.Conv2d(3, 2, 3, padding=1)  # 4x4 output: ordinary kernel
+
+        def forward(self, x):
+            return self.g(self.c(self.b(self.a(x)))).sum((2, 3)) @ torch.ones(4, 2, dtype=x.dtype) + \
+                self.d(x).mean((2, 3)) + self.big(x).mean((2, 3))
+
+    def small_output_convs(model, x):  # the convolutions (weight shapes, in call order) with <= 4 output pixels, k > 1
+        shapes = []
+        hooks = [m.register_forward_hook(lambda m, i, out: shapes.append(m.weight.shape) if out[0, 0].numel() <= 4
+                                         and m.kernel_size != (1, 1) and m.groups == 1 and m.dilation == (1, 1) else None)
+                 for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        with torch.no_grad():
+            model(x)
+        for h in hooks:
+            h.remove()
+        return shapes
+
+    torch.manual_seed(0)
+    for model, x, n in ((Odd().double(), torch.randn(3, 3, 4, 4, dtype=torch.double, requires_grad=True), 3),
+                        # the seed's stem: layer3 at 2x2, layer4 at 1x1 on 32x32 images
+                        (build_model("resnet18", 10, 3, "imagenet").double(),
+                         torch.randn(2, 3, 32, 32, dtype=torch.double, requires_grad=True), 8)):
+        model(x).square().sum().backward()
+        expected = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        taken.clear()
+        small_maps.SmallMapGrad(model)(x).square().sum().backward()
+        got = [p.grad for p in model.parameters()] + [x.grad]
+        for e, g in zip(expected, got):
+            assert torch.allclose(e, g, rtol=1e-10, atol=1e-12)
+        assert taken == small_output_convs(model, x) and len(taken) == n
+    with torch.no_grad():  # evaluation: nothing to differentiate, the ordinary kernel
+        taken.clear()
+        small_maps.SmallMapGrad(model)(x)
+        assert taken == []
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 autocast (performance.precision: bf16): ordinary kernels
+        small_maps.SmallMapGrad(model)(x.detach().float()).float().square().sum().backward()
+    assert taken == [] and all(p.grad is not None for p in model.parameters())
+
+
+def test_small_map_grad_resolves_for_uncompiled_cpu_training_only():
+    assert resolve_perf(None, "cpu")["small_map_grad"] is True
+    assert resolve_perf({"small_map_grad": False}, "cpu")["small_map_grad"] is False
+    assert resolve_perf({"compile": True}, "cpu")["small_map_grad"] is False  # compiled steps have their own kernels
+    assert resolve_perf(None, "cuda")["small_map_grad"] is False  # cuDNN has no such gap

@@ -2,8 +2,8 @@
 
 Why: on CPUs without AVX-512 (AMD EPYC up to Zen 3, and others), oneDNN computes a convolution's weight
 gradient through im2col + a GEMM blocked for large images. Where the output map is only a few pixels, that
-kernel runs at a few GFLOP/s: a 512->512 3x3 convolution on a 1x1 map takes ~60-75 ms for its weight gradient
-against ~6 ms for its forward pass, on the project's 2-core EPYC. torchvision ResNets with the ImageNet stem
+kernel runs at a few GFLOP/s: a 512->512 3x3 convolution on a 1x1 map takes ~80-90 ms for its weight gradient
+against ~8-10 ms for its forward pass, on the project's 2-core EPYC (benchmarks/small_maps.py). torchvision ResNets with the ImageNet stem
 (the seed's model) reach 1x1 maps on 32x32 images, so those few layers took most of a ResNet-18 training step.
 The same gradient as ``unfold`` + one matrix product (BLAS) costs about what the forward pass does.
 
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-# Output pixels up to which the matrix product wins (2-core EPYC, float32: 13x faster at 1 pixel, 1.7x at 4,
-# 2x slower at 16; benchmarks/train_throughput.py --ablate measures the whole step with and without).
+# Output pixels up to which the matrix product wins (2-core EPYC, float32, batch 64: 17-21x faster at 1 pixel,
+# 1.8x at 4, 1.5x slower at 16: benchmarks/small_maps.py; train_throughput.py --ablate: whole steps without it).
 MAX_PIXELS = 4
 
 

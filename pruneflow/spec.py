@@ -89,7 +89,7 @@ class PerformanceSpec:
     # A compilation that fails (no C++ compiler on the node, say) trains eagerly after a one-line warning.
     compile: typing.Union[bool, str] = False
     # CPU: weight gradients of convolutions with <= 4 output pixels as one matrix product (oneDNN's AVX2 kernel
-    # is up to ~13x slower there; ResNets with the ImageNet stem on 32x32 images end in 1x1 maps). Same numbers.
+    # is up to ~20x slower there; ResNets with the ImageNet stem on 32x32 images end in 1x1 maps). Same numbers.
     small_map_grad: bool = True
 
 

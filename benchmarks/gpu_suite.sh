@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmarks on one GPU, as quoted in docs/benchmarks.md:   bash benchmarks/gpu_suite.sh OUTDIR [STEP ...]
-# Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine (up to 21 min
+# Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine (up to 25 min
 # in all: name a few STEPs to fit a shorter lease); every step's output is kept in OUTDIR/<step>.txt,
 # and the packing study's results files in OUTDIR/packing-study.
 set -u
@@ -27,6 +27,9 @@ step compile 200 "$py" benchmarks/train_throughput.py --device cuda --images 163
     --models simple_cnn,resnet18,resnet101 --compile cudagraphs,reduce-overhead
 step compile-bf16 200 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4 \
     --models simple_cnn,resnet18,resnet101 --compile reduce-overhead --precision bf16
+# the seed's own model (ImageNet stem: 1x1-2x2 maps on 32x32 images, more launch-bound still)
+step compile-seed-stem 200 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4 \
+    --stem imagenet --models resnet18,resnet101 --compile cudagraphs,reduce-overhead
 step packing 200 "$py" benchmarks/packing.py --device cuda --keep "$out/packing-study"
 step projection 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda  # the job's compile
 step projection-bf16 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda --precision bf16

@@ -7,21 +7,21 @@ Why it exists: on a CPU without AVX-512, oneDNN computes the weight gradient of 
 a few pixels (layer3/layer4 of an ImageNet-stem ResNet on 32x32 images) far slower than its forward pass;
 pruneflow.small_maps computes those (kernel > 1x1, output <= MAX_PIXELS pixels) as unfold + one matrix product instead.
 This prints both, side by side, for shapes on both sides of that threshold, with the forward pass for scale,
-and checks that both give the same gradient. Median of --repeats calls after one warm-up call.
+and checks that both give the same gradient. Median of --repeats calls after one warm-up call
+(pruneflow.infer.timing, as the latency benchmarks).
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from _common import print_header
 
-from pruneflow.infer.device import resolve_device, synchronize
+from pruneflow.infer.device import resolve_device
 from pruneflow.infer.errors import exit_on_user_error
-from pruneflow.small_maps import MAX_PIXELS, _SmallMapConv
+from pruneflow.infer.timing import summarize, time_calls
+from pruneflow.small_maps import MAX_PIXELS, uses_gemm, weight_grad_gemm
 
 # (input size, C_in, C_out, kernel, stride): ResNet-18/101 convolutions on 32x32 images, ImageNet stem at the top
 SHAPES = [(1, 512, 512, 3, 1), (2, 512, 512, 3, 2), (2, 256, 256, 3, 1), (2, 1024, 256, 1, 1), (4, 128, 128, 3, 1),
@@ -29,15 +29,7 @@ SHAPES = [(1, 512, 512, 3, 1), (2, 512, 512, 3, 2), (2, 256, 256, 3, 1), (2, 102
 
 
 def median_ms(fn, device, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * summarize(time_calls(fn, device, warmup=1, trials=repeats))["median"]
 
 
 def main():
@@ -61,24 +53,22 @@ def main():
         pad = k // 2
         y = F.conv2d(x, w, stride=s, padding=pad)
         gy = torch.randn(y.shape, generator=g).to(dev)
-        ctx = type("Ctx", (), dict(saved_tensors=(x, w), stride=(s, s), padding=(pad, pad),
-                                   needs_input_grad=(False, True, False)))()
 
         def own():
             return torch.ops.aten.convolution_backward(gy, x, w, None, [s, s], [pad, pad], [1, 1], False, [0, 0], 1,
                                                        [False, True, False])[1]
 
         def gemm():
-            return _SmallMapConv.backward(ctx, gy)[1]
+            return weight_grad_gemm(x, w.shape, gy, (s, s), (pad, pad))
 
         a, b = own(), gemm()
         if not torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max())):
             raise SystemExit(f"gradients differ for {(size, c_in, c_out, k, s)}")
         fwd = median_ms(lambda: F.conv2d(x, w, stride=s, padding=pad), dev, repeats)
         t_own, t_gemm = median_ms(own, dev, repeats), median_ms(gemm, dev, repeats)
-        pixels = y.shape[2] * y.shape[3]
+        path = "GEMM" if uses_gemm(y.shape[2] * y.shape[3], (k, k)) else "own"  # what pruneflow's training takes
         print(f"{f'{y.shape[2]}x{y.shape[3]}':>6} {c_in:>5} {c_out:>5} {k:>2} {s:>2}  {fwd:>10.2f} {t_own:>11.2f} "
-              f"{t_gemm:>12.2f} {t_own / t_gemm:>8.2f}  {'GEMM' if pixels <= MAX_PIXELS and k > 1 else 'own'}", flush=True)
+              f"{t_gemm:>12.2f} {t_own / t_gemm:>8.2f}  {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def main():
             print(f"{'  compile ' + mode:<26} {'':>16} {compiled:>16,.0f} {compiled / seed:>6.2f}"
                   f"  (warm-up incl. compile {images_per_s.warmup_s:.0f} s)", flush=True)
         if args.ablate:
-            ablate(model, images, labels, dataset, args, dev, seed)
+            ablate(model, images, labels, dataset, args, dev, seed, perf["small_map_grad"])
 
 
 def loader_only(batches, device):
@@ -122,16 +122,16 @@ def loader_only(batches, device):
     return n / (time.perf_counter() - t0)
 
 
-def ablate(model, images, labels, dataset, args, dev, seed_ips):
+def ablate(model, images, labels, dataset, args, dev, seed_ips, small):
     """Which part buys what: each loader alone, then the device loader with each precision x memory format."""
     kw = dict(train=True, num_workers=args.workers)
     rows = [("  loader: seed-style", loader_only(SeedStyleBatches(images, labels, dataset, args.batch_size, dev, **kw), dev)),
             ("  loader: device", loader_only(Batches(images, labels, dataset, args.batch_size, dev, train=True), dev))]
-    # every combination with the step as resolve_perf gives it (on the CPU: tiny-map gradients as a GEMM), and
-    # on the CPU fp32 without that too
-    small = resolve_perf(None, dev)["small_map_grad"]
-    for amp, cl, sm in [(a, c, small) for a in (None, torch.bfloat16) for c in (False, True)] + \
-            ([(None, False, False), (None, True, False)] if small else []):
+    # every combination with the step as resolve_perf gives it (``small``: on the CPU, tiny-map gradients as a GEMM)
+    combos = [(amp, cl, small) for amp in (None, torch.bfloat16) for cl in (False, True)]
+    if small:  # and fp32 without them
+        combos += [(None, cl, False) for cl in (False, True)]
+    for amp, cl, sm in combos:
         m = model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
         b = Batches(images, labels, dataset, args.batch_size, dev, train=True, channels_last=cl)
         name = f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} {'device' if sm == small else 'oneDNN grads'}"

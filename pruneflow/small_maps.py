@@ -3,8 +3,9 @@
 Why: on CPUs without AVX-512 (AMD EPYC up to Zen 3, and others), oneDNN computes a convolution's weight
 gradient through im2col + a GEMM blocked for large images. Where the output map is only a few pixels, that
 kernel runs at a few GFLOP/s: a 512->512 3x3 convolution on a 1x1 map takes ~80-90 ms for its weight gradient
-against ~8-10 ms for its forward pass, on the project's 2-core EPYC (benchmarks/small_maps.py). torchvision ResNets with the ImageNet stem
-(the seed's model) reach 1x1 maps on 32x32 images, so those few layers took most of a ResNet-18 training step.
+against ~8-10 ms for its forward pass, on the project's 2-core EPYC (benchmarks/small_maps.py). torchvision
+ResNets with the ImageNet stem (the seed's model) reach 1x1 maps on 32x32 images, so those few layers took most
+of a ResNet-18 training step.
 The same gradient as ``unfold`` + one matrix product (BLAS) costs about what the forward pass does.
 
 What: ``SmallMapGrad(model)`` runs ``model``'s forward passes under a TorchFunctionMode that sends each
@@ -26,6 +27,22 @@ from torch.overrides import TorchFunctionMode
 MAX_PIXELS = 4
 
 
+def uses_gemm(out_pixels, kernel_size):
+    """Whether a convolution's weight gradient takes the matrix product: kernel > 1x1 (a 1x1 kernel's gradient
+    is a GEMM already) and at most MAX_PIXELS output pixels."""
+    return out_pixels <= MAX_PIXELS and kernel_size[0] * kernel_size[1] > 1
+
+
+def weight_grad_gemm(x, weight_shape, grad_out, stride, padding):
+    """A convolution's weight gradient as unfold + one matrix product."""
+    # columns: (N, C_in*kh*kw, L) for the L output pixels; grad_w = sum over images and pixels of
+    # grad_out (C_out, N*L) @ columns (N*L, C_in*kh*kw)
+    cols = F.unfold(x, weight_shape[2:], padding=padding, stride=stride)
+    n, c_out = grad_out.shape[:2]
+    g = grad_out.reshape(n, c_out, -1).transpose(0, 1).reshape(c_out, -1)
+    return (g @ cols.transpose(1, 2).reshape(-1, cols.shape[1])).reshape(weight_shape)
+
+
 class _SmallMapConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
@@ -40,12 +57,7 @@ class _SmallMapConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, ctx.stride, ctx.padding)
         if ctx.needs_input_grad[1]:
-            # columns: (N, C_in*kh*kw, L) for the L output pixels; grad_w = sum over images and pixels of
-            # grad_out (C_out, N*L) @ columns (N*L, C_in*kh*kw)
-            cols = F.unfold(x, weight.shape[2:], padding=ctx.padding, stride=ctx.stride)
-            n, c_out = grad_out.shape[:2]
-            g = grad_out.reshape(n, c_out, -1).transpose(0, 1).reshape(c_out, -1)
-            grad_w = (g @ cols.transpose(1, 2).reshape(-1, cols.shape[1])).reshape(weight.shape)
+            grad_w = weight_grad_gemm(x, weight.shape, grad_out, ctx.stride, ctx.padding)
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
@@ -73,7 +85,7 @@ class _SmallMapMode(TorchFunctionMode):
                 stride, padding = _pair(stride), _pair(padding)
                 h = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
                 w = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
-                if h * w <= MAX_PIXELS and weight.shape[2] * weight.shape[3] > 1:  # 1x1 kernels: a GEMM already
+                if uses_gemm(h * w, weight.shape[2:]):
                     return _SmallMapConv.apply(x, weight, bias, stride, padding)
         return func(*args, **kwargs)
 

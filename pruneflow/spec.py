@@ -88,8 +88,9 @@ class PerformanceSpec:
     # only: seconds) remove the kernel launches that limit batch 64 on a fast GPU; both run eagerly off CUDA.
     # A compilation that fails (no C++ compiler on the node, say) trains eagerly after a one-line warning.
     compile: typing.Union[bool, str] = False
-    # CPU: weight gradients of convolutions with <= 4 output pixels as one matrix product (oneDNN's AVX2 kernel
-    # is up to ~20x slower there; ResNets with the ImageNet stem on 32x32 images end in 1x1 maps). Same numbers.
+    # CPU: weight gradients of convolutions (kernel > 1x1) with <= 4 output pixels as one matrix product
+    # (oneDNN's AVX2 kernel is up to ~20x slower there; ResNets with the ImageNet stem on 32x32 images end in 1x1
+    # maps). Same numbers.
     small_map_grad: bool = True
 
 

@@ -50,7 +50,8 @@ def resolve_perf(perf, device):
     perf = dict(DEFAULT_PERF, **{k: v for k, v in (perf or {}).items() if v is not None or k == "channels_last"})
     if perf["precision"] not in PRECISIONS:
         raise UserError(f"unknown precision {perf['precision']!r}; valid: {', '.join(PRECISIONS)}")
-    cuda = torch.device(device).type == "cuda"
+    kind = torch.device(device).type
+    cuda = kind == "cuda"
     bf16 = perf["precision"] == "bf16"
     channels_last = cuda if perf["channels_last"] is None else bool(perf["channels_last"])
     if cuda:
@@ -67,8 +68,7 @@ def resolve_perf(perf, device):
         # that asks for them runs eagerly on a CPU node instead of paying minutes of compilation per trial
         mode = None
     return dict(loader=perf["loader"], amp_dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last,
-                compile=mode, small_map_grad=bool(perf["small_map_grad"]) and mode is None
-                and torch.device(device).type == "cpu")
+                compile=mode, small_map_grad=bool(perf["small_map_grad"]) and mode is None and kind == "cpu")
 
 
 def step_model_for(model, compile=None, small_map_grad=False):

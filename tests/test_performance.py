@@ -153,8 +153,8 @@ def test_compiled_fine_tuning_trains_the_model_itself(dense_ckpt):
 
 
 def test_small_map_weight_gradients_match_autograd(monkeypatch):
-    # pruneflow.small_maps computes the weight gradient of convolutions with <= 4 output pixels as one matrix
-    # product (oneDNN's CPU kernel is ~13x slower there). Same gradients as autograd's own, in float64; the
+    # pruneflow.small_maps computes the weight gradient of convolutions (k > 1) with <= 4 output pixels as one matrix
+    # product (oneDNN's CPU kernel is up to ~20x slower there). Same gradients as autograd's own, in float64; the
     # convolutions it must leave alone (larger maps, groups, dilation) are left alone.
     from pruneflow import small_maps
     from pruneflow.models import build_model
@@ -180,7 +180,8 @@ def test_small_map_weight_gradients_match_autograd(monkeypatch):
     def small_output_convs(model, x):  # the convolutions (weight shapes, in call order) with <= 4 output pixels, k > 1
         shapes = []
         hooks = [m.register_forward_hook(lambda m, i, out: shapes.append(m.weight.shape) if out[0, 0].numel() <= 4
-                                         and m.kernel_size != (1, 1) and m.groups == 1 and m.dilation == (1, 1) else None)
+                                         and m.kernel_size != (1, 1) and m.groups == 1 and m.dilation == (1, 1)
+                                         else None)
                  for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
         with torch.no_grad():
             model(x)

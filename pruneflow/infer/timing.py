@@ -16,22 +16,27 @@ import torch
 from .device import synchronize
 
 
-def time_forward(model, batch, warmup=5, trials=25):
-    """Seconds for each of ``trials`` forward passes of ``batch`` (already on the model's device)."""
+def time_calls(fn, device, warmup=5, trials=25):
+    """Seconds for each of ``trials`` calls of ``fn()`` whose work runs on ``device``, after ``warmup`` calls."""
     if trials < 1:
         raise ValueError("trials must be >= 1")
-    model.eval()
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
     samples = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(batch)
-        synchronize(batch.device)
-        for _ in range(trials):
-            start = time.perf_counter()
-            model(batch)
-            synchronize(batch.device)
-            samples.append(time.perf_counter() - start)
+    for _ in range(trials):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
     return samples
+
+
+def time_forward(model, batch, warmup=5, trials=25):
+    """Seconds for each of ``trials`` forward passes of ``batch`` (already on the model's device)."""
+    model.eval()
+    with torch.inference_mode():
+        return time_calls(lambda: model(batch), batch.device, warmup, trials)
 
 
 def summarize(samples):

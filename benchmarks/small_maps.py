@@ -1,14 +1,14 @@
-"""A convolution's weight gradient: the device's own kernel vs pruneflow.small_maps' matrix product, per shape.
+"""Convolutions on tiny maps: conv2d's own kernels vs pruneflow.small_maps' dense matrix product, per shape.
 
     python benchmarks/small_maps.py              # the convolutions of ResNets on 32x32 images, batch 64
     python benchmarks/small_maps.py --quick      # CI-sized
 
-Why it exists: on a CPU without AVX-512, oneDNN computes the weight gradient of a convolution whose output is
-a few pixels (layer3/layer4 of an ImageNet-stem ResNet on 32x32 images) far slower than its forward pass;
-pruneflow.small_maps computes those (kernel > 1x1, output <= MAX_PIXELS pixels) as unfold + one matrix product instead.
-This prints both, side by side, for shapes on both sides of that threshold, with the forward pass for scale,
-and checks that both give the same gradient. Median of --repeats calls after one warm-up call
-(pruneflow.infer.timing, as the latency benchmarks).
+Why it exists: an ImageNet-stem ResNet on 32x32 images (the seed's model) ends in 2x2 and 1x1 maps, where a 3x3
+convolution mostly multiplies padding and oneDNN's CPU kernels (its weight gradient above all) run far below
+the machine's speed. pruneflow.small_maps computes convolutions whose input has fewer pixels than the kernel has
+taps as one dense matrix product. This prints forward + backward (input, weight and bias gradients) both ways,
+side by side, in both memory formats, for shapes on both sides of that rule, and checks that both give the same
+output and gradients. Median of --repeats calls after one warm-up call (pruneflow.infer.timing).
 """
 
 import argparse
@@ -21,15 +21,22 @@ from _common import print_header
 from pruneflow.infer.device import resolve_device
 from pruneflow.infer.errors import exit_on_user_error
 from pruneflow.infer.timing import summarize, time_calls
-from pruneflow.small_maps import MAX_PIXELS, uses_gemm, weight_grad_gemm
+from pruneflow.small_maps import dense_conv2d, uses_dense
 
 # (input size, C_in, C_out, kernel, stride): ResNet-18/101 convolutions on 32x32 images, ImageNet stem at the top
-SHAPES = [(1, 512, 512, 3, 1), (2, 512, 512, 3, 2), (2, 256, 256, 3, 1), (2, 1024, 256, 1, 1), (4, 128, 128, 3, 1),
-          (8, 64, 64, 3, 1), (16, 128, 128, 3, 1), (32, 64, 64, 3, 1)]
+SHAPES = [(1, 512, 512, 3, 1), (2, 512, 512, 3, 2), (2, 256, 256, 3, 1), (2, 1024, 256, 1, 1), (4, 256, 256, 3, 2),
+          (4, 128, 128, 3, 1), (8, 64, 64, 3, 1)]
+FORMATS = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
 
 
 def median_ms(fn, device, repeats):
     return 1000 * summarize(time_calls(fn, device, warmup=1, trials=repeats))["median"]
+
+
+def forward_backward(conv, x, w, b, gy, s, pad):
+    """conv's output and its (input, weight, bias) gradients for the output gradient gy."""
+    y = conv(x, w, b, (s, s), (pad, pad))
+    return (y, *torch.autograd.grad(y, (x, w, b), gy))
 
 
 def main():
@@ -40,35 +47,30 @@ def main():
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per shape (default 5; quick 2)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
-    shapes = SHAPES[:2] + SHAPES[4:5] if args.quick else SHAPES
+    shapes = SHAPES[:2] + SHAPES[5:6] if args.quick else SHAPES
     batch = 8 if args.quick else args.batch_size
     repeats = args.repeats or (2 if args.quick else 5)
-    head = (f"{'output':>6} {'C_in':>5} {'C_out':>5} {'k':>2} {'s':>2}  {'forward ms':>10} {'own grad ms':>11} "
-            f"{'GEMM grad ms':>12} {'own/GEMM':>8}  path")
-    print_header(dev, f"batch {batch}, median of {repeats}, small-map path up to {MAX_PIXELS} output pixels", head)
+    head = (f"{'input':>5} {'C_in':>5} {'C_out':>5} {'k':>2} {'s':>2} {'layout':>6}  {'conv2d ms':>9} "
+            f"{'dense ms':>8} {'conv2d/dense':>12}  path")
+    print_header(dev, f"batch {batch}, forward + backward, median of {repeats}", head)
     g = torch.Generator().manual_seed(0)
     for size, c_in, c_out, k, s in shapes:
-        x = torch.randn(batch, c_in, size, size, generator=g).to(dev)
-        w = torch.randn(c_out, c_in, k, k, generator=g).to(dev)
         pad = k // 2
-        y = F.conv2d(x, w, stride=s, padding=pad)
-        gy = torch.randn(y.shape, generator=g).to(dev)
-
-        def own():
-            return torch.ops.aten.convolution_backward(gy, x, w, None, [s, s], [pad, pad], [1, 1], False, [0, 0], 1,
-                                                       [False, True, False])[1]
-
-        def gemm():
-            return weight_grad_gemm(x, w.shape, gy, (s, s), (pad, pad))
-
-        a, b = own(), gemm()
-        if not torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max())):
-            raise SystemExit(f"gradients differ for {(size, c_in, c_out, k, s)}")
-        fwd = median_ms(lambda: F.conv2d(x, w, stride=s, padding=pad), dev, repeats)
-        t_own, t_gemm = median_ms(own, dev, repeats), median_ms(gemm, dev, repeats)
-        path = "GEMM" if uses_gemm(y.shape[2] * y.shape[3], (k, k)) else "own"  # what pruneflow's training takes
-        print(f"{f'{y.shape[2]}x{y.shape[3]}':>6} {c_in:>5} {c_out:>5} {k:>2} {s:>2}  {fwd:>10.2f} {t_own:>11.2f} "
-              f"{t_gemm:>12.2f} {t_own / t_gemm:>8.2f}  {path}", flush=True)
+        for layout, fmt in FORMATS.items():
+            x = torch.randn(batch, c_in, size, size, generator=g).to(dev, memory_format=fmt).requires_grad_()
+            w = torch.randn(c_out, c_in, k, k, generator=g).to(dev, memory_format=fmt).requires_grad_()
+            b = torch.randn(c_out, generator=g).to(dev).requires_grad_()
+            out = (size + 2 * pad - k) // s + 1
+            gy = torch.randn(batch, c_out, out, out, generator=g).to(dev, memory_format=fmt)
+            ref, got = (forward_backward(conv, x, w, b, gy, s, pad) for conv in (F.conv2d, dense_conv2d))
+            for r, o in zip(ref, got):
+                if not torch.allclose(r, o, rtol=1e-3, atol=1e-3 * float(r.detach().abs().max())):
+                    raise SystemExit(f"dense_conv2d differs from conv2d for {(size, c_in, c_out, k, s, layout)}")
+            t_conv, t_dense = (median_ms(lambda: forward_backward(conv, x, w, b, gy, s, pad), dev, repeats)
+                               for conv in (F.conv2d, dense_conv2d))
+            path = "dense" if uses_dense(size * size, (k, k)) else "conv2d"  # what pruneflow's CPU training takes
+            print(f"{f'{size}x{size}':>5} {c_in:>5} {c_out:>5} {k:>2} {s:>2} {layout:>6}  {t_conv:>9.2f} "
+                  f"{t_dense:>8.2f} {t_conv / t_dense:>12.2f}  {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@
     python benchmarks/train_throughput.py --device cuda --compile reduce-overhead --precision bf16
 
 seed-style:  torch DataLoader + per-image torchvision transforms (crop/flip for CIFAR), fp32, NCHW.
-pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device, and on
-             CUDA fp32 with TF32 + channels_last + cudnn.benchmark, on the CPU tiny-map convolutions' weight
-             gradients as one GEMM (pruneflow.train.resolve_perf 'auto', pruneflow.small_maps);
+pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device,
+             channels_last, on CUDA fp32 with TF32 + cudnn.benchmark, on the CPU tiny-map convolutions as one
+             matrix product (pruneflow.train.resolve_perf 'auto', pruneflow.small_maps);
              --ablate adds each part alone and bf16 autocast.
 Both run the same optimiser step (pruneflow.train.train_one_epoch) on synthetic uint8 images of the data
 set's shape (MNIST/CIFAR-10 are not downloadable here; the pipelines' costs do not depend on pixel values).
@@ -31,9 +31,9 @@ from pruneflow.models import build_model, default_prune_targets
 from pruneflow.train import get_recipe, make_optimizer, resolve_perf, step_model_for, train_one_epoch
 
 
-def images_per_s(model, batches, device, amp_dtype, compile_mode=None, small_map_grad=False):
+def images_per_s(model, batches, device, amp_dtype, compile_mode=None, small_maps=False):
     opt, _ = make_optimizer(model, get_recipe("finetune"), 1)
-    step_model = step_model_for(model, compile_mode, small_map_grad)
+    step_model = step_model_for(model, compile_mode, small_maps)
     # a few steps first, at the timed precision: allocator, cuDNN autotuning (cudnn.benchmark) for these shapes,
     # and torch.compile's compilation (and CUDA-graph recording) when asked; printed as the compile's cost
     t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def main():
         fast_model = model.to(dev, memory_format=torch.channels_last) if perf["channels_last"] else model.to(dev)
         fast_batches = Batches(images, labels, dataset, args.batch_size, dev, train=True,
                                channels_last=perf["channels_last"])
-        fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"], None, perf["small_map_grad"])
+        fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"], None, perf["small_maps"])
         name = arch + (f" ({pruned} 0.5)" if pruned else "")
         print(f"{name:<26} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
         for mode, resolved in modes.items():
@@ -106,7 +106,7 @@ def main():
             print(f"{'  compile ' + mode:<26} {'':>16} {compiled:>16,.0f} {compiled / seed:>6.2f}"
                   f"  (warm-up incl. compile {images_per_s.warmup_s:.0f} s)", flush=True)
         if args.ablate:
-            ablate(model, images, labels, dataset, args, dev, seed, perf["small_map_grad"])
+            ablate(model, images, labels, dataset, args, dev, seed, perf["small_maps"])
 
 
 def loader_only(batches, device):
@@ -127,14 +127,15 @@ def ablate(model, images, labels, dataset, args, dev, seed_ips, small):
     kw = dict(train=True, num_workers=args.workers)
     rows = [("  loader: seed-style", loader_only(SeedStyleBatches(images, labels, dataset, args.batch_size, dev, **kw), dev)),
             ("  loader: device", loader_only(Batches(images, labels, dataset, args.batch_size, dev, train=True), dev))]
-    # every combination with the step as resolve_perf gives it (``small``: on the CPU, tiny-map gradients as a GEMM)
+    # every combination with the step as resolve_perf gives it (``small``: on the CPU, tiny-map convolutions as one
+    # matrix product)
     combos = [(amp, cl, small) for amp in (None, torch.bfloat16) for cl in (False, True)]
     if small:  # and fp32 without them
         combos += [(None, cl, False) for cl in (False, True)]
     for amp, cl, sm in combos:
         m = model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
         b = Batches(images, labels, dataset, args.batch_size, dev, train=True, channels_last=cl)
-        name = f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} {'device' if sm == small else 'oneDNN grads'}"
+        name = f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} {'device' if sm == small else 'no small_maps'}"
         rows.append((name, images_per_s(m, b, dev, amp, None, sm)))
     for name, ips in rows:
         print(f"{name:<26} {'':>16} {ips:>16,.0f} {ips / seed_ips:>6.2f}", flush=True)

@@ -1,66 +1,67 @@
-"""Convolution weight gradients for tiny feature maps on the CPU, as one matrix product.
+"""Convolutions on tiny feature maps on the CPU, as one dense matrix product.
 
-Why: on CPUs without AVX-512 (AMD EPYC up to Zen 3, and others), oneDNN computes a convolution's weight
-gradient through im2col + a GEMM blocked for large images. Where the output map is only a few pixels, that
-kernel runs at a few GFLOP/s: a 512->512 3x3 convolution on a 1x1 map takes ~80-90 ms for its weight gradient
-against ~8-10 ms for its forward pass, on the project's 2-core EPYC (benchmarks/small_maps.py). torchvision
-ResNets with the ImageNet stem (the seed's model) reach 1x1 maps on 32x32 images, so those few layers took most
-of a ResNet-18 training step.
-The same gradient as ``unfold`` + one matrix product (BLAS) costs about what the forward pass does.
+Why: torchvision ResNets with the ImageNet stem (the seed's model) run on 32x32 images end at 2x2 (layer3) and
+1x1 (layer4) maps. There a 3x3 convolution mostly multiplies padding: on a 1x1 map only the centre tap meets a
+pixel, on a 2x2 map 16 of the 36 (pixel, tap) products do. oneDNN computes all of them, and on CPUs without
+AVX-512 (the project's 2-core EPYC) its weight-gradient kernel for such maps runs at a few GFLOP/s: a 512->512
+3x3 convolution on a 1x1 map took ~60-90 ms forward + backward at batch 64, for ~17M useful multiply-adds.
 
-What: ``SmallMapGrad(model)`` runs ``model``'s forward passes under a TorchFunctionMode that sends each
-``conv2d`` with a kernel larger than 1x1 and at most ``MAX_PIXELS`` output pixels (float32/64, no autocast,
-groups 1, no dilation) through
-``_SmallMapConv``: the forward is the ordinary ``conv2d``; the backward takes the input gradient from the
-ordinary kernel and the weight gradient from the matrix product. Same numbers (to float rounding: tests
-compare with float64 gradients), same module, weights and state dict; only the training steps' backward
-differs. Larger maps keep oneDNN's own kernels, which are faster there. Used on the CPU only (train.fit):
-cuDNN has no such gap, and compiled steps (torch.compile) bring their own kernels.
+What: when a convolution's input has fewer pixels than its kernel has taps (H_in * W_in < kh * kw: 1x1 and 2x2
+maps under a 3x3 kernel), each (output pixel, input pixel) pair meets through exactly one kernel tap (or none,
+through padding). So the convolution is one matrix: rows (C_out, output pixel), columns (input pixel, C_in),
+gathered from the kernel's taps. ``dense_conv2d`` builds it with ``index_select`` and applies it with one
+``F.linear``; autograd differentiates both, so the backward pass is two more matrix products and an index_add.
+Same numbers to float rounding (tests compare outputs and gradients in float64). ~1.5-2x faster than oneDNN's
+forward + backward on 2x2 maps and 5-25x on 1x1 maps (benchmarks/small_maps.py); from 4x4 maps on the matrix
+holds more products than the kernel does, and oneDNN keeps them.
+
+``SmallMaps(model)`` calls ``model`` under a TorchFunctionMode that sends each qualifying ``conv2d`` (float32/64,
+no autocast, groups 1, no dilation) to ``dense_conv2d``; modules, weights and state dicts are unchanged. Used
+for uncompiled training and evaluation on the CPU (train.resolve_perf: ``performance.small_maps``). cuDNN has
+no such gap, and compiled steps bring their own kernels.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-# Output pixels up to which the matrix product wins (2-core EPYC, float32, batch 64: 17-21x faster at 1 pixel,
-# 1.8x at 4, 1.5x slower at 16: benchmarks/small_maps.py; train_throughput.py --ablate: whole steps without it).
-MAX_PIXELS = 4
+
+def uses_dense(in_pixels, kernel_size):
+    """Whether a convolution takes the dense matrix: fewer input pixels than kernel taps (the matrix then holds
+    fewer products than the kernel computes: 16 vs 36 for 3x3 on 2x2, 1 vs 9 on 1x1)."""
+    return in_pixels < kernel_size[0] * kernel_size[1]
 
 
-def uses_gemm(out_pixels, kernel_size):
-    """Whether a convolution's weight gradient takes the matrix product: kernel > 1x1 (a 1x1 kernel's gradient
-    is a GEMM already) and at most MAX_PIXELS output pixels."""
-    return out_pixels <= MAX_PIXELS and kernel_size[0] * kernel_size[1] > 1
+@functools.lru_cache(maxsize=None)
+def pair_taps(in_hw, kernel_size, stride, padding):
+    """((H_out, W_out), taps): taps[o, i] is the kernel tap (di * kw + dj) through which input pixel i reaches
+    output pixel o (pixels numbered row by row), or kh * kw where it reaches it through padding only."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw) = in_hw, kernel_size, stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    di = torch.arange(h).view(1, 1, h, 1) - torch.arange(ho).view(ho, 1, 1, 1) * sh + ph  # (ho, 1, h, 1)
+    dj = torch.arange(w).view(1, 1, 1, w) - torch.arange(wo).view(1, wo, 1, 1) * sw + pw  # (1, wo, 1, w)
+    valid = (di >= 0) & (di < kh) & (dj >= 0) & (dj < kw)
+    return (ho, wo), torch.where(valid, di * kw + dj, kh * kw).reshape(ho * wo, h * w)
 
 
-def weight_grad_gemm(x, weight_shape, grad_out, stride, padding):
-    """A convolution's weight gradient as unfold + one matrix product."""
-    # columns: (N, C_in*kh*kw, L) for the L output pixels; grad_w = sum over images and pixels of
-    # grad_out (C_out, N*L) @ columns (N*L, C_in*kh*kw)
-    cols = F.unfold(x, weight_shape[2:], padding=padding, stride=stride)
-    n, c_out = grad_out.shape[:2]
-    g = grad_out.reshape(n, c_out, -1).transpose(0, 1).reshape(c_out, -1)
-    return (g @ cols.transpose(1, 2).reshape(-1, cols.shape[1])).reshape(weight_shape)
-
-
-class _SmallMapConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding):
-        ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding = stride, padding
-        return F.conv2d(x, weight, bias, stride, padding)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, ctx.stride, ctx.padding)
-        if ctx.needs_input_grad[1]:
-            grad_w = weight_grad_gemm(x, weight.shape, grad_out, ctx.stride, ctx.padding)
-        if ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None
+def dense_conv2d(x, weight, bias, stride, padding):
+    """``F.conv2d(x, weight, bias, stride, padding)`` (groups 1, no dilation) as one matrix product."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    (ho, wo), taps = pair_taps((h, w), (kh, kw), tuple(stride), tuple(padding))
+    taps = taps.to(x.device)
+    # the kernel as (C_out, tap, C_in): a view for both memory formats of the weight
+    w_taps = weight.permute(0, 2, 3, 1).flatten(1, 2)
+    if bool((taps == kh * kw).any()):  # pairs that meet through padding only: a zero tap
+        w_taps = torch.cat([w_taps, w_taps.new_zeros(c_out, 1, c_in)], 1)
+    # rows (C_out, output pixel), columns (input pixel, C_in): x in NHWC order, free for a channels_last input
+    matrix = w_taps.index_select(1, taps.flatten()).reshape(c_out * ho * wo, h * w * c_in)
+    y = F.linear(x.permute(0, 2, 3, 1).reshape(n, h * w * c_in), matrix,
+                 None if bias is None else bias.repeat_interleave(ho * wo)).view(n, c_out, ho, wo)
+    # the memory format oneDNN would have returned (a copy of a few pixels per channel)
+    return y.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else y
 
 
 def _pair(v):
@@ -80,18 +81,18 @@ class _SmallMapMode(TorchFunctionMode):
             x, weight, bias, stride, padding, dilation, groups = _conv_args(args, kwargs)
             # float32/64 without autocast (bf16 autocast casts inside conv2d; it is slow on such CPUs anyway)
             if (groups == 1 and _pair(dilation) == (1, 1) and not isinstance(padding, str) and x.dim() == 4
-                    and weight.requires_grad and torch.is_grad_enabled() and x.dtype == weight.dtype
-                    and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)):
+                    and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64)
+                    and not torch.is_autocast_enabled(x.device.type)
+                    and uses_dense(x.shape[2] * x.shape[3], weight.shape[2:])):
                 stride, padding = _pair(stride), _pair(padding)
-                h = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
-                w = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
-                if uses_gemm(h * w, weight.shape[2:]):
-                    return _SmallMapConv.apply(x, weight, bias, stride, padding)
+                (ho, wo), _ = pair_taps(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding)
+                if ho > 0 and wo > 0:  # else conv2d's own error message
+                    return dense_conv2d(x, weight, bias, stride, padding)
         return func(*args, **kwargs)
 
 
-class SmallMapGrad:
-    """A training-step callable: ``model(x)`` with tiny-map convolutions' weight gradients as a GEMM."""
+class SmallMaps:
+    """A callable for training steps and evaluation: ``model(x)`` with tiny-map convolutions as one matrix."""
 
     def __init__(self, model):
         self.model = model

@@ -82,16 +82,15 @@ class ResourcesSpec:
 class PerformanceSpec:
     loader: str = "device"  # device (data set on the device, batched augmentation) | torchvision (the seed's DataLoader)
     precision: str = "auto"  # auto (fp32; TF32 tensor cores on CUDA) | fp32 | bf16 (autocast: large batches)
-    channels_last: typing.Optional[bool] = None  # default: on for CUDA
+    channels_last: typing.Optional[bool] = None  # default: on for CUDA and the CPU
     # torch.compile the training step: slow start, faster epochs (long runs only). true = mode 'default';
     # 'reduce-overhead' (Inductor + CUDA graphs: ~1 min to compile a ResNet-101) and 'cudagraphs' (CUDA graphs
     # only: seconds) remove the kernel launches that limit batch 64 on a fast GPU; both run eagerly off CUDA.
     # A compilation that fails (no C++ compiler on the node, say) trains eagerly after a one-line warning.
     compile: typing.Union[bool, str] = False
-    # CPU: weight gradients of convolutions (kernel > 1x1) with <= 4 output pixels as one matrix product
-    # (oneDNN's AVX2 kernel is up to ~20x slower there; ResNets with the ImageNet stem on 32x32 images end in 1x1
-    # maps). Same numbers.
-    small_map_grad: bool = True
+    # CPU: convolutions whose input has fewer pixels than the kernel has taps (3x3 on 2x2 and 1x1 maps: ResNets
+    # with the ImageNet stem on 32x32 images) as one dense matrix product (pruneflow.small_maps). Same numbers.
+    small_maps: bool = True
 
 
 @dataclass

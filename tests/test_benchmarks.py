@@ -20,13 +20,16 @@ def test_backends_benchmark_quick():
 
 
 def test_small_maps_benchmark_quick():
-    # each shape's weight gradient both ways (the script stops if they differ), and the path pruneflow takes
+    # each shape's forward + backward both ways and in both layouts (the script stops if outputs or gradients
+    # differ), and the path pruneflow takes
     p = subprocess.run([sys.executable, "benchmarks/small_maps.py", "--quick"], capture_output=True, text=True,
                        cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr
     rows = [ln.split() for ln in p.stdout.splitlines() if re.match(r"\s*\d+x\d+ ", ln)]
-    assert [(r[0], r[-1]) for r in rows] == [("1x1", "GEMM"), ("1x1", "GEMM"), ("4x4", "own")]
-    assert all(float(r[5]) > 0 and float(r[6]) > 0 for r in rows)
+    assert [(r[0], r[5], r[-1]) for r in rows] == [
+        ("1x1", "NCHW", "dense"), ("1x1", "NHWC", "dense"), ("2x2", "NCHW", "dense"), ("2x2", "NHWC", "dense"),
+        ("4x4", "NCHW", "conv2d"), ("4x4", "NHWC", "conv2d")]
+    assert all(float(r[6]) > 0 and float(r[7]) > 0 for r in rows)
 
 
 def test_projection_benchmark_quick():

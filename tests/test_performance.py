@@ -44,7 +44,7 @@ def test_training_epoch_same_labels_and_channel_statistics():
 
 def test_resolve_perf_per_device():
     cpu = resolve_perf(None, "cpu")
-    assert cpu["amp_dtype"] is None and cpu["channels_last"] is False and cpu["loader"] == "device"
+    assert cpu["amp_dtype"] is None and cpu["channels_last"] is True and cpu["loader"] == "device"
     asked = resolve_perf({"precision": "bf16", "channels_last": True}, "cpu")
     assert asked["amp_dtype"] == torch.bfloat16 and asked["channels_last"] is True
     cuda = resolve_perf(None, "cuda")  # resolving needs no GPU
@@ -152,36 +152,42 @@ def test_compiled_fine_tuning_trains_the_model_itself(dense_ckpt):
     assert not torch.equal(before, model.fc2.weight.detach()) and history[-1]["val_acc"] > 0.5
 
 
-def test_small_map_weight_gradients_match_autograd(monkeypatch):
-    # pruneflow.small_maps computes the weight gradient of convolutions (k > 1) with <= 4 output pixels as one matrix
-    # product (oneDNN's CPU kernel is up to ~20x slower there). Same gradients as autograd's own, in float64; the
-    # convolutions it must leave alone (larger maps, groups, dilation) are left alone.
+def test_small_map_convolutions_match_conv2d(monkeypatch):
+    # pruneflow.small_maps computes convolutions whose input has fewer pixels than the kernel has taps as one dense
+    # matrix product (oneDNN's CPU kernels are up to ~25x slower there). Same outputs and gradients as conv2d's own,
+    # in float64 and both memory formats; exactly those convolutions take it (found independently by forward hooks).
     from pruneflow import small_maps
     from pruneflow.models import build_model
 
     taken = []
-    apply = small_maps._SmallMapConv.apply
-    monkeypatch.setattr(small_maps._SmallMapConv, "apply", lambda *a: taken.append(a[1].shape) or apply(*a))
+    dense = small_maps.dense_conv2d
+    monkeypatch.setattr(small_maps, "dense_conv2d", lambda *a: taken.append(a[1].shape) or dense(*a))
 
     class Odd(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.a = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=True)  # 4x4 -> 2x2: taken, with bias
-            self.b = torch.nn.Conv2d(6, 5, 3, stride=2, padding=1)  # 2x2 -> 1x1 (stride 2): taken
+            self.a = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=True)  # 4x4 input (16 >= 9 taps): conv2d
+            self.b = torch.nn.Conv2d(6, 5, 3, stride=2, padding=1)  # 2x2 -> 1x1 (stride 2, bias): taken
             self.c = torch.nn.Conv2d(5, 4, 3, padding=1, bias=False)  # 1x1 -> 1x1: taken, no bias
-            self.g = torch.nn.Conv2d(4, 4, 1, groups=2)  # grouped: ordinary kernel
-            self.d = torch.nn.Conv2d(3, 2, 3, padding=2, dilation=2)  # dilated: ordinary kernel
-            self.big = torch.nn.Conv2d(3, 2, 3, padding=1)  # 4x4 output: ordinary kernel
+            self.e = torch.nn.Conv2d(4, 4, (1, 3), padding=(0, 1))  # 1x2 map, 1x3 kernel: taken
+            self.g = torch.nn.Conv2d(4, 4, 3, padding=1, groups=2)  # grouped, 1x2 map: conv2d
+            self.d = torch.nn.Conv2d(5, 2, 3, padding=2, dilation=2)  # dilated, 1x1 map: conv2d
+            self.p = torch.nn.Conv2d(6, 3, 1)  # 1x1 kernel on 2x2 (4 >= 1 tap): conv2d
+            # 5x5 kernel on 4x4 (16 < 25 taps): taken; pixels 3 rows apart meet through padding only
+            self.f = torch.nn.Conv2d(3, 2, 5, padding=2)
 
         def forward(self, x):
-            return self.g(self.c(self.b(self.a(x)))).sum((2, 3)) @ torch.ones(4, 2, dtype=x.dtype) + \
-                self.d(x).mean((2, 3)) + self.big(x).mean((2, 3))
+            a = self.a(x)
+            b = self.b(a)
+            e = self.e(torch.cat([self.c(b)] * 2, 3))  # 1x1 -> 1x2
+            return self.g(e).sum((2, 3)) @ torch.ones(4, 2, dtype=x.dtype) + self.p(a).mean((1, 2, 3))[:, None] + \
+                self.d(b).mean((2, 3)) + self.f(x).mean((2, 3))
 
-    def small_output_convs(model, x):  # the convolutions (weight shapes, in call order) with <= 4 output pixels, k > 1
+    def fewer_pixels_than_taps(model, x):  # the convolutions (weight shapes, in call order) that must take it
         shapes = []
-        hooks = [m.register_forward_hook(lambda m, i, out: shapes.append(m.weight.shape) if out[0, 0].numel() <= 4
-                                         and m.kernel_size != (1, 1) and m.groups == 1 and m.dilation == (1, 1)
-                                         else None)
+        hooks = [m.register_forward_hook(lambda m, i, out: shapes.append(m.weight.shape)
+                                         if i[0][0, 0].numel() < m.kernel_size[0] * m.kernel_size[1]
+                                         and m.groups == 1 and m.dilation == (1, 1) else None)
                  for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
         with torch.no_grad():
             model(x)
@@ -190,32 +196,44 @@ def test_small_map_weight_gradients_match_autograd(monkeypatch):
         return shapes
 
     torch.manual_seed(0)
-    for model, x, n in ((Odd().double(), torch.randn(3, 3, 4, 4, dtype=torch.double, requires_grad=True), 3),
-                        # the seed's stem: layer3 at 2x2, layer4 at 1x1 on 32x32 images
+    for model, x, n in ((Odd().double(), torch.randn(3, 3, 4, 4, dtype=torch.double), 4),
+                        # the seed's stem: layer3 at 2x2, layer4 at 1x1 on 32x32 images (its first conv is 4x4 -> 2x2)
                         (build_model("resnet18", 10, 3, "imagenet").double(),
-                         torch.randn(2, 3, 32, 32, dtype=torch.double, requires_grad=True), 8)):
-        model(x).square().sum().backward()
-        expected = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
-        model.zero_grad(set_to_none=True)
-        x.grad = None
+                         torch.randn(2, 3, 32, 32, dtype=torch.double), 7)):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            model.to(memory_format=fmt)
+            xf = x.detach().contiguous(memory_format=fmt).requires_grad_()
+            out = model(xf)
+            out.square().sum().backward()
+            expected = [out.detach()] + [p.grad.clone() for p in model.parameters()] + [xf.grad.clone()]
+            model.zero_grad(set_to_none=True)
+            xf.grad = None
+            taken.clear()
+            out = small_maps.SmallMaps(model)(xf)
+            out.square().sum().backward()
+            got = [out.detach()] + [p.grad for p in model.parameters()] + [xf.grad]
+            for e, g in zip(expected, got):  # float64 rounding, amplified by batch norm over a few pixels: ~1e-9
+                assert float((e - g).abs().max()) <= 1e-8 * float(e.abs().max())
+            assert taken == fewer_pixels_than_taps(model, xf) and len(taken) == n
+            model.zero_grad(set_to_none=True)
+    with torch.no_grad():  # evaluation (train.fit uses it there too): the same outputs
         taken.clear()
-        small_maps.SmallMapGrad(model)(x).square().sum().backward()
-        got = [p.grad for p in model.parameters()] + [x.grad]
-        for e, g in zip(expected, got):
-            assert torch.allclose(e, g, rtol=1e-10, atol=1e-12)
-        assert taken == small_output_convs(model, x) and len(taken) == n
-    with torch.no_grad():  # evaluation: nothing to differentiate, the ordinary kernel
-        taken.clear()
-        small_maps.SmallMapGrad(model)(x)
-        assert taken == []
+        e, g = model(x), small_maps.SmallMaps(model)(x)
+        assert float((e - g).abs().max()) <= 1e-8 * float(e.abs().max()) and len(taken) == 7
     model.float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 autocast (performance.precision: bf16): ordinary kernels
-        small_maps.SmallMapGrad(model)(x.detach().float()).float().square().sum().backward()
+    taken.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 autocast (performance.precision: bf16): conv2d
+        small_maps.SmallMaps(model)(x.float()).float().square().sum().backward()
     assert taken == [] and all(p.grad is not None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater"):  # conv2d's own message for bad shapes
+        small_maps.SmallMaps(torch.nn.Conv2d(3, 4, 3))(torch.randn(1, 3, 2, 2))
 
 
-def test_small_map_grad_resolves_for_uncompiled_cpu_training_only():
-    assert resolve_perf(None, "cpu")["small_map_grad"] is True
-    assert resolve_perf({"small_map_grad": False}, "cpu")["small_map_grad"] is False
-    assert resolve_perf({"compile": True}, "cpu")["small_map_grad"] is False  # compiled steps have their own kernels
-    assert resolve_perf(None, "cuda")["small_map_grad"] is False  # cuDNN has no such gap
+def test_small_maps_and_channels_last_resolve_per_device():
+    assert resolve_perf(None, "cpu")["small_maps"] is True
+    assert resolve_perf({"small_maps": False}, "cpu")["small_maps"] is False
+    assert resolve_perf({"compile": True}, "cpu")["small_maps"] is False  # compiled steps have their own kernels
+    assert resolve_perf(None, "cuda")["small_maps"] is False  # cuDNN has no such gap
+    # NHWC on the CPU too (measured faster there: batch norm on small maps); asked-for settings win
+    assert resolve_perf(None, "cpu")["channels_last"] is True and resolve_perf(None, "mps")["channels_last"] is False
+    assert resolve_perf({"channels_last": False}, "cpu")["channels_last"] is False

@@ -9,7 +9,7 @@
 seed-style:  torch DataLoader + per-image torchvision transforms (crop/flip for CIFAR), fp32, NCHW.
 pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device,
              channels_last, on CUDA fp32 with TF32 + cudnn.benchmark, on the CPU tiny-map convolutions as one
-             matrix product (pruneflow.train.resolve_perf 'auto', pruneflow.small_maps);
+             matrix product and cheaper dropout masks (pruneflow.train.resolve_perf 'auto', pruneflow.cpu_kernels);
              --ablate adds each part alone and bf16 autocast.
 Both run the same optimiser step (pruneflow.train.train_one_epoch) on synthetic uint8 images of the data
 set's shape (MNIST/CIFAR-10 are not downloadable here; the pipelines' costs do not depend on pixel values).
@@ -26,14 +26,14 @@ from _common import print_header
 
 from pruneflow.data import Batches, SeedStyleBatches
 from pruneflow.infer.device import resolve_device, synchronize
-from pruneflow.infer.errors import exit_on_user_error
+from pruneflow.infer.errors import UserError, exit_on_user_error
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.train import get_recipe, make_optimizer, resolve_perf, step_model_for, train_one_epoch
 
 
-def images_per_s(model, batches, device, amp_dtype, compile_mode=None, small_maps=False):
+def images_per_s(model, batches, device, amp_dtype, compile_mode=None, cpu_kernels=False):
     opt, _ = make_optimizer(model, get_recipe("finetune"), 1)
-    step_model = step_model_for(model, compile_mode, small_maps)
+    step_model = step_model_for(model, compile_mode, cpu_kernels)
     # a few steps first, at the timed precision: allocator, cuDNN autotuning (cudnn.benchmark) for these shapes,
     # and torch.compile's compilation (and CUDA-graph recording) when asked; printed as the compile's cost
     t0 = time.perf_counter()
@@ -54,7 +54,9 @@ def main():
     ap.add_argument("--images", type=int, default=None, help="images per epoch (default 4096; quick 256)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed-style pipeline")
     ap.add_argument("--ablate", action="store_true",
-                    help="also each part alone: the loaders without a model, then fp32/bf16 x NCHW/channels_last")
+                    help="also each part alone: the loaders without a model, then precision x NCHW/channels_last")
+    ap.add_argument("--ablate-precisions", default="fp32,bf16",
+                    help="the ablation's precisions (bf16 autocast on a CPU without bf16 units: 1-30 images/s)")
     ap.add_argument("--precision", default="auto", help="pruneflow's rows: auto (fp32 + TF32 on CUDA) or bf16")
     ap.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"),
                     help="ResNets' stem: cifar (pruneflow's default, 3x3/1) or imagenet (7x7/2 + pool, the seed's model "
@@ -66,6 +68,8 @@ def main():
     args = ap.parse_args()
     dev = resolve_device(args.device)
     perf = resolve_perf(dict(precision=args.precision), dev)
+    if not set(args.ablate_precisions.split(",")) <= {"fp32", "bf16"}:
+        raise UserError(f"--ablate-precisions {args.ablate_precisions!r}: a comma list of fp32, bf16")
     # {mode: what it resolves to here (None: not on this device)}; bad settings fail now, not after minutes
     modes = {mode: resolve_perf(dict(compile=mode, precision=args.precision), dev)["compile"]
              for mode in (args.compile.split(",") if args.compile else [])}
@@ -94,7 +98,7 @@ def main():
         fast_model = model.to(dev, memory_format=torch.channels_last) if perf["channels_last"] else model.to(dev)
         fast_batches = Batches(images, labels, dataset, args.batch_size, dev, train=True,
                                channels_last=perf["channels_last"])
-        fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"], None, perf["small_maps"])
+        fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"], None, perf["cpu_kernels"])
         name = arch + (f" ({pruned} 0.5)" if pruned else "")
         print(f"{name:<26} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
         for mode, resolved in modes.items():
@@ -106,7 +110,7 @@ def main():
             print(f"{'  compile ' + mode:<26} {'':>16} {compiled:>16,.0f} {compiled / seed:>6.2f}"
                   f"  (warm-up incl. compile {images_per_s.warmup_s:.0f} s)", flush=True)
         if args.ablate:
-            ablate(model, images, labels, dataset, args, dev, seed, perf["small_maps"])
+            ablate(model, images, labels, dataset, args, dev, seed, perf["cpu_kernels"])
 
 
 def loader_only(batches, device):
@@ -127,15 +131,15 @@ def ablate(model, images, labels, dataset, args, dev, seed_ips, small):
     kw = dict(train=True, num_workers=args.workers)
     rows = [("  loader: seed-style", loader_only(SeedStyleBatches(images, labels, dataset, args.batch_size, dev, **kw), dev)),
             ("  loader: device", loader_only(Batches(images, labels, dataset, args.batch_size, dev, train=True), dev))]
-    # every combination with the step as resolve_perf gives it (``small``: on the CPU, tiny-map convolutions as one
-    # matrix product)
-    combos = [(amp, cl, small) for amp in (None, torch.bfloat16) for cl in (False, True)]
+    # every combination with the step as resolve_perf gives it (``small``: on the CPU, pruneflow.cpu_kernels)
+    combos = [(None if p == "fp32" else torch.bfloat16, cl, small) for p in args.ablate_precisions.split(",")
+              for cl in (False, True)]
     if small:  # and fp32 without them
         combos += [(None, cl, False) for cl in (False, True)]
     for amp, cl, sm in combos:
         m = model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
         b = Batches(images, labels, dataset, args.batch_size, dev, train=True, channels_last=cl)
-        name = f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} {'device' if sm == small else 'no small_maps'}"
+        name = f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} " + ("device" if sm == small else "no cpu_kernels")
         rows.append((name, images_per_s(m, b, dev, amp, None, sm)))
     for name, ips in rows:
         print(f"{name:<26} {'':>16} {ips:>16,.0f} {ips / seed_ips:>6.2f}", flush=True)

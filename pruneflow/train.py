@@ -32,7 +32,7 @@ RECIPES = {
 
 
 # How training runs (not what it computes): see resolve_perf. The job file's `performance` section.
-DEFAULT_PERF = dict(loader="device", precision="auto", channels_last=None, compile=False, small_maps=True)
+DEFAULT_PERF = dict(loader="device", precision="auto", channels_last=None, compile=False, cpu_kernels=True)
 PRECISIONS = ("auto", "fp32", "bf16")
 # torch.compile's modes, and 'cudagraphs': TorchDynamo + AOTAutograd replayed as CUDA graphs without Inductor's
 # code generation (launch overhead gone for a fraction of the compile time). The CUDA-graph modes
@@ -41,12 +41,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def resolve_perf(perf, device):
-    """{loader, amp_dtype, channels_last, compile (None or a torch.compile mode), small_maps} for ``device``. 'auto'
+    """{loader, amp_dtype, channels_last, compile (None or a torch.compile mode), cpu_kernels} for ``device``. 'auto'
     precision is fp32 everywhere, with TF32 tensor-core convolutions and matmuls on CUDA: on an H200 at the
     seed's batch 64, bf16 autocast was slower than fp32 for SimpleCNN and ResNet-18 (its casts cost more than
     its faster kernels save at that size; docs/benchmarks.md). bf16 autocast only when asked (large batches).
     channels_last defaults to on for CUDA and the CPU (NHWC convolutions; on the 2-core EPYC CPU also ~3x faster
-    batch norm on small maps: docs/benchmarks.md). small_maps (pruneflow.small_maps) applies to uncompiled
+    batch norm on small maps: docs/benchmarks.md). cpu_kernels (pruneflow.cpu_kernels) applies to uncompiled
     training on the CPU only."""
     perf = dict(DEFAULT_PERF, **{k: v for k, v in (perf or {}).items() if v is not None or k == "channels_last"})
     if perf["precision"] not in PRECISIONS:
@@ -69,18 +69,18 @@ def resolve_perf(perf, device):
         # that asks for them runs eagerly on a CPU node instead of paying minutes of compilation per trial
         mode = None
     return dict(loader=perf["loader"], amp_dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last,
-                compile=mode, small_maps=bool(perf["small_maps"]) and mode is None and kind == "cpu")
+                compile=mode, cpu_kernels=bool(perf["cpu_kernels"]) and mode is None and kind == "cpu")
 
 
-def step_model_for(model, compile=None, small_maps=False):
+def step_model_for(model, compile=None, cpu_kernels=False):
     """What training steps call instead of ``model`` (None: the module itself), as resolve_perf says: a compiled
-    wrapper (compile_model), or on the CPU the module with tiny-map convolutions as one matrix (small_maps)."""
+    wrapper (compile_model), or on the CPU the module with pruneflow.cpu_kernels' convolutions and dropout."""
     if compile is not None:
         return compile_model(model, compile)
-    if small_maps:
-        from .small_maps import SmallMaps
+    if cpu_kernels:
+        from .cpu_kernels import CpuKernels
 
-        return SmallMaps(model)
+        return CpuKernels(model)
     return None
 
 
@@ -213,7 +213,7 @@ def evaluate(model, batches, amp_dtype=None, forward=None):
 
 
 def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress=False, on_epoch=None,
-        resume=None, amp_dtype=None, compile=None, small_maps=False):
+        resume=None, amp_dtype=None, compile=None, cpu_kernels=False):
     """Train for ``epochs``; returns the per-epoch history (train/val loss and accuracy, lr, seconds).
 
     ``on_epoch(epoch, history, model, opt, sched)`` runs after each epoch (checkpointing for requeue);
@@ -222,7 +222,7 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
     opt, sched = make_optimizer(model, recipe, epochs)
     # torch.compile (``compile``: a mode, as resolve_perf gives it): slower start (seconds to minutes), faster
     # steps; the uncompiled module keeps the weights, so evaluation and saving never see the wrapper.
-    step_model = step_model_for(model, compile, small_maps)
+    step_model = step_model_for(model, compile, cpu_kernels)
     history, start = [], 0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -235,9 +235,9 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
         lr = opt.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(model, train_batches, opt, masks, progress, f"epoch {epoch + 1}/{epochs}",
                                                 amp_dtype, step_model)
-        # tiny-map convolutions as one matrix speed evaluation too; a compiled wrapper is for training steps only
+        # cpu_kernels' tiny-map convolutions speed evaluation too; a compiled wrapper is for training steps only
         val_loss, val_acc = evaluate(model, test_batches, amp_dtype,
-                                     step_model if small_maps and compile is None else None)
+                                     step_model if cpu_kernels and compile is None else None)
         sched.step()
         history.append(dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                             val_acc=val_acc, lr=lr, seconds=time.perf_counter() - t0))
@@ -308,7 +308,7 @@ def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, d
         os.replace(tmp, state_path)
 
     history = fit(model, train_b, test_b, recipe, epochs, progress=progress, on_epoch=save_state, resume=resume,
-                  amp_dtype=p["amp_dtype"], compile=p["compile"], small_maps=p["small_maps"])
+                  amp_dtype=p["amp_dtype"], compile=p["compile"], cpu_kernels=p["cpu_kernels"])
     meta.update(accuracy=history[-1]["val_acc"] if history else None, history=history)
     ckpt_io.save(model, out, meta)
     if os.path.exists(state_path):
@@ -337,7 +337,7 @@ def finetune(model, meta, epochs, recipe="finetune", seed=0, device="auto", data
         loss, acc = evaluate(model, test_b, p["amp_dtype"])
         return [dict(epoch=0, train_loss=math.nan, train_acc=math.nan, val_loss=loss, val_acc=acc, lr=0.0, seconds=0.0)]
     return fit(model, train_b, test_b, recipe, epochs, masks=masks, progress=progress, amp_dtype=p["amp_dtype"],
-               compile=p["compile"], small_maps=p["small_maps"])
+               compile=p["compile"], cpu_kernels=p["cpu_kernels"])
 
 
 def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="cifar", init=None, seed=0,

@@ -19,10 +19,10 @@ def test_backends_benchmark_quick():
     assert "# device cpu" in p.stdout
 
 
-def test_small_maps_benchmark_quick():
+def test_cpu_kernels_benchmark_quick():
     # each shape's forward + backward both ways and in both layouts (the script stops if outputs or gradients
     # differ), and the path pruneflow takes
-    p = subprocess.run([sys.executable, "benchmarks/small_maps.py", "--quick"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "benchmarks/cpu_kernels.py", "--quick"], capture_output=True, text=True,
                        cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr
     rows = [ln.split() for ln in p.stdout.splitlines() if re.match(r"\s*\d+x\d+ ", ln)]
@@ -30,6 +30,9 @@ def test_small_maps_benchmark_quick():
         ("1x1", "NCHW", "dense"), ("1x1", "NHWC", "dense"), ("2x2", "NCHW", "dense"), ("2x2", "NHWC", "dense"),
         ("4x4", "NCHW", "conv2d"), ("4x4", "NHWC", "conv2d")]
     assert all(float(r[6]) > 0 and float(r[7]) > 0 for r in rows)
+    drops = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("(8, 32, 12, 12)")]
+    assert [r[4] for r in drops] == ["NCHW", "NHWC"]  # both masks keep ~75 % at p = 0.25
+    assert all(abs(float(f) - 0.75) < 0.02 for r in drops for f in (r[8], r[10])), drops
 
 
 def test_projection_benchmark_quick():

@@ -153,15 +153,15 @@ def test_compiled_fine_tuning_trains_the_model_itself(dense_ckpt):
 
 
 def test_small_map_convolutions_match_conv2d(monkeypatch):
-    # pruneflow.small_maps computes convolutions whose input has fewer pixels than the kernel has taps as one dense
+    # pruneflow.cpu_kernels computes convolutions whose input has fewer pixels than the kernel has taps as one dense
     # matrix product (oneDNN's CPU kernels are up to ~25x slower there). Same outputs and gradients as conv2d's own,
     # in float64 and both memory formats; exactly those convolutions take it (found independently by forward hooks).
-    from pruneflow import small_maps
+    from pruneflow import cpu_kernels
     from pruneflow.models import build_model
 
     taken = []
-    dense = small_maps.dense_conv2d
-    monkeypatch.setattr(small_maps, "dense_conv2d", lambda *a: taken.append(a[1].shape) or dense(*a))
+    dense = cpu_kernels.dense_conv2d
+    monkeypatch.setattr(cpu_kernels, "dense_conv2d", lambda *a: taken.append(a[1].shape) or dense(*a))
 
     class Odd(torch.nn.Module):
         def __init__(self):
@@ -209,7 +209,7 @@ def test_small_map_convolutions_match_conv2d(monkeypatch):
             model.zero_grad(set_to_none=True)
             xf.grad = None
             taken.clear()
-            out = small_maps.SmallMaps(model)(xf)
+            out = cpu_kernels.CpuKernels(model)(xf)
             out.square().sum().backward()
             got = [out.detach()] + [p.grad for p in model.parameters()] + [xf.grad]
             for e, g in zip(expected, got):  # float64 rounding, amplified by batch norm over a few pixels: ~1e-9
@@ -218,22 +218,53 @@ def test_small_map_convolutions_match_conv2d(monkeypatch):
             model.zero_grad(set_to_none=True)
     with torch.no_grad():  # evaluation (train.fit uses it there too): the same outputs
         taken.clear()
-        e, g = model(x), small_maps.SmallMaps(model)(x)
+        e, g = model(x), cpu_kernels.CpuKernels(model)(x)
         assert float((e - g).abs().max()) <= 1e-8 * float(e.abs().max()) and len(taken) == 7
     model.float()
     taken.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 autocast (performance.precision: bf16): conv2d
-        small_maps.SmallMaps(model)(x.float()).float().square().sum().backward()
+        cpu_kernels.CpuKernels(model)(x.float()).float().square().sum().backward()
     assert taken == [] and all(p.grad is not None for p in model.parameters())
     with pytest.raises(RuntimeError, match="Kernel size can't be greater"):  # conv2d's own message for bad shapes
-        small_maps.SmallMaps(torch.nn.Conv2d(3, 4, 3))(torch.randn(1, 3, 2, 2))
+        cpu_kernels.CpuKernels(torch.nn.Conv2d(3, 4, 3))(torch.randn(1, 3, 2, 2))
 
 
-def test_small_maps_and_channels_last_resolve_per_device():
-    assert resolve_perf(None, "cpu")["small_maps"] is True
-    assert resolve_perf({"small_maps": False}, "cpu")["small_maps"] is False
-    assert resolve_perf({"compile": True}, "cpu")["small_maps"] is False  # compiled steps have their own kernels
-    assert resolve_perf(None, "cuda")["small_maps"] is False  # cuDNN has no such gap
+def test_cpu_dropout_keeps_the_distribution_and_only_trains(monkeypatch):
+    # cpu_kernels.dropout: each element kept with probability 1 - p and scaled by 1 / (1 - p), gradients through
+    # the same mask; only training-mode, out-of-place dropout with 0 < p < 1 takes it (F.dropout's own otherwise)
+    from pruneflow import cpu_kernels
+    from pruneflow.models import build_model
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, 12, 12, requires_grad=True)
+    for p in (0.25, 0.5):
+        y = cpu_kernels.dropout(x, p)
+        kept = y != 0
+        assert abs(float(kept.float().mean()) - (1 - p)) < 0.01  # 294,912 draws: std ~0.001
+        assert torch.allclose(y[kept], x[kept] / (1 - p))
+        (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert torch.equal(g, kept.float() / (1 - p))
+    taken = []
+    drop = cpu_kernels.dropout
+    monkeypatch.setattr(cpu_kernels, "dropout", lambda *a: taken.append(a[1]) or drop(*a))
+    model = build_model("simple_cnn", 10, 1, "cifar")
+    images = torch.randn(8, 1, 28, 28)
+    cpu_kernels.CpuKernels(model.train())(images).sum().backward()
+    assert taken == [0.25, 0.5]  # the seed's two dropout layers
+    taken.clear()
+    out = cpu_kernels.CpuKernels(model.eval())(images)
+    assert taken == [] and torch.equal(out, model(images))  # evaluation: no dropout at all
+    assert torch.equal(cpu_kernels.CpuKernels(torch.nn.Dropout(0.0))(x), x)  # p = 0: the input itself
+    assert not cpu_kernels.CpuKernels(torch.nn.Dropout(1.0))(x).any()  # p = 1: all dropped
+    cpu_kernels.CpuKernels(torch.nn.Dropout(0.5, inplace=True))(x.detach().clone())
+    assert taken == []
+
+
+def test_cpu_kernels_and_channels_last_resolve_per_device():
+    assert resolve_perf(None, "cpu")["cpu_kernels"] is True
+    assert resolve_perf({"cpu_kernels": False}, "cpu")["cpu_kernels"] is False
+    assert resolve_perf({"compile": True}, "cpu")["cpu_kernels"] is False  # compiled steps have their own kernels
+    assert resolve_perf(None, "cuda")["cpu_kernels"] is False  # cuDNN has no such gap
     # NHWC on the CPU too (measured faster there: batch norm on small maps); asked-for settings win
     assert resolve_perf(None, "cpu")["channels_last"] is True and resolve_perf(None, "mps")["channels_last"] is False
     assert resolve_perf({"channels_last": False}, "cpu")["channels_last"] is False

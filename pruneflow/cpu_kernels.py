@@ -1,24 +1,29 @@
-"""Convolutions on tiny feature maps on the CPU, as one dense matrix product.
+"""CPU training kernels for where PyTorch's defaults run far below the machine: tiny maps and dropout masks.
 
-Why: torchvision ResNets with the ImageNet stem (the seed's model) run on 32x32 images end at 2x2 (layer3) and
-1x1 (layer4) maps. There a 3x3 convolution mostly multiplies padding: on a 1x1 map only the centre tap meets a
-pixel, on a 2x2 map 16 of the 36 (pixel, tap) products do. oneDNN computes all of them, and on CPUs without
+Tiny maps. torchvision ResNets with the ImageNet stem (the seed's model) run on 32x32 images end at 2x2 (layer3)
+and 1x1 (layer4) maps. There a 3x3 convolution mostly multiplies padding: on a 1x1 map only the centre tap meets
+a pixel, on a 2x2 map 16 of the 36 (pixel, tap) products do. oneDNN computes all of them, and on CPUs without
 AVX-512 (the project's 2-core EPYC) its weight-gradient kernel for such maps runs at a few GFLOP/s: a 512->512
-3x3 convolution on a 1x1 map took ~60-90 ms forward + backward at batch 64, for ~17M useful multiply-adds.
-
-What: when a convolution's input has fewer pixels than its kernel has taps (H_in * W_in < kh * kw: 1x1 and 2x2
-maps under a 3x3 kernel), each (output pixel, input pixel) pair meets through exactly one kernel tap (or none,
-through padding). So the convolution is one matrix: rows (C_out, output pixel), columns (input pixel, C_in),
+3x3 convolution on a 1x1 map took 75-120 ms forward + backward at batch 64, for ~17M useful multiply-adds.
+When a convolution's input has fewer pixels than its kernel has taps (H_in * W_in < kh * kw: 1x1 and 2x2 maps
+under a 3x3 kernel), each (output pixel, input pixel) pair meets through exactly one kernel tap (or none,
+through padding), so the convolution is one matrix: rows (C_out, output pixel), columns (input pixel, C_in),
 gathered from the kernel's taps. ``dense_conv2d`` builds it with ``index_select`` and applies it with one
 ``F.linear``; autograd differentiates both, so the backward pass is two more matrix products and an index_add.
-Same numbers to float rounding (tests compare outputs and gradients in float64). ~1.5-2x faster than oneDNN's
-forward + backward on 2x2 maps and 5-25x on 1x1 maps (benchmarks/small_maps.py); from 4x4 maps on the matrix
+Same numbers to float rounding (tests compare outputs and gradients in float64). 2.3x faster than oneDNN's
+forward + backward on 2x2 maps, 6-22x on 1x1 maps (benchmarks/cpu_kernels.py); from 4x4 maps on the matrix
 holds more products than the kernel does, and oneDNN keeps them.
 
-``SmallMaps(model)`` calls ``model`` under a TorchFunctionMode that sends each qualifying ``conv2d`` (float32/64,
-no autocast, groups 1, no dilation) to ``dense_conv2d``; modules, weights and state dicts are unchanged. Used
-for uncompiled training and evaluation on the CPU (train.resolve_perf: ``performance.small_maps``). cuDNN has
-no such gap, and compiled steps bring their own kernels.
+Dropout masks. ``F.dropout`` draws its mask with ``bernoulli_``, ~4x slower on this CPU than drawing uniform
+floats (``torch.rand``); ``dropout`` draws those and compares: the same distribution (each element kept with
+probability 1 - p, scaled by 1 / (1 - p)), another random stream; ~1.5-2x faster forward + backward
+(benchmarks/cpu_kernels.py). The seed's SimpleCNN drops 25 % of its 64x32x12x12 feature map each step.
+
+``CpuKernels(model)`` calls ``model`` under a TorchFunctionMode that sends each qualifying ``conv2d`` (float32/64,
+no autocast, groups 1, no dilation) to ``dense_conv2d`` and each training-mode ``F.dropout`` to ``dropout``;
+modules, weights and state dicts are unchanged. Used for uncompiled training (and evaluation: only the
+convolutions apply there) on the CPU (train.resolve_perf: ``performance.cpu_kernels``). cuDNN and CUDA's random
+number generators have no such gaps, and compiled steps bring their own kernels.
 """
 
 import functools
@@ -64,21 +69,36 @@ def dense_conv2d(x, weight, bias, stride, padding):
     return y.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else y
 
 
+def dropout(x, p):
+    """``F.dropout(x, p, training=True)``: a mask from uniform floats instead of ``bernoulli_`` (~2x faster with
+    the backward pass, benchmarks/cpu_kernels.py)."""
+    mask = torch.rand_like(x).ge_(p).mul_(1 / (1 - p))  # kept: 1 / (1 - p); dropped: 0
+    return x * mask
+
+
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _conv_args(args, kwargs):
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    defaults = (None, None, None, 1, 0, 1, 1)
-    return [args[i] if i < len(args) else kwargs.get(name, d) for i, (name, d) in enumerate(zip(names, defaults))]
+# (name, default) of the arguments of the functions the mode replaces
+_CONV2D = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
+           ("groups", 1))
+_DROPOUT = (("input", None), ("p", 0.5), ("training", True), ("inplace", False))
 
 
-class _SmallMapMode(TorchFunctionMode):
+def _bind(signature, args, kwargs):
+    return [args[i] if i < len(args) else kwargs.get(name, default) for i, (name, default) in enumerate(signature)]
+
+
+class _CpuKernelMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.conv2d or func is torch.conv2d:
-            x, weight, bias, stride, padding, dilation, groups = _conv_args(args, kwargs)
+        if func is F.dropout:
+            x, p, training, inplace = _bind(_DROPOUT, args, kwargs)
+            if training and not inplace and 0 < p < 1 and x.is_floating_point():  # else F.dropout's own cases
+                return dropout(x, p)
+        elif func is F.conv2d or func is torch.conv2d:
+            x, weight, bias, stride, padding, dilation, groups = _bind(_CONV2D, args, kwargs)
             # float32/64 without autocast (bf16 autocast casts inside conv2d; it is slow on such CPUs anyway)
             if (groups == 1 and _pair(dilation) == (1, 1) and not isinstance(padding, str) and x.dim() == 4
                     and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64)
@@ -91,12 +111,12 @@ class _SmallMapMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class SmallMaps:
-    """A callable for training steps and evaluation: ``model(x)`` with tiny-map convolutions as one matrix."""
+class CpuKernels:
+    """A callable for training steps and evaluation: ``model(x)`` with this module's kernels."""
 
     def __init__(self, model):
         self.model = model
 
     def __call__(self, x):
-        with _SmallMapMode():
+        with _CpuKernelMode():
             return self.model(x)

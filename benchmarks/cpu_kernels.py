@@ -1,14 +1,16 @@
-"""Convolutions on tiny maps: conv2d's own kernels vs pruneflow.small_maps' dense matrix product, per shape.
+"""Convolutions on tiny maps: conv2d's own kernels vs pruneflow.cpu_kernels' dense matrix product, per shape.
 
-    python benchmarks/small_maps.py              # the convolutions of ResNets on 32x32 images, batch 64
-    python benchmarks/small_maps.py --quick      # CI-sized
+    python benchmarks/cpu_kernels.py              # the convolutions of ResNets on 32x32 images, batch 64
+    python benchmarks/cpu_kernels.py --quick      # CI-sized
 
 Why it exists: an ImageNet-stem ResNet on 32x32 images (the seed's model) ends in 2x2 and 1x1 maps, where a 3x3
 convolution mostly multiplies padding and oneDNN's CPU kernels (its weight gradient above all) run far below
-the machine's speed. pruneflow.small_maps computes convolutions whose input has fewer pixels than the kernel has
+the machine's speed. pruneflow.cpu_kernels computes convolutions whose input has fewer pixels than the kernel has
 taps as one dense matrix product. This prints forward + backward (input, weight and bias gradients) both ways,
 side by side, in both memory formats, for shapes on both sides of that rule, and checks that both give the same
-output and gradients. Median of --repeats calls after one warm-up call (pruneflow.infer.timing).
+output and gradients. Then dropout (the seed's SimpleCNN's first one) forward + backward, F.dropout's
+bernoulli_ mask vs cpu_kernels.dropout's uniform floats, and the fraction each keeps.
+Median of --repeats calls after one warm-up call (pruneflow.infer.timing).
 """
 
 import argparse
@@ -21,7 +23,7 @@ from _common import print_header
 from pruneflow.infer.device import resolve_device
 from pruneflow.infer.errors import exit_on_user_error
 from pruneflow.infer.timing import summarize, time_calls
-from pruneflow.small_maps import dense_conv2d, uses_dense
+from pruneflow.cpu_kernels import dense_conv2d, dropout, uses_dense
 
 # (input size, C_in, C_out, kernel, stride): ResNet-18/101 convolutions on 32x32 images, ImageNet stem at the top
 SHAPES = [(1, 512, 512, 3, 1), (2, 512, 512, 3, 2), (2, 256, 256, 3, 1), (2, 1024, 256, 1, 1), (4, 256, 256, 3, 2),
@@ -71,6 +73,16 @@ def main():
             path = "dense" if uses_dense(size * size, (k, k)) else "conv2d"  # what pruneflow's CPU training takes
             print(f"{f'{size}x{size}':>5} {c_in:>5} {c_out:>5} {k:>2} {s:>2} {layout:>6}  {t_conv:>9.2f} "
                   f"{t_dense:>8.2f} {t_conv / t_dense:>12.2f}  {path}", flush=True)
+    print(f"\n{'dropout p=0.25':<22} {'layout':>6}  {'F.dropout ms':>12} {'uniform ms':>10} {'ratio':>6}  kept (F / uniform)")
+    for layout, fmt in FORMATS.items():
+        x = torch.randn(batch, 32, 12, 12, generator=g).to(dev, memory_format=fmt).requires_grad_()
+        gy = torch.randn(x.shape, generator=g).to(dev, memory_format=fmt)
+        t_f, t_u = (median_ms(lambda: torch.autograd.grad(drop(x), x, gy), dev, repeats)
+                    for drop in (lambda t: F.dropout(t, 0.25, True), lambda t: dropout(t, 0.25)))
+        kept = [float((drop(x) != 0).float().mean()) for drop in (lambda t: F.dropout(t, 0.25, True),
+                                                                   lambda t: dropout(t, 0.25))]
+        print(f"{str(tuple(x.shape)):<22} {layout:>6}  {t_f:>12.2f} {t_u:>10.2f} {t_f / t_u:>6.2f}  "
+              f"{kept[0]:.3f} / {kept[1]:.3f}", flush=True)
 
 
 if __name__ == "__main__":

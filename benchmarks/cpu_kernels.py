@@ -1,4 +1,4 @@
-"""Convolutions on tiny maps: conv2d's own kernels vs pruneflow.cpu_kernels' dense matrix product, per shape.
+"""pruneflow.cpu_kernels vs PyTorch's own CPU kernels: convolutions on tiny maps (per shape), dropout masks.
 
     python benchmarks/cpu_kernels.py              # the convolutions of ResNets on 32x32 images, batch 64
     python benchmarks/cpu_kernels.py --quick      # CI-sized
@@ -73,14 +73,14 @@ def main():
             path = "dense" if uses_dense(size * size, (k, k)) else "conv2d"  # what pruneflow's CPU training takes
             print(f"{f'{size}x{size}':>5} {c_in:>5} {c_out:>5} {k:>2} {s:>2} {layout:>6}  {t_conv:>9.2f} "
                   f"{t_dense:>8.2f} {t_conv / t_dense:>12.2f}  {path}", flush=True)
-    print(f"\n{'dropout p=0.25':<22} {'layout':>6}  {'F.dropout ms':>12} {'uniform ms':>10} {'ratio':>6}  kept (F / uniform)")
+    print(f"\n{'dropout p=0.25':<22} {'layout':>6}  {'F.dropout ms':>12} {'uniform ms':>10} {'ratio':>6}  "
+          "kept (F / uniform)")
+    drops = (lambda t: F.dropout(t, 0.25, True), lambda t: dropout(t, 0.25))
     for layout, fmt in FORMATS.items():
         x = torch.randn(batch, 32, 12, 12, generator=g).to(dev, memory_format=fmt).requires_grad_()
         gy = torch.randn(x.shape, generator=g).to(dev, memory_format=fmt)
-        t_f, t_u = (median_ms(lambda: torch.autograd.grad(drop(x), x, gy), dev, repeats)
-                    for drop in (lambda t: F.dropout(t, 0.25, True), lambda t: dropout(t, 0.25)))
-        kept = [float((drop(x) != 0).float().mean()) for drop in (lambda t: F.dropout(t, 0.25, True),
-                                                                   lambda t: dropout(t, 0.25))]
+        t_f, t_u = (median_ms(lambda: torch.autograd.grad(drop(x), x, gy), dev, repeats) for drop in drops)
+        kept = [float((drop(x) != 0).float().mean()) for drop in drops]
         print(f"{str(tuple(x.shape)):<22} {layout:>6}  {t_f:>12.2f} {t_u:>10.2f} {t_f / t_u:>6.2f}  "
               f"{kept[0]:.3f} / {kept[1]:.3f}", flush=True)
 

@@ -4,14 +4,14 @@ Tiny maps. torchvision ResNets with the ImageNet stem (the seed's model) run on 
 and 1x1 (layer4) maps. There a 3x3 convolution mostly multiplies padding: on a 1x1 map only the centre tap meets
 a pixel, on a 2x2 map 16 of the 36 (pixel, tap) products do. oneDNN computes all of them, and on CPUs without
 AVX-512 (the project's 2-core EPYC) its weight-gradient kernel for such maps runs at a few GFLOP/s: a 512->512
-3x3 convolution on a 1x1 map took 75-120 ms forward + backward at batch 64, for ~17M useful multiply-adds.
+3x3 convolution on a 1x1 map took 58-120 ms forward + backward at batch 64, for ~17M useful multiply-adds.
 When a convolution's input has fewer pixels than its kernel has taps (H_in * W_in < kh * kw: 1x1 and 2x2 maps
 under a 3x3 kernel), each (output pixel, input pixel) pair meets through exactly one kernel tap (or none,
 through padding), so the convolution is one matrix: rows (C_out, output pixel), columns (input pixel, C_in),
 gathered from the kernel's taps. ``dense_conv2d`` builds it with ``index_select`` and applies it with one
 ``F.linear``; autograd differentiates both, so the backward pass is two more matrix products and an index_add.
-Same numbers to float rounding (tests compare outputs and gradients in float64). 2.3x faster than oneDNN's
-forward + backward on 2x2 maps, 6-22x on 1x1 maps (benchmarks/cpu_kernels.py); from 4x4 maps on the matrix
+Same numbers to float rounding (tests compare outputs and gradients in float64). 2.1-2.4x faster than oneDNN's
+forward + backward on 2x2 maps, 7-22x where the output is 1x1 (benchmarks/cpu_kernels.py); from 4x4 maps on the matrix
 holds more products than the kernel does, and oneDNN keeps them.
 
 Dropout masks. ``F.dropout`` draws its mask with ``bernoulli_``, ~4x slower on this CPU than drawing uniform
@@ -41,25 +41,26 @@ def uses_dense(in_pixels, kernel_size):
 
 @functools.lru_cache(maxsize=None)
 def pair_taps(in_hw, kernel_size, stride, padding):
-    """((H_out, W_out), taps): taps[o, i] is the kernel tap (di * kw + dj) through which input pixel i reaches
-    output pixel o (pixels numbered row by row), or kh * kw where it reaches it through padding only."""
+    """((H_out, W_out), taps, padded): taps[o, i] is the kernel tap (di * kw + dj) through which input pixel i
+    reaches output pixel o (pixels numbered row by row), or kh * kw where it reaches it through padding only;
+    ``padded``: whether any pair does. Cached per shape: training steps ask for the same few shapes each step."""
     (h, w), (kh, kw), (sh, sw), (ph, pw) = in_hw, kernel_size, stride, padding
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     di = torch.arange(h).view(1, 1, h, 1) - torch.arange(ho).view(ho, 1, 1, 1) * sh + ph  # (ho, 1, h, 1)
     dj = torch.arange(w).view(1, 1, 1, w) - torch.arange(wo).view(1, wo, 1, 1) * sw + pw  # (1, wo, 1, w)
     valid = (di >= 0) & (di < kh) & (dj >= 0) & (dj < kw)
-    return (ho, wo), torch.where(valid, di * kw + dj, kh * kw).reshape(ho * wo, h * w)
+    return (ho, wo), torch.where(valid, di * kw + dj, kh * kw).reshape(ho * wo, h * w), not bool(valid.all())
 
 
 def dense_conv2d(x, weight, bias, stride, padding):
     """``F.conv2d(x, weight, bias, stride, padding)`` (groups 1, no dilation) as one matrix product."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
-    (ho, wo), taps = pair_taps((h, w), (kh, kw), tuple(stride), tuple(padding))
+    (ho, wo), taps, padded = pair_taps((h, w), (kh, kw), tuple(stride), tuple(padding))
     taps = taps.to(x.device)
     # the kernel as (C_out, tap, C_in): a view for both memory formats of the weight
     w_taps = weight.permute(0, 2, 3, 1).flatten(1, 2)
-    if bool((taps == kh * kw).any()):  # pairs that meet through padding only: a zero tap
+    if padded:  # pairs that meet through padding only: a zero tap
         w_taps = torch.cat([w_taps, w_taps.new_zeros(c_out, 1, c_in)], 1)
     # rows (C_out, output pixel), columns (input pixel, C_in): x in NHWC order, free for a channels_last input
     matrix = w_taps.index_select(1, taps.flatten()).reshape(c_out * ho * wo, h * w * c_in)
@@ -105,7 +106,7 @@ class _CpuKernelMode(TorchFunctionMode):
                     and not torch.is_autocast_enabled(x.device.type)
                     and uses_dense(x.shape[2] * x.shape[3], weight.shape[2:])):
                 stride, padding = _pair(stride), _pair(padding)
-                (ho, wo), _ = pair_taps(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding)
+                (ho, wo), _, _ = pair_taps(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding)
                 if ho > 0 and wo > 0:  # else conv2d's own error message
                     return dense_conv2d(x, weight, bias, stride, padding)
         return func(*args, **kwargs)

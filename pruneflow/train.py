@@ -221,7 +221,7 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
     """
     opt, sched = make_optimizer(model, recipe, epochs)
     # torch.compile (``compile``: a mode, as resolve_perf gives it): slower start (seconds to minutes), faster
-    # steps; the uncompiled module keeps the weights, so evaluation and saving never see the wrapper.
+    # steps; the uncompiled module keeps the weights, so evaluation and saving never see the compiled wrapper.
     step_model = step_model_for(model, compile, cpu_kernels)
     history, start = [], 0
     if resume is not None:
@@ -235,9 +235,8 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
         lr = opt.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(model, train_batches, opt, masks, progress, f"epoch {epoch + 1}/{epochs}",
                                                 amp_dtype, step_model)
-        # cpu_kernels' tiny-map convolutions speed evaluation too; a compiled wrapper is for training steps only
-        val_loss, val_acc = evaluate(model, test_batches, amp_dtype,
-                                     step_model if cpu_kernels and compile is None else None)
+        # uncompiled, step_model is cpu_kernels' wrapper (or None): its tiny-map convolutions speed evaluation too
+        val_loss, val_acc = evaluate(model, test_batches, amp_dtype, step_model if compile is None else None)
         sched.step()
         history.append(dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                             val_acc=val_acc, lr=lr, seconds=time.perf_counter() - t0))

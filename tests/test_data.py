@@ -100,6 +100,28 @@ def test_digits_split_is_fixed_and_disjoint():
     assert not any(bytes(x.numpy()) in tr for x in xte[:100])
 
 
+def test_digits_table_is_sklearns_load_digits(monkeypatch):
+    """The digits come from scikit-learn's data file without importing sklearn (1.5 s per process); the same
+    numbers as its public API, which is also the fallback when the file is elsewhere."""
+    from sklearn.datasets import load_digits
+
+    from pruneflow.infer import data
+
+    want = load_digits()
+    data._digits_table.cache_clear()
+    table = data._digits_table()
+    assert table.shape == (1797, 65)
+    np.testing.assert_array_equal(table[:, :64], want.data)
+    np.testing.assert_array_equal(table[:, 64], want.target)
+    xtr, ytr = load_split("digits", "train")
+    data._digits_table.cache_clear()
+    monkeypatch.setattr(data.os.path, "exists", lambda path: False)  # another package layout: the public API
+    np.testing.assert_array_equal(data._digits_table(), table)
+    xtr2, ytr2 = load_split("digits", "train")
+    assert torch.equal(xtr2, xtr) and torch.equal(ytr2, ytr)
+    data._digits_table.cache_clear()
+
+
 def test_evaluation_never_augments_training_does(tmp_path, monkeypatch):
     make_cifar10(tmp_path, n=16)
     skip_cifar_checksums(monkeypatch)

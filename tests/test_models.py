@@ -34,3 +34,50 @@ def test_resnet_stems():
     imagenet.layer1.register_forward_hook(lambda m, i, o: feats.update(i=o.shape))
     cifar(x), imagenet(x)
     assert feats["c"][-1] == 32 and feats["i"][-1] == 8
+
+
+def flop_counter_macs(model, shape):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(1, *shape))
+    return counter.get_total_flops() // 2
+
+
+def test_mac_count_equals_torchs_flop_counter_on_every_architecture():
+    """count_macs counts pruneflow's models by forward hooks (no TorchDynamo import); torch's FLOP counter is
+    the reference, on every architecture and stem, dense and with uneven widths as pruning leaves them; a
+    model with a module outside the known set is counted by the FLOP counter itself."""
+    import sys
+
+    from pruneflow.infer.arch import ARCHITECTURES
+    from pruneflow.infer.checkpoint import _count_macs_by_hooks, count_macs
+
+    for arch in ARCHITECTURES:
+        cases = {"simple_cnn": [("imagenet", (1, 28, 28))], "resnet18": [("cifar", (3, 32, 32)), ("imagenet", (1, 28, 28))],
+                 "resnet50": [("cifar", (3, 32, 32))]}.get(arch, []) + [("imagenet", (3, 32, 32))] * (arch != "simple_cnn")
+        for stem, shape in cases:
+            model = build_model(arch, 10, shape[0], stem)
+            macs = count_macs(model, shape)
+            assert model.training  # the mode is restored
+            assert macs == flop_counter_macs(model, shape), (arch, stem, shape)
+    # uneven widths (as channel pruning leaves them), grouped and strided convolutions, a bias-free conv
+    model = build_model("resnet18", 10, 3, "cifar")
+    model.layer1[0].conv1 = torch.nn.Conv2d(64, 24, 3, padding=1, bias=True)
+    model.layer1[0].bn1 = torch.nn.BatchNorm2d(24)
+    model.layer1[0].conv2 = torch.nn.Conv2d(24, 64, 3, padding=1, groups=8, bias=False)
+    model.layer2[0].conv1 = torch.nn.Conv2d(64, 40, (3, 1), stride=2, padding=(1, 0), bias=False)
+    model.layer2[0].bn1 = torch.nn.BatchNorm2d(40)
+    model.layer2[0].conv2 = torch.nn.Conv2d(40, 128, (1, 3), padding=(0, 1), bias=False)
+    model.fc = torch.nn.Linear(512, 7)
+    assert count_macs(model, (3, 32, 32)) == flop_counter_macs(model, (3, 32, 32)) > 0
+    with torch.no_grad():
+        assert _count_macs_by_hooks(model, torch.zeros(1, 3, 32, 32)) == flop_counter_macs(model, (3, 32, 32))
+
+    class Attention(torch.nn.Module):  # computes in its own forward: hooks would miss its products
+        def forward(self, x):
+            return x + x.flatten(2).transpose(1, 2).softmax(-1).transpose(1, 2).reshape(x.shape) @ x.transpose(-1, -2)
+
+    odd = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), Attention())
+    assert count_macs(odd, (1, 8, 8)) == flop_counter_macs(odd, (1, 8, 8)) > 4 * 9 * 64
+    assert "torch._dynamo" in sys.modules  # the fallback ran the FLOP counter

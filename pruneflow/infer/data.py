@@ -5,10 +5,11 @@ The whole data path, top to bottom: ``load_split`` reads a split through torchvi
 labels; ``Batches`` keeps both on the training device and, per batch, converts to float, augments (training
 only, on the device, for the whole batch at once) and normalises. No DataLoader, no per-image Python work.
 
-Torch + torchvision only (scikit-learn is imported lazily, for ``digits``), because ``pruneflow.infer``
+Torch + torchvision only (``digits`` reads scikit-learn's bundled data file), because ``pruneflow.infer``
 measures test accuracy with it on machines that have nothing else.
 """
 
+import functools
 import os
 
 import torch
@@ -84,17 +85,40 @@ def _missing(name, root, why):
     )
 
 
-def _digits(split):
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise UserError("the 'digits' data set needs scikit-learn: pip install scikit-learn") from None
+@functools.lru_cache(maxsize=1)
+def _digits_table():
+    """scikit-learn's bundled digits as one (1797, 65) array: 64 pixels in 0..16, then the label.
+
+    Read from the package's own data file, as ``sklearn.datasets.load_digits`` reads it, because importing
+    ``sklearn.datasets`` costs ~1.5 s per process and every sweep worker and ``pruneflow.infer`` run would pay
+    it; another package layout falls back to the public API.
+    """
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is None:
+        raise UserError("the 'digits' data set needs scikit-learn: pip install scikit-learn")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    if os.path.exists(path):
+        import gzip
+
+        with gzip.open(path, "rt") as f:
+            return np.loadtxt(f, delimiter=",")
+    from sklearn.datasets import load_digits
+
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    return np.column_stack([d.data, d.target])
+
+
+def _digits(split):
+    table = torch.from_numpy(_digits_table())
+    x = (table[:, :64].float() / 16.0).view(-1, 1, 8, 8)  # (1797, 1, 8, 8) in [0, 1]
     # Bilinear upsampling to MNIST's size so the seed's SimpleCNN (fc1 4608 inputs) runs unchanged.
     x = torch.nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
     images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-    labels = torch.tensor(d.target, dtype=torch.long)
+    labels = table[:, 64].long()
     g = torch.Generator().manual_seed(DIGITS_SPLIT_SEED)
     order = torch.randperm(len(labels), generator=g)
     n_test = int(round(len(labels) * DIGITS_TEST_FRACTION))

@@ -148,8 +148,8 @@ def count_macs(model, input_shape, device="cpu"):
 
     Models built only of Conv2d, Linear and the modules in ``_NO_OWN_MACS`` (all of pruneflow's) are counted
     with forward hooks on their Conv2d and Linear layers; anything else goes through ``FlopCounterMode``,
-    whose first use imports TorchDynamo (~1.3 s per process, paid by every sweep worker and every
-    ``pruneflow.infer`` run when it counted all models).
+    whose first use imports TorchDynamo: ~1.3 s that ``pruneflow.infer`` would pay on every run (training
+    processes pay it anyway: torch's optimizers import TorchDynamo when constructed).
     """
     was_training = model.training
     model.eval()

@@ -95,6 +95,7 @@ def compile_model(model, mode):
     study should not lose its trials to it."""
     if mode is None:
         return None
+    fresh_compile_state(model)
     if mode == "cudagraphs":
         compiled = torch.compile(model, backend="cudagraphs", dynamic=False)
     else:
@@ -116,6 +117,28 @@ def compile_model(model, mode):
             return model(x)
 
     return step
+
+
+_compiled_shapes = None  # the parameter shapes this process last compiled a model of
+
+
+def fresh_compile_state(model):
+    """Reset TorchDynamo when ``model``'s parameter shapes differ from the last compiled model's in this process.
+
+    Sweep workers are reused across trials. TorchDynamo keeps each compiled model's code in a cache per forward
+    function and, past ``recompile_limit`` (8) differently-shaped models, runs the next forward eagerly with
+    only a log line: a worker's ninth pruned shape would train uncompiled. Old entries also keep their
+    CUDA-graph memory pools. A model of the same shapes (the dense, control and level arms) reuses the compiled
+    code instead. Returns whether it reset."""
+    global _compiled_shapes
+    shapes = (type(model), tuple((name, tuple(p.shape)) for name, p in model.named_parameters()))
+    reset = _compiled_shapes is not None and shapes != _compiled_shapes
+    if reset:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+    _compiled_shapes = shapes
+    return reset
 
 
 class TrainingDiverged(RuntimeError):

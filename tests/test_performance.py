@@ -152,6 +152,29 @@ def test_compiled_fine_tuning_trains_the_model_itself(dense_ckpt):
     assert not torch.equal(before, model.fc2.weight.detach()) and history[-1]["val_acc"] > 0.5
 
 
+def test_a_reused_worker_compiles_every_new_shape(monkeypatch):
+    # Sweep workers run trial after trial. Past TorchDynamo's recompile limit (8) a new model shape ran eagerly
+    # with only a log line; compile_model resets TorchDynamo when the shapes change, and keeps the compiled code
+    # for a model of the same shapes. The limit is lowered to 1 so that three shapes show it.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from pruneflow import train
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(train, "_compiled_shapes", None)
+    torch._dynamo.reset()
+    x, graphs = torch.randn(5, 6), []
+    for width in (4, 4, 3, 2):  # two trials of one shape, then two pruned shapes
+        model = torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
+        before = counters["stats"]["unique_graphs"]
+        step = train.compile_model(model, "default")
+        torch.testing.assert_close(step(x), model(x))
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert graphs == [1, 0, 1, 1]
+    torch._dynamo.reset()
+
+
 def test_small_map_convolutions_match_conv2d(monkeypatch):
     # pruneflow.cpu_kernels computes convolutions whose input has fewer pixels than the kernel has taps as one dense
     # matrix product (oneDNN's CPU kernels are up to ~25x slower there). Same outputs and gradients as conv2d's own,

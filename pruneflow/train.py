@@ -127,9 +127,9 @@ def fresh_compile_state(model):
 
     Sweep workers are reused across trials. TorchDynamo keeps each compiled model's code in a cache per forward
     function and, past ``recompile_limit`` (8) differently-shaped models, runs the next forward eagerly with
-    only a log line: a worker's ninth pruned shape would train uncompiled. Old entries also keep their
-    CUDA-graph memory pools. A model of the same shapes (the dense, control and level arms) reuses the compiled
-    code instead. Returns whether it reset."""
+    only a log line: a worker's ninth pruned shape would train uncompiled. The reset also drops earlier trials'
+    CUDA-graph trees. A model of the same shapes (the dense, control and level arms) reuses the compiled code
+    instead. Returns whether it reset."""
     global _compiled_shapes
     shapes = (type(model), tuple((name, tuple(p.shape)) for name, p in model.named_parameters()))
     reset = _compiled_shapes is not None and shapes != _compiled_shapes

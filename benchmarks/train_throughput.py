@@ -126,21 +126,21 @@ def loader_only(batches, device):
     return n / (time.perf_counter() - t0)
 
 
-def ablate(model, images, labels, dataset, args, dev, seed_ips, small):
+def ablate(model, images, labels, dataset, args, dev, seed_ips, kernels):
     """Which part buys what: each loader alone, then the device loader with each precision x memory format."""
     kw = dict(train=True, num_workers=args.workers)
     rows = [("  loader: seed-style", loader_only(SeedStyleBatches(images, labels, dataset, args.batch_size, dev, **kw), dev)),
             ("  loader: device", loader_only(Batches(images, labels, dataset, args.batch_size, dev, train=True), dev))]
-    # every combination with the step as resolve_perf gives it (``small``: on the CPU, pruneflow.cpu_kernels)
-    combos = [(None if p == "fp32" else torch.bfloat16, cl, small) for p in args.ablate_precisions.split(",")
+    # every combination with the step as resolve_perf gives it (``kernels``: whether it uses pruneflow.cpu_kernels)
+    combos = [(None if p == "fp32" else torch.bfloat16, cl, kernels) for p in args.ablate_precisions.split(",")
               for cl in (False, True)]
-    if small:  # and fp32 without them
+    if kernels:  # and fp32 without them
         combos += [(None, cl, False) for cl in (False, True)]
-    for amp, cl, sm in combos:
+    for amp, cl, ck in combos:
         m = model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
         b = Batches(images, labels, dataset, args.batch_size, dev, train=True, channels_last=cl)
-        name = f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} " + ("device" if sm == small else "no cpu_kernels")
-        rows.append((name, images_per_s(m, b, dev, amp, None, sm)))
+        name = f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} " + ("device" if ck == kernels else "no cpu_kernels")
+        rows.append((name, images_per_s(m, b, dev, amp, None, ck)))
     for name, ips in rows:
         print(f"{name:<26} {'':>16} {ips:>16,.0f} {ips / seed_ips:>6.2f}", flush=True)
 

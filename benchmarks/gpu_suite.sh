@@ -22,11 +22,15 @@ step() {  # step NAME SECONDS COMMAND...: runs when no STEP was named, or this o
     grep -v '^\s*$' "$out/$name.txt" | tail -n 25
 }
 
+# the whole training step recorded as one CUDA graph trains as eager steps do (skipped without CUDA)
+step step-graph-tests 90 "$py" -m pytest -q -p no:cacheprovider tests/test_step_graph.py
 step throughput 100 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4
 step compile 200 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4 \
     --models simple_cnn,resnet18,resnet101 --compile cudagraphs,reduce-overhead
 step compile-bf16 200 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4 \
     --models simple_cnn,resnet18,resnet101 --compile reduce-overhead --precision bf16
+step graph 180 "$py" benchmarks/train_throughput.py --device cuda --images 8192 --workers 4 \
+    --models simple_cnn,resnet18,resnet101 --compile cudagraphs,reduce-overhead
 # the seed's own model (ImageNet stem: 1x1-2x2 maps on 32x32 images, more launch-bound still)
 step compile-seed-stem 200 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4 \
     --stem imagenet --models resnet18,resnet101 --compile cudagraphs,reduce-overhead

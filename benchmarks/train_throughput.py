@@ -28,20 +28,23 @@ from pruneflow.data import Batches, SeedStyleBatches
 from pruneflow.infer.device import resolve_device, synchronize
 from pruneflow.infer.errors import UserError, exit_on_user_error
 from pruneflow.models import build_model, default_prune_targets
-from pruneflow.train import get_recipe, make_optimizer, resolve_perf, step_model_for, train_one_epoch
+from pruneflow.step_graph import WARMUP
+from pruneflow.train import GRAPH_MODES, get_recipe, make_optimizer, resolve_perf, steps_for, train_one_epoch
 
 
 def images_per_s(model, batches, device, amp_dtype, compile_mode=None, cpu_kernels=False):
-    opt, _ = make_optimizer(model, get_recipe("finetune"), 1)
-    step_model = step_model_for(model, compile_mode, cpu_kernels)
+    opt, _ = make_optimizer(model, get_recipe("finetune"), 1, capturable=compile_mode in GRAPH_MODES)
+    step_model, graph = steps_for(model, opt, compile_mode, cpu_kernels, amp_dtype=amp_dtype)
     # a few steps first, at the timed precision: allocator, cuDNN autotuning (cudnn.benchmark) for these shapes,
-    # and torch.compile's compilation (and CUDA-graph recording) when asked; printed as the compile's cost
+    # and torch.compile's compilation and the whole step's CUDA-graph recording when asked; printed as the
+    # compile's cost
     t0 = time.perf_counter()
-    train_one_epoch(model, itertools.islice(iter(batches), 3), opt, amp_dtype=amp_dtype, step_model=step_model)
+    train_one_epoch(model, itertools.islice(iter(batches), WARMUP + 2), opt, amp_dtype=amp_dtype,
+                    step_model=step_model, graph=graph)
     synchronize(device)
     images_per_s.warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train_one_epoch(model, batches, opt, amp_dtype=amp_dtype, step_model=step_model)
+    train_one_epoch(model, batches, opt, amp_dtype=amp_dtype, step_model=step_model, graph=graph)
     synchronize(device)
     return len(batches.images if hasattr(batches, "images") else batches.dataset) / (time.perf_counter() - t0)
 

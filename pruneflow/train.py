@@ -72,9 +72,18 @@ def resolve_perf(perf, device):
                 compile=mode, cpu_kernels=bool(perf["cpu_kernels"]) and mode is None and kind == "cpu")
 
 
+# The modes that record CUDA graphs record the whole training step (pruneflow.step_graph), not only the model:
+# 'cudagraphs' around the eager model (no compilation at all), 'reduce-overhead' around Inductor's kernels
+GRAPH_MODES = ("cudagraphs", "reduce-overhead")
+
+
 def step_model_for(model, compile=None, cpu_kernels=False):
     """What training steps call instead of ``model`` (None: the module itself), as resolve_perf says: a compiled
-    wrapper (compile_model), or on the CPU the module with pruneflow.cpu_kernels' convolutions and dropout."""
+    wrapper (compile_model), or on the CPU the module with pruneflow.cpu_kernels' convolutions and dropout. In the
+    CUDA-graph modes the graph replaces TorchDynamo's own: the model eager ('cudagraphs') or compiled by Inductor
+    without CUDA graphs ('reduce-overhead'), recorded inside the whole step (steps_for)."""
+    if compile in GRAPH_MODES:
+        return None if compile == "cudagraphs" else compile_model(model, "default")
     if compile is not None:
         return compile_model(model, compile)
     if cpu_kernels:
@@ -82,6 +91,21 @@ def step_model_for(model, compile=None, cpu_kernels=False):
 
         return CpuKernels(model)
     return None
+
+
+def steps_for(model, opt, compile=None, cpu_kernels=False, masks=None, amp_dtype=None):
+    """(step_model, graph) for train_one_epoch: step_model_for's forward and, in the CUDA-graph modes, the
+    StepGraph that records whole steps of it with ``opt``, ``masks`` and ``amp_dtype`` (else None)."""
+    step_model = step_model_for(model, compile, cpu_kernels)
+    if compile not in GRAPH_MODES:
+        return step_model, None
+    import functools
+
+    from .step_graph import StepGraph
+
+    forward = model if step_model is None else step_model
+    step = functools.partial(train_step, forward, opt, masks=masks, amp_dtype=amp_dtype)
+    return step_model, StepGraph(step, opt, next(model.parameters()).device)
 
 
 def compile_model(model, mode):
@@ -157,10 +181,12 @@ def default_recipe(arch):
     return "mnist" if arch == "simple_cnn" else "cifar_resnet"
 
 
-def make_optimizer(model, recipe, epochs):
+def make_optimizer(model, recipe, epochs, capturable=False):
+    """(optimiser, scheduler) for ``recipe``. ``capturable``: the step will be recorded in a CUDA graph
+    (StepGraph; Adadelta then keeps its step counts on the device; SGD needs nothing)."""
     params = model.parameters()
     if recipe["optimizer"] == "adadelta":
-        opt = torch.optim.Adadelta(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+        opt = torch.optim.Adadelta(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"], capturable=capturable)
     else:
         opt = torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"])
     if recipe["schedule"] == "step":
@@ -173,18 +199,35 @@ def make_optimizer(model, recipe, epochs):
     return opt, sched
 
 
+def train_step(forward, opt, x, y, sums, masks=None, amp_dtype=None):
+    """One optimiser step on the batch (x, y), gradients None or zero on entry: ``forward`` (the model or what
+    step_model_for made of it) and the loss under autocast when ``amp_dtype``, backward, ``opt.step()``,
+    ``masks`` (pruned zeros stay zero); the batch's summed loss and correct count are added to ``sums`` (device
+    tensors, in place: the same code runs eagerly and recorded in a CUDA graph)."""
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        out = forward(x)
+        loss = F.cross_entropy(out, y)
+    loss.backward()
+    opt.step()
+    if masks:
+        from .prune import apply_masks
+
+        apply_masks(masks)
+    sums[0].add_(loss.detach().float() * len(y))
+    sums[1].add_((out.argmax(1) == y).sum())
+
+
 def train_one_epoch(model, batches, opt, masks=None, progress=False, desc="", amp_dtype=None, step_model=None,
-                    check_every=50):
+                    check_every=50, graph=None):
     """One pass over ``batches``; returns (mean loss, accuracy). ``masks`` keep pruned zeros at zero;
     ``amp_dtype`` runs forward/loss under autocast; ``step_model`` is what step_model_for made of ``model``, used for
-    batches of the first batch's size (a short last batch runs through ``model``: no recompilation).
+    batches of the first batch's size (a short last batch runs through ``model``: no recompilation); ``graph``
+    (steps_for's StepGraph, built with the same optimiser, masks and precision) runs those batches' whole steps.
 
     Loss and accuracy are summed on the device and read once per ``check_every`` steps: a ``.item()`` per step
     would make the CPU wait for the GPU every step and starve it (the seed's loop did)."""
-    from .prune import apply_masks
-
     model.train()
-    total_loss = correct = None
+    sums = None
     seen = full = 0
     it = batches
     if progress:
@@ -192,26 +235,24 @@ def train_one_epoch(model, batches, opt, masks=None, progress=False, desc="", am
 
         it = tqdm(batches, desc=desc, leave=False, unit="batch")
     for step, (x, y) in enumerate(it, 1):
+        if sums is None:  # the graph adds into its own tensors; an eager step adds into the same ones
+            sums = graph.zero_sums() if graph is not None else (
+                torch.zeros((), device=x.device), torch.zeros((), dtype=torch.long, device=x.device))
         full = full or len(x)
-        # `is not None`, not truthiness: a compiled module has no truth value
-        forward = step_model if step_model is not None and len(x) == full else model
-        with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            out = forward(x)
-            loss = F.cross_entropy(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if masks:
-            apply_masks(masks)
-        batch_loss = loss.detach().float() * len(y)
-        batch_correct = (out.argmax(1) == y).sum()
-        total_loss = batch_loss if total_loss is None else total_loss + batch_loss
-        correct = batch_correct if correct is None else correct + batch_correct
+        if graph is not None and len(x) == full:
+            graph(x, y)
+        else:
+            # `is not None`, not truthiness: a compiled module has no truth value
+            forward = step_model if step_model is not None and len(x) == full else model
+            opt.zero_grad(set_to_none=True)
+            train_step(forward, opt, x, y, sums, masks, amp_dtype)
         seen += len(y)
         if step % check_every == 0:
-            _check_finite(total_loss)
-    _check_finite(total_loss)
-    return total_loss.item() / seen, correct.item() / seen
+            _check_finite(sums[0])
+    if sums is None:
+        raise ValueError("train_one_epoch: no batches")
+    _check_finite(sums[0])
+    return sums[0].item() / seen, sums[1].item() / seen
 
 
 def _check_finite(total_loss):
@@ -242,10 +283,11 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
     ``on_epoch(epoch, history, model, opt, sched)`` runs after each epoch (checkpointing for requeue);
     ``resume`` is a state dict written from such a callback ({epoch, history, model, optimizer, scheduler}).
     """
-    opt, sched = make_optimizer(model, recipe, epochs)
+    opt, sched = make_optimizer(model, recipe, epochs, capturable=compile in GRAPH_MODES)
     # torch.compile (``compile``: a mode, as resolve_perf gives it): slower start (seconds to minutes), faster
     # steps; the uncompiled module keeps the weights, so evaluation and saving never see the compiled wrapper.
-    step_model = step_model_for(model, compile, cpu_kernels)
+    # The CUDA-graph modes record whole steps (StepGraph), kept across epochs.
+    step_model, graph = steps_for(model, opt, compile, cpu_kernels, masks, amp_dtype)
     history, start = [], 0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -257,7 +299,7 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(model, train_batches, opt, masks, progress, f"epoch {epoch + 1}/{epochs}",
-                                                amp_dtype, step_model)
+                                                amp_dtype, step_model, graph=graph)
         # uncompiled, step_model is cpu_kernels' wrapper (or None): its tiny-map convolutions speed evaluation too
         val_loss, val_acc = evaluate(model, test_batches, amp_dtype, step_model if compile is None else None)
         sched.step()

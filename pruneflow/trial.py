@@ -54,7 +54,8 @@ def probe_memory(config, dense_path, steps=4):
     from .data import train_test_batches
     from .infer import checkpoint as ckpt_io
     from .infer.device import resolve_device
-    from .train import compile_model, evaluate, get_recipe, make_optimizer, resolve_perf, train_one_epoch
+    from .step_graph import WARMUP
+    from .train import GRAPH_MODES, evaluate, get_recipe, make_optimizer, resolve_perf, steps_for, train_one_epoch
 
     dev = resolve_device(config["resources"]["device"])
     if dev.type != "cuda":
@@ -68,11 +69,13 @@ def probe_memory(config, dense_path, steps=4):
         model.to(memory_format=torch.channels_last)
     train_b, test_b = train_test_batches(meta["dataset"], recipe["batch_size"], dev, 0, data["root"],
                                          data["download"], p["channels_last"], p["loader"])
-    opt, _ = make_optimizer(model, recipe, 1)
-    # compiled as the trials will be: CUDA graphs keep their own memory pools, which a trial holds too
-    # (and the compilation fills the node's Inductor cache for the dense-shaped trials)
-    step_model = compile_model(model, p["compile"])
-    train_one_epoch(model, itertools.islice(iter(train_b), steps), opt, amp_dtype=p["amp_dtype"], step_model=step_model)
+    opt, _ = make_optimizer(model, recipe, 1, capturable=p["compile"] in GRAPH_MODES)
+    # compiled and recorded as the trials will be: CUDA graphs keep their own memory pools, which a trial holds
+    # too (and the compilation fills the node's Inductor cache for the dense-shaped trials)
+    step_model, graph = steps_for(model, opt, p["compile"], amp_dtype=p["amp_dtype"])
+    steps = max(steps, WARMUP + 2) if graph is not None else steps  # the warm-up, the capture and a replay
+    train_one_epoch(model, itertools.islice(iter(train_b), steps), opt, amp_dtype=p["amp_dtype"], step_model=step_model,
+                    graph=graph)
     evaluate(model, itertools.islice(iter(test_b), 1), p["amp_dtype"])  # an evaluation batch, as fit runs them
     torch.cuda.synchronize(dev)
     free, total = torch.cuda.mem_get_info(dev)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmarks on one GPU, as quoted in docs/benchmarks.md:   bash benchmarks/gpu_suite.sh OUTDIR [STEP ...]
-# Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine (up to 25 min
+# Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine (up to 29 min
 # in all: name a few STEPs to fit a shorter lease); every step's output is kept in OUTDIR/<step>.txt,
 # and the packing study's results files in OUTDIR/packing-study.
 set -u

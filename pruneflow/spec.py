@@ -83,9 +83,11 @@ class PerformanceSpec:
     loader: str = "device"  # device (data set on the device, batched augmentation) | torchvision (the seed's DataLoader)
     precision: str = "auto"  # auto (fp32; TF32 tensor cores on CUDA) | fp32 | bf16 (autocast: large batches)
     channels_last: typing.Optional[bool] = None  # default: on for CUDA and the CPU
-    # torch.compile the training step: slow start, faster epochs (long runs only). true = mode 'default';
-    # 'reduce-overhead' (Inductor + CUDA graphs: ~1 min to compile a ResNet-101) and 'cudagraphs' (CUDA graphs
-    # only: seconds) remove the kernel launches that limit batch 64 on a fast GPU; both run eagerly off CUDA.
+    # torch.compile the training step: slow start, faster epochs (long runs only). true = mode 'default'.
+    # 'cudagraphs' records each whole training step (forward, backward, optimiser) as one CUDA graph around the
+    # eager model (no compilation: a second) and 'reduce-overhead' the same around Inductor's kernels (~1 min to
+    # compile a ResNet-101): they remove the kernel launches that limit batch 64 on a fast GPU (H200: 2.5-15x
+    # the seed pipeline's images/s, docs/benchmarks.md); both run eagerly off CUDA.
     # A compilation that fails (no C++ compiler on the node, say) trains eagerly after a one-line warning.
     compile: typing.Union[bool, str] = False
     # CPU: convolutions whose input has fewer pixels than the kernel has taps (3x3 on 2x2 and 1x1 maps: ResNets

@@ -34,9 +34,8 @@ RECIPES = {
 # How training runs (not what it computes): see resolve_perf. The job file's `performance` section.
 DEFAULT_PERF = dict(loader="device", precision="auto", channels_last=None, compile=False, cpu_kernels=True)
 PRECISIONS = ("auto", "fp32", "bf16")
-# torch.compile's modes, and 'cudagraphs': TorchDynamo + AOTAutograd replayed as CUDA graphs without Inductor's
-# code generation (launch overhead gone for a fraction of the compile time). The CUDA-graph modes
-# (cudagraphs, reduce-overhead) apply on CUDA only: see resolve_perf.
+# torch.compile's modes, and 'cudagraphs'. The CUDA-graph modes (cudagraphs, reduce-overhead) record the whole
+# training step as one CUDA graph (GRAPH_MODES, pruneflow.step_graph) and apply on CUDA only: see resolve_perf.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cudagraphs")
 
 
@@ -64,9 +63,9 @@ def resolve_perf(perf, device):
         raise UserError(f"unknown compile mode {mode!r}; valid: true, false, {', '.join(COMPILE_MODES)}")
     mode = "default" if mode is True else mode or None
     if mode in ("cudagraphs", "reduce-overhead") and not cuda:
-        # modes for CUDA graphs: off CUDA, cudagraphs would only add tracing and reduce-overhead is Inductor's
-        # default mode, which measured no faster than eager on the CPU (docs/benchmarks.md); a GPU job file
-        # that asks for them runs eagerly on a CPU node instead of paying minutes of compilation per trial
+        # modes for CUDA graphs: off CUDA there is nothing to record, and Inductor's kernels (reduce-overhead's)
+        # measured no faster than eager on the CPU (docs/benchmarks.md); a GPU job file that asks for them runs
+        # eagerly on a CPU node instead of paying minutes of compilation per trial
         mode = None
     return dict(loader=perf["loader"], amp_dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last,
                 compile=mode, cpu_kernels=bool(perf["cpu_kernels"]) and mode is None and kind == "cpu")
@@ -109,8 +108,9 @@ def steps_for(model, opt, compile=None, cpu_kernels=False, masks=None, amp_dtype
 
 
 def compile_model(model, mode):
-    """``model``'s forward through torch.compile for training steps (``mode`` one of COMPILE_MODES, or None:
-    no compiling, returns None, the ``step_model`` of uncompiled training). Shapes are
+    """``model``'s forward through torch.compile for training steps (``mode`` a torch.compile mode, or None:
+    no compiling, returns None, the ``step_model`` of uncompiled training; the 'cudagraphs' mode is steps_for's,
+    which records whole steps instead). Shapes are
     specialised (dynamic=False): a step whose batch size differs from the first runs eagerly instead
     (train_one_epoch), so an epoch's short last batch costs no second compilation.
 
@@ -119,11 +119,10 @@ def compile_model(model, mode):
     study should not lose its trials to it."""
     if mode is None:
         return None
-    fresh_compile_state(model)
     if mode == "cudagraphs":
-        compiled = torch.compile(model, backend="cudagraphs", dynamic=False)
-    else:
-        compiled = torch.compile(model, mode=mode, dynamic=False)
+        raise ValueError("compile_model: 'cudagraphs' records whole steps: use steps_for")
+    fresh_compile_state(model)
+    compiled = torch.compile(model, mode=mode, dynamic=False)
     failed = []
 
     def step(x):

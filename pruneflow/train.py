@@ -202,8 +202,12 @@ def train_step(forward, opt, x, y, sums, masks=None, amp_dtype=None):
     """One optimiser step on the batch (x, y), gradients None or zero on entry: ``forward`` (the model or what
     step_model_for made of it) and the loss under autocast when ``amp_dtype``, backward, ``opt.step()``,
     ``masks`` (pruned zeros stay zero); the batch's summed loss and correct count are added to ``sums`` (device
-    tensors, in place: the same code runs eagerly and recorded in a CUDA graph)."""
-    with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+    tensors, in place: the same code runs eagerly and recorded in a CUDA graph).
+
+    Autocast's weight cache is off, as torch asks of autocast regions it records in CUDA graphs
+    (make_graphed_callables refuses the cache); each weight is cast once per forward here, so it saves nothing."""
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None,
+                        cache_enabled=False):
         out = forward(x)
         loss = F.cross_entropy(out, y)
     loss.backward()

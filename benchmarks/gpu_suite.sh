@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmarks on one GPU, as quoted in docs/benchmarks.md:   bash benchmarks/gpu_suite.sh OUTDIR [STEP ...]
-# Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine (up to 29 min
+# Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine (up to 32 min
 # in all: name a few STEPs to fit a shorter lease); every step's output is kept in OUTDIR/<step>.txt,
 # and the packing study's results files in OUTDIR/packing-study.
 set -u
@@ -35,6 +35,8 @@ step graph 180 "$py" benchmarks/train_throughput.py --device cuda --images 8192 
 step compile-seed-stem 200 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4 \
     --stem imagenet --models resnet18,resnet101 --compile cudagraphs,reduce-overhead
 step packing 200 "$py" benchmarks/packing.py --device cuda --keep "$out/packing-study"
+# the same with each training step one CUDA graph (a trial alone keeps the GPU busier, so packing gains less)
+step packing-graph 200 "$py" benchmarks/packing.py --device cuda --compile cudagraphs --ks 1,4,8,auto
 step projection 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda  # the job's compile
 step projection-bf16 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda --precision bf16
 step latency 60 "$py" benchmarks/latency.py --device cuda

@@ -4,6 +4,7 @@
     python benchmarks/packing.py                   # CPU: SimpleCNN on digits, K up to the cores
     python benchmarks/packing.py --quick           # CI-sized (CPU, 3 trials)
     python benchmarks/packing.py --device cuda --ks 8,auto   # K's against each other only (no K = 1: no ideal)
+    python benchmarks/packing.py --device cuda --compile cudagraphs   # each training step one CUDA graph
 
 Each K runs the real sweep (pruneflow.sweep.run_sweep: Ray, HDF5, checkpoints) from the same random-init dense
 checkpoint: dense + control + DepGraph-L1 at 6 sparsities = 8 trials.
@@ -32,10 +33,10 @@ from pruneflow.infer.errors import exit_on_user_error
 from pruneflow.models import build_model
 from pruneflow.results import read_trials
 from pruneflow.sweep import run_sweep
-from pruneflow.train import model_meta
+from pruneflow.train import model_meta, resolve_perf
 
 
-def make_study(tmp, arch, dataset, sparsities, epochs, device):
+def make_study(tmp, arch, dataset, sparsities, epochs, device, compile_mode=None):
     """A job file and a random-init dense checkpoint (packing does not depend on trained weights)."""
     from pruneflow.data import dataset_info
 
@@ -43,6 +44,8 @@ def make_study(tmp, arch, dataset, sparsities, epochs, device):
     job = dict(study="packing", model=dict(arch=arch), data=dict(dataset=dataset),
                prune=dict(methods=["l1@depgraph"], sparsities=sparsities), finetune=dict(epochs=epochs),
                resources=dict(device=device, threads_per_trial=1, sample_interval_s=0.5), retries=0)
+    if compile_mode:
+        job["performance"] = dict(compile=compile_mode)
     job_path = os.path.join(tmp, "packing.yaml")
     with open(job_path, "w") as f:
         yaml.safe_dump(job, f)
@@ -83,6 +86,8 @@ def main():
     ap.add_argument("--dataset", default=None, help="default: synthetic-cifar10 on a GPU, digits on a CPU")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tune epochs per trial (default 1 GPU, 2 CPU)")
     ap.add_argument("--keep", default=None, help="copy each K's results file and sweep log into this folder")
+    ap.add_argument("--compile", default=None, metavar="MODE",
+                    help="performance.compile for the trials, e.g. cudagraphs (default: the job default, eager)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     on_gpu = dev.type == "cuda"
@@ -93,10 +98,11 @@ def main():
     epochs = args.epochs or (1 if on_gpu or args.quick else 2)
     ks = [k if k == "auto" else int(k) for k in args.ks.split(",")]
     head = f"{'K':>5} {'per dev':>7} {'wall s':>8} {'span s':>8} {'ideal s':>8} {'span/ideal':>10} {'vs K=1':>7}"
+    resolve_perf(dict(compile=args.compile), dev)  # a bad mode fails now, in one line
     print_header(dev, f"{arch} on {dataset}, {len(sparsities) + 2} trials, {epochs} fine-tune epoch(s), "
-                      f"{cores} core(s)", head)
+                      f"{cores} core(s)" + (f", compile {args.compile}" if args.compile else ""), head)
     with tempfile.TemporaryDirectory(prefix="pf-packing-") as tmp:
-        job, dense = make_study(tmp, arch, dataset, sparsities, epochs, str(dev))
+        job, dense = make_study(tmp, arch, dataset, sparsities, epochs, str(dev), args.compile)
         work = span1 = None
         for k in ks:
             if not on_gpu and k != "auto" and k > cores:

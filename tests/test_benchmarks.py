@@ -54,8 +54,9 @@ def test_projection_benchmark_quick():
 
 def test_benchmarks_refuse_bad_settings_in_one_line_before_measuring():
     for script, args, needle in (("train_throughput.py", ["--quick", "--compile", "reduce-overhead,fast"], "fast"),
-                                 ("projection.py", ["jobs/quickstart.yaml", "--quick", "--precision", "fp16"], "fp16")):
+                                 ("projection.py", ["jobs/quickstart.yaml", "--quick", "--precision", "fp16"], "fp16"),
+                                 ("packing.py", ["--quick", "--compile", "cudagraph"], "cudagraph")):
         p = subprocess.run([sys.executable, f"benchmarks/{script}", *args], capture_output=True, text=True, cwd=ROOT,
                            timeout=120)
         assert_clean_error(p, needle)
-        assert "img/s" not in p.stdout and "projected" not in p.stdout  # nothing was measured first
+        assert "img/s" not in p.stdout and "projected" not in p.stdout and "span" not in p.stdout  # nothing measured first

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .infer.errors import UserError
+from .prune import apply_masks
 
 # The seed's recipes. lr is per batch of `batch_size` images; milestones are fractions of the epochs.
 RECIPES = {
@@ -213,8 +214,6 @@ def train_step(forward, opt, x, y, sums, masks=None, amp_dtype=None):
     loss.backward()
     opt.step()
     if masks:
-        from .prune import apply_masks
-
         apply_masks(masks)
     sums[0].add_(loss.detach().float() * len(y))
     sums[1].add_((out.argmax(1) == y).sum())

@@ -20,7 +20,9 @@ probability 1 - p, scaled by 1 / (1 - p)), another random stream; ~1.5-2x faster
 (benchmarks/cpu_kernels.py). The seed's SimpleCNN drops 25 % of its 64x32x12x12 feature map each step.
 
 ``CpuKernels(model)`` calls ``model`` under a TorchFunctionMode that sends each qualifying ``conv2d`` (float32/64,
-no autocast, groups 1, no dilation) to ``dense_conv2d`` and each training-mode ``F.dropout`` to ``dropout``;
+no autocast, groups 1, no dilation) on a tiny map to ``dense_conv2d``, each 3x3 stride-1 one with gradients on a 4x4 to 16x16
+map with 128-256+ channels to pruneflow.winograd's ``winograd_conv2d`` (fewer multiplies: the CIFAR-stem ResNets' CPU step
+is bound by them), and each training-mode ``F.dropout`` to ``dropout``;
 modules, weights and state dicts are unchanged. Used for uncompiled training (and evaluation: only the
 convolutions apply there) on the CPU (train.resolve_perf: ``performance.cpu_kernels``). cuDNN and CUDA's random
 number generators have no such gaps, and compiled steps bring their own kernels.
@@ -31,6 +33,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from .winograd import keep_freed_memory, uses_winograd, winograd_conv2d
 
 
 def uses_dense(in_pixels, kernel_size):
@@ -104,11 +108,15 @@ class _CpuKernelMode(TorchFunctionMode):
             if (groups == 1 and _pair(dilation) == (1, 1) and not isinstance(padding, str) and x.dim() == 4
                     and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64)
                     and not torch.is_autocast_enabled(x.device.type)
-                    and uses_dense(x.shape[2] * x.shape[3], weight.shape[2:])):
+                    and weight.dim() == 4):
                 stride, padding = _pair(stride), _pair(padding)
-                (ho, wo), _, _ = pair_taps(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding)
-                if ho > 0 and wo > 0:  # else conv2d's own error message
-                    return dense_conv2d(x, weight, bias, stride, padding)
+                if uses_dense(x.shape[2] * x.shape[3], weight.shape[2:]):
+                    (ho, wo), _, _ = pair_taps(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding)
+                    if ho > 0 and wo > 0:  # else conv2d's own error message
+                        return dense_conv2d(x, weight, bias, stride, padding)
+                elif (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+                        and x.shape[1] == weight.shape[1] and uses_winograd(x.shape, weight.shape, stride, padding)):
+                    return winograd_conv2d(x, weight, bias)
         return func(*args, **kwargs)
 
 
@@ -117,6 +125,7 @@ class CpuKernels:
 
     def __init__(self, model):
         self.model = model
+        keep_freed_memory()  # Winograd's large transformed tensors (pruneflow.winograd)
 
     def __call__(self, x):
         with _CpuKernelMode():

@@ -252,6 +252,67 @@ def test_small_map_convolutions_match_conv2d(monkeypatch):
         cpu_kernels.CpuKernels(torch.nn.Conv2d(3, 4, 3))(torch.randn(1, 3, 2, 2))
 
 
+def test_winograd_convolutions_match_conv2d(monkeypatch):
+    # pruneflow.winograd: 3x3 stride-1 convolutions by F(2x2, 3x3) with a hand-written backward pass. Same outputs
+    # and input, weight and bias gradients as conv2d's own (float64: rounding only; float32: to 1e-4), for odd
+    # channel counts, rectangular maps, both memory formats; only training convolutions of the measured shapes take it.
+    import platform
+
+    from pruneflow import cpu_kernels, winograd
+
+    def conv_and_grads(conv, x, w, b, gy, wrt):
+        y = conv(x, w, b)
+        return [y.detach()] + list(torch.autograd.grad(y, wrt, gy))
+
+    def reference(x, w, b):
+        return torch.nn.functional.conv2d(x, w, b, padding=1)
+
+    torch.manual_seed(0)
+    for (n, c, k, h, wd), bias in (((2, 5, 7, 8, 6), True), ((3, 4, 6, 4, 4), False), ((1, 3, 2, 2, 10), True)):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(n, c, h, wd, dtype=torch.double).contiguous(memory_format=fmt).requires_grad_()
+            w = torch.randn(k, c, 3, 3, dtype=torch.double, requires_grad=True)
+            b = torch.randn(k, dtype=torch.double, requires_grad=True) if bias else None
+            gy = torch.randn(n, k, h, wd, dtype=torch.double)
+            for wrt in ([x, w] + ([b] if bias else []), [x], [w]):  # all gradients, then the input's or weight's alone
+                expected, got = (conv_and_grads(f, x, w, b, gy, wrt) for f in (reference, winograd.winograd_conv2d))
+                for e, g in zip(expected, got):
+                    assert e.shape == g.shape and float((e - g).abs().max()) <= 1e-12 * float(e.abs().max())
+            assert got[0].is_contiguous(memory_format=fmt)  # the memory format conv2d returns
+            x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+            for e, g in zip(conv_and_grads(reference, x, w, None, gy, [x, w]),
+                            conv_and_grads(winograd.winograd_conv2d, x32, w32, None, gy.float(), [x32, w32])):
+                assert float((e - g.double()).abs().max()) <= 1e-4 * float(e.abs().max())
+
+    taken = []
+    fast = cpu_kernels.winograd_conv2d
+    monkeypatch.setattr(cpu_kernels, "winograd_conv2d", lambda *a: taken.append(tuple(a[1].shape)) or fast(*a))
+    conv = torch.nn.Conv2d
+    model = torch.nn.Sequential(conv(128, 128, 3, padding=1),  # 16x16, 128 channels: taken
+                                conv(128, 256, 3, stride=2, padding=1),  # strided: conv2d
+                                conv(256, 256, 3, padding=1, bias=False),  # 8x8, 256 channels: taken
+                                conv(256, 64, 3, padding=1),  # 64 channels out: conv2d (measured no faster)
+                                conv(64, 64, 3, padding=1)).double()  # 64 channels: conv2d
+    x = torch.randn(2, 128, 16, 16, dtype=torch.double).contiguous(memory_format=torch.channels_last)
+    expected = model(x)
+    expected.square().sum().backward()
+    expected = [expected.detach()] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    out = cpu_kernels.CpuKernels(model)(x)
+    out.square().sum().backward()
+    for e, g in zip(expected, [out.detach()] + [p.grad for p in model.parameters()]):
+        assert float((e - g).abs().max()) <= 1e-10 * float(e.abs().max())
+    assert taken == [(128, 128, 3, 3), (256, 256, 3, 3)]
+    taken.clear()
+    with torch.no_grad():  # evaluation: forward alone measured no faster, oneDNN's
+        assert torch.equal(cpu_kernels.CpuKernels(model)(x), model(x)) and taken == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 autocast: conv2d's own casts
+        cpu_kernels.CpuKernels(model.float())(x.float()).float().sum().backward()
+    assert taken == []
+    # glibc (Linux): malloc keeps freed large blocks for the next step; elsewhere nothing to tune
+    assert winograd.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
 def test_cpu_dropout_keeps_the_distribution_and_only_trains(monkeypatch):
     # cpu_kernels.dropout: each element kept with probability 1 - p and scaled by 1 / (1 - p), gradients through
     # the same mask; only training-mode, out-of-place dropout with 0 < p < 1 takes it (F.dropout's own otherwise)

@@ -1,0 +1,198 @@
+"""3x3 convolutions (stride 1, padding 1) by Winograd's minimal filtering F(2x2, 3x3), for CPU training.
+
+Why: the CIFAR-stem ResNets train on this project's 2-core AVX2 CPU at ~85 % of what its matrix products reach
+(docs/benchmarks.md), so the only way to a faster step there is fewer multiplies. F(2x2, 3x3) (Lavin & Gray,
+"Fast Algorithms for Convolutional Neural Networks", 2016) computes each 2x2 output tile from a 4x4 input tile
+with 16 products per (C_in, C_out) pair instead of 36: the input tiles are transformed (V = B^T d B), multiplied
+with the transformed kernel (U = G g G^T) as 16 independent matrix products over channels, and transformed back
+(Y = A^T M A). The transforms are additions and subtractions only; the matrix products carry the work, so they are
+16 ``torch.mm`` calls on (tiles, C_in) x (C_in, C_out) matrices (a batched ``bmm`` of the same sizes ran at less
+than half their speed here).
+
+The backward pass is the same algorithm's adjoint, written out: dM = A dY A^T, dU = V^T dM, dV = dM U^T and the
+input transform's adjoint, which scatters each 4x4 tile gradient back onto the overlapping padded input. The kernel
+transform U = G g G^T is an einsum that autograd differentiates.
+
+Numbers: float32 rounding differs from oneDNN's direct convolution (the transforms add and subtract before the
+products); tests compare outputs and gradients in float64 to ~1e-12 and in float32 to 1e-4 relative.
+Speed (benchmarks/cpu_kernels.py, batch 64, channels_last, forward + backward): 1.3-1.9x oneDNN for the
+CIFAR-stem ResNets' 128-512 channel convolutions on 16x16 to 4x4 maps; with fewer channels the transforms'
+memory passes (the transformed input is 4x the input) eat the saved multiplies: ``uses_winograd`` keeps to the
+shapes where it measured faster. The transformed tensors are large and short-lived; glibc's malloc
+hands allocations above its 32 MiB mmap ceiling back to the kernel on every free, and the page faults of fresh
+mappings cost more than the saved multiplies: ``keep_freed_memory`` (called by cpu_kernels.CpuKernels) keeps
+them in the heap.
+"""
+
+import ctypes
+import ctypes.util
+import functools
+
+import torch
+import torch.nn.functional as F
+
+# F(2x2, 3x3)'s kernel transform (Lavin & Gray); the input (B^T) and output (A^T) transforms are written out as
+# additions below:  B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],  A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+# Where it runs: the shapes that measured faster than oneDNN's direct convolution forward + backward at batch 16-256
+# (benchmarks/cpu_kernels.py): at least 128 channels in and out on 16x16 maps, 256 on 4x4 and 8x8 maps. The gain
+# is in the backward pass (oneDNN's weight gradient above all); forward alone is about even (0.6-1.4x), so
+# evaluation keeps oneDNN. 32x32 maps with 64 channels measured no faster (0.5-1.1x); larger maps are left.
+MIN_PIXELS, MAX_PIXELS = 16, 256
+
+
+def uses_winograd(x_shape, weight_shape, stride, padding):
+    """Whether a (groups 1, no dilation) convolution of an (N, C, H, W) input, with gradients, takes
+    ``winograd_conv2d``."""
+    _, c_in, h, w = x_shape
+    c_out, _, kh, kw = weight_shape
+    channels = min(c_in, c_out)
+    return ((kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and h % 2 == 0
+            and w % 2 == 0 and MIN_PIXELS <= h * w <= MAX_PIXELS
+            and (channels >= 256 or (channels >= 128 and h * w >= 256)))
+
+
+def kernel_transform(weight):
+    """U = G g G^T for each (C_out, C_in) kernel g: (16, C_in, C_out), tile position first. One matrix product
+    with G (x) G, (16, 9) x (9, C_in * C_out) (a three-operand einsum took ~10x longer for 512x512 kernels)."""
+    c_out, c_in = weight.shape[:2]
+    g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
+    taps = weight.permute(2, 3, 1, 0).reshape(9, c_in * c_out)
+    return torch.mm(torch.kron(g, g), taps).view(16, c_in, c_out)
+
+
+def _input_transform(padded, out):
+    """V = B^T d B for every 4x4 tile (stride 2) of ``padded`` (N, H + 2, W + 2, C) into ``out`` (4, 4, N, H/2, W/2, C)."""
+    p = padded
+    rows = (p[:, 0:-2:2] - p[:, 2::2], p[:, 1:-1:2] + p[:, 2::2], p[:, 2::2] - p[:, 1:-1:2], p[:, 1:-1:2] - p[:, 3::2])
+    for a, r in enumerate(rows):
+        torch.sub(r[:, :, 0:-2:2], r[:, :, 2::2], out=out[a, 0])
+        torch.add(r[:, :, 1:-1:2], r[:, :, 2::2], out=out[a, 1])
+        torch.sub(r[:, :, 2::2], r[:, :, 1:-1:2], out=out[a, 2])
+        torch.sub(r[:, :, 1:-1:2], r[:, :, 3::2], out=out[a, 3])
+
+
+def _input_transform_adjoint(dv, n, h, w, c):
+    """The adjoint of ``_input_transform``: tile gradients (4, 4, N, H/2, W/2, C) -> padded input's (N, H+2, W+2, C).
+    Tiles overlap by two pixels; along each axis even positions 2m get d0[m] + (d1 + d2 - d0)[m-1] and odd ones
+    (d1 - d2 + d3)[m] - d3[m-1], so each output element is written once (no scatter)."""
+    th, tw = h // 2, w // 2
+    dr = dv.new_empty(4, n, th, tw + 1, 2, c)  # columns first
+    for a in range(4):
+        d0, d1, d2, d3 = dv[a]
+        even, odd = dr[a, :, :, :, 0], dr[a, :, :, :, 1]
+        even[:, :, :tw].copy_(d0)
+        even[:, :, tw].zero_()
+        even[:, :, 1:] += d1 + d2 - d0
+        torch.sub(d1, d2, out=odd[:, :, :tw]).add_(d3)
+        odd[:, :, tw].zero_()
+        odd[:, :, 1:] -= d3
+    d0, d1, d2, d3 = dr.view(4, n, th, w + 2, c)  # then rows
+    dp = dv.new_empty(n, th + 1, 2, w + 2, c)
+    even, odd = dp[:, :, 0], dp[:, :, 1]
+    even[:, :th].copy_(d0)
+    even[:, th].zero_()
+    even[:, 1:] += d1 + d2 - d0
+    torch.sub(d1, d2, out=odd[:, :th]).add_(d3)
+    odd[:, th].zero_()
+    odd[:, 1:] -= d3
+    return dp.view(n, h + 2, w + 2, c)
+
+
+def _output_transform(m, out):
+    """Y = A^T M A for every tile: ``m`` (4, 4, N, H/2, W/2, K) into ``out`` (N, H/2, 2, W/2, 2, K)."""
+    for a, z in enumerate((m[0] + m[1] + m[2], m[1] - m[2] - m[3])):
+        torch.add(z[0] + z[1], z[2], out=out[:, :, a, :, 0])
+        torch.sub(z[1] - z[2], z[3], out=out[:, :, a, :, 1])
+
+
+def _output_transform_adjoint(dy):
+    """The adjoint of ``_output_transform``: dM = A dY A^T, (N, H/2, 2, W/2, 2, K) -> (4, 4, N, H/2, W/2, K)."""
+    n, th, _, tw, _, k = dy.shape
+    dm = dy.new_empty(4, 4, n, th, tw, k)
+    # A's rows for output position 0 and 1: [1, 1, 1, 0] and [0, 1, -1, -1]; z[a][b] = sum_j dY[a, j] A[b, j]
+    z = []
+    for a in range(2):
+        g0, g1 = dy[:, :, a, :, 0], dy[:, :, a, :, 1]
+        z.append((g0, g0 + g1, g0 - g1, g1))  # the last one is -g1: its sign is folded in below
+    for b in range(4):
+        z0, z1 = z[0][b], z[1][b]
+        if b < 3:
+            dm[0, b].copy_(z0)
+            torch.add(z0, z1, out=dm[1, b])
+            torch.sub(z0, z1, out=dm[2, b])
+            torch.neg(z1, out=dm[3, b])
+        else:
+            torch.neg(z0, out=dm[0, b])
+            torch.add(z0, z1, out=dm[1, b]).neg_()
+            torch.sub(z1, z0, out=dm[2, b])
+            dm[3, b].copy_(z1)
+    return dm
+
+
+def _mm16(a, b, out):
+    """out[i] = a[i] @ b[i] for the 16 tile positions (torch.mm per position: faster than bmm here)."""
+    for i in range(16):
+        torch.mm(a[i], b[i], out=out[i])
+    return out
+
+
+def _transformed_input(x):
+    """V (16, N * H/2 * W/2, C) for an (N, H, W, C) input: each 4x4 tile of the zero-padded input, transformed."""
+    n, h, w, c = x.shape
+    v = x.new_empty(4, 4, n, h // 2, w // 2, c)
+    _input_transform(F.pad(x, (0, 0, 1, 1, 1, 1)), v)
+    return v.view(16, n * (h // 2) * (w // 2), c)
+
+
+class _Winograd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, u):  # x: (N, H, W, C) contiguous; u: (16, C, K)
+        n, h, w, _ = x.shape
+        k = u.shape[2]
+        m = _mm16(_transformed_input(x), u, x.new_empty(16, n * (h // 2) * (w // 2), k))
+        y = x.new_empty(n, h // 2, 2, w // 2, 2, k)
+        _output_transform(m.view(4, 4, n, h // 2, w // 2, k), y)
+        # x, not its 4x larger transform: x is usually kept anyway (the ReLU before the convolution saves it)
+        ctx.save_for_backward(x, u)
+        return y.view(n, h, w, k)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, u = ctx.saved_tensors
+        n, h, w, c = x.shape
+        k = u.shape[2]
+        dm = _output_transform_adjoint(dy.contiguous().view(n, h // 2, 2, w // 2, 2, k)).view(16, -1, k)
+        du = dx = None
+        if ctx.needs_input_grad[1]:
+            du = _mm16(_transformed_input(x).transpose(1, 2), dm, u.new_empty(16, c, k))
+        if ctx.needs_input_grad[0]:
+            dv = _mm16(dm, u.transpose(1, 2), dm.new_empty(16, dm.shape[1], c))
+            dx = _input_transform_adjoint(dv.view(4, 4, n, h // 2, w // 2, c), n, h, w, c)[:, 1:-1, 1:-1]
+        return dx, du
+
+
+def winograd_conv2d(x, weight, bias=None):
+    """``F.conv2d(x, weight, bias, stride=1, padding=1)`` for 3x3 kernels and even H, W, by F(2x2, 3x3).
+    Returns the memory format oneDNN would have (channels_last for a channels_last input)."""
+    u = kernel_transform(weight)
+    y = _Winograd.apply(x.permute(0, 2, 3, 1).contiguous(), u).permute(0, 3, 1, 2)  # NHWC memory: a view
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_memory():
+    """Tell glibc's malloc to serve large blocks from the heap and keep freed ones (mallopt M_MMAP_MAX = 0,
+    M_TRIM_THRESHOLD = 1 GiB): fresh mmap'd blocks fault in page by page on every training step otherwise.
+    Process-wide, once; the process's peak memory is unchanged, freed memory up to 1 GiB stays reserved for the
+    next step. Returns whether it applied (False off glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # macOS, musl without mallopt: nothing to tune
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))

@@ -9,7 +9,8 @@
 seed-style:  torch DataLoader + per-image torchvision transforms (crop/flip for CIFAR), fp32, NCHW.
 pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device,
              channels_last, on CUDA fp32 with TF32 + cudnn.benchmark, on the CPU tiny-map convolutions as one
-             matrix product and cheaper dropout masks (pruneflow.train.resolve_perf 'auto', pruneflow.cpu_kernels);
+             matrix product, 3x3 convolutions with 128+ channels by Winograd F(2x2, 3x3) and cheaper dropout masks
+             (pruneflow.train.resolve_perf 'auto', pruneflow.cpu_kernels, pruneflow.winograd);
              --ablate adds each part alone and bf16 autocast.
 Both run the same optimiser step (pruneflow.train.train_one_epoch) on synthetic uint8 images of the data
 set's shape (MNIST/CIFAR-10 are not downloadable here; the pipelines' costs do not depend on pixel values).
@@ -24,12 +25,14 @@ import torch
 
 from _common import print_header
 
+from pruneflow import cpu_kernels
 from pruneflow.data import Batches, SeedStyleBatches
 from pruneflow.infer.device import resolve_device, synchronize
 from pruneflow.infer.errors import UserError, exit_on_user_error
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.step_graph import WARMUP
 from pruneflow.train import GRAPH_MODES, get_recipe, make_optimizer, resolve_perf, steps_for, train_one_epoch
+from pruneflow.winograd import keep_freed_memory
 
 
 def images_per_s(model, batches, device, amp_dtype, compile_mode=None, cpu_kernels=False):
@@ -83,7 +86,10 @@ def main():
     if args.models:
         configs = [c for c in configs if (c[0] + ("-pruned" if c[2] else "")) in args.models.split(",")]
     head = f"{'model':<26} {'seed-style img/s':>16} {'pruneflow img/s':>16} {'ratio':>6}"
-    print_header(dev, f"batch {args.batch_size}, {n} images per epoch, ResNet stem {args.stem}", head)
+    # pruneflow's CPU steps run with glibc malloc keeping freed large blocks (cpu_kernels.CpuKernels); set here at
+    # the start, so the seed-style rows get it too (their figures only gain from it: a conservative ratio)
+    malloc = f", keep_freed_memory {keep_freed_memory()}" if perf["cpu_kernels"] else ""
+    print_header(dev, f"batch {args.batch_size}, {n} images per epoch, ResNet stem {args.stem}{malloc}", head)
     g = torch.Generator().manual_seed(0)
     for arch, dataset, pruned in configs:
         shape = (1, 28, 28) if dataset == "mnist" else (3, 32, 32)
@@ -137,13 +143,16 @@ def ablate(model, images, labels, dataset, args, dev, seed_ips, kernels):
     # every combination with the step as resolve_perf gives it (``kernels``: whether it uses pruneflow.cpu_kernels)
     combos = [(None if p == "fp32" else torch.bfloat16, cl, kernels) for p in args.ablate_precisions.split(",")
               for cl in (False, True)]
-    if kernels:  # and fp32 without them
-        combos += [(None, cl, False) for cl in (False, True)]
+    if kernels:  # and fp32 without them, and with them but without their Winograd convolutions
+        combos += [(None, cl, False) for cl in (False, True)] + [(None, True, "no winograd")]
     for amp, cl, ck in combos:
         m = model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
         b = Batches(images, labels, dataset, args.batch_size, dev, train=True, channels_last=cl)
-        name = f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} " + ("device" if ck == kernels else "no cpu_kernels")
-        rows.append((name, images_per_s(m, b, dev, amp, None, ck)))
+        name = f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} " + (
+            "device" if ck == kernels else "no cpu_kernels" if not ck else ck)
+        cpu_kernels.WINOGRAD = ck != "no winograd"
+        rows.append((name, images_per_s(m, b, dev, amp, None, bool(ck))))
+    cpu_kernels.WINOGRAD = True
     for name, ips in rows:
         print(f"{name:<26} {'':>16} {ips:>16,.0f} {ips / seed_ips:>6.2f}", flush=True)
 

@@ -95,6 +95,10 @@ def _bind(signature, args, kwargs):
     return [args[i] if i < len(args) else kwargs.get(name, default) for i, (name, default) in enumerate(signature)]
 
 
+# False: 3x3 convolutions stay with oneDNN (benchmarks/train_throughput.py --ablate measures Winograd's share)
+WINOGRAD = True
+
+
 class _CpuKernelMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -114,7 +118,7 @@ class _CpuKernelMode(TorchFunctionMode):
                     (ho, wo), _, _ = pair_taps(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding)
                     if ho > 0 and wo > 0:  # else conv2d's own error message
                         return dense_conv2d(x, weight, bias, stride, padding)
-                elif (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+                elif (WINOGRAD and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
                         and x.shape[1] == weight.shape[1] and uses_winograd(x.shape, weight.shape, stride, padding)):
                     return winograd_conv2d(x, weight, bias)
         return func(*args, **kwargs)

@@ -30,6 +30,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # F(2x2, 3x3)'s kernel transform (Lavin & Gray); the input (B^T) and output (A^T) transforms are written out as
 # additions below:  B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],  A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
@@ -159,6 +160,7 @@ class _Winograd(torch.autograd.Function):
         return y.view(n, h, w, k)
 
     @staticmethod
+    @once_differentiable  # written with out= products: no graph of its own (training needs none)
     def backward(ctx, dy):
         x, u = ctx.saved_tensors
         n, h, w, c = x.shape

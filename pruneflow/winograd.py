@@ -40,17 +40,19 @@ _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 # (benchmarks/cpu_kernels.py): at least 128 channels in and out on 16x16 maps, 256 on 4x4 and 8x8 maps. The gain
 # is in the backward pass (oneDNN's weight gradient above all); forward alone is about even (0.6-1.4x), so
 # evaluation keeps oneDNN. 32x32 maps with 64 channels measured no faster (0.5-1.1x); larger maps are left.
-MIN_PIXELS, MAX_PIXELS = 16, 256
+# Small batches on small maps lose to the kernel transform and the per-call overhead (batch 16 on 4x4x256: 0.83x),
+# so a call needs at least MIN_ROWS batch x pixels (batch 64 on 4x4 maps, 16 on 8x8).
+MIN_PIXELS, MAX_PIXELS, MIN_ROWS = 16, 256, 1024
 
 
 def uses_winograd(x_shape, weight_shape, stride, padding):
     """Whether a (groups 1, no dilation) convolution of an (N, C, H, W) input, with gradients, takes
     ``winograd_conv2d``."""
-    _, c_in, h, w = x_shape
+    n, c_in, h, w = x_shape
     c_out, _, kh, kw = weight_shape
     channels = min(c_in, c_out)
     return ((kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and h % 2 == 0
-            and w % 2 == 0 and MIN_PIXELS <= h * w <= MAX_PIXELS
+            and w % 2 == 0 and MIN_PIXELS <= h * w <= MAX_PIXELS and n * h * w >= MIN_ROWS
             and (channels >= 256 or (channels >= 128 and h * w >= 256)))
 
 

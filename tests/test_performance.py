@@ -293,7 +293,8 @@ def test_winograd_convolutions_match_conv2d(monkeypatch):
                                 conv(256, 256, 3, padding=1, bias=False),  # 8x8, 256 channels: taken
                                 conv(256, 64, 3, padding=1),  # 64 channels out: conv2d (measured no faster)
                                 conv(64, 64, 3, padding=1)).double()  # 64 channels: conv2d
-    x = torch.randn(2, 128, 16, 16, dtype=torch.double).contiguous(memory_format=torch.channels_last)
+    # batch 16: at least 1,024 (image, pixel) rows on the 8x8 maps too (winograd.MIN_ROWS)
+    x = torch.randn(16, 128, 16, 16, dtype=torch.double).contiguous(memory_format=torch.channels_last)
     expected = model(x)
     expected.square().sum().backward()
     expected = [expected.detach()] + [p.grad.clone() for p in model.parameters()]
@@ -309,6 +310,8 @@ def test_winograd_convolutions_match_conv2d(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 autocast: conv2d's own casts
         cpu_kernels.CpuKernels(model.float())(x.float()).float().sum().backward()
     assert taken == []
+    cpu_kernels.CpuKernels(model)(x[:4].float()).sum().backward()  # batch 4: 16x16 maps only (1,024 rows)
+    assert taken == [(128, 128, 3, 3)]
     # glibc (Linux): malloc keeps freed large blocks for the next step; elsewhere nothing to tune
     assert winograd.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
 

@@ -15,10 +15,10 @@ transform U = G g G^T is an einsum that autograd differentiates.
 
 Numbers: float32 rounding differs from oneDNN's direct convolution (the transforms add and subtract before the
 products); tests compare outputs and gradients in float64 to ~1e-12 and in float32 to 1e-4 relative.
-Speed (benchmarks/cpu_kernels.py, batch 64, channels_last, forward + backward): 1.3-1.9x oneDNN for the
+Speed (benchmarks/cpu_kernels.py, batch 64, channels_last, forward + backward): 1.2-1.9x oneDNN for the
 CIFAR-stem ResNets' 128-512 channel convolutions on 16x16 to 4x4 maps; with fewer channels the transforms'
 memory passes (the transformed input is 4x the input) eat the saved multiplies: ``uses_winograd`` keeps to the
-shapes where it measured faster. The transformed tensors are large and short-lived; glibc's malloc
+shapes where it measured faster (from 112 channels on 16x16 maps, 160 on 8x8, 224 on 4x4). The transformed tensors are large and short-lived; glibc's malloc
 hands allocations above its 32 MiB mmap ceiling back to the kernel on every free, and the page faults of fresh
 mappings cost more than the saved multiplies: ``keep_freed_memory`` (called by cpu_kernels.CpuKernels) keeps
 them in the heap.
@@ -36,13 +36,14 @@ from torch.autograd.function import once_differentiable
 # additions below:  B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],  A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
-# Where it runs: the shapes that measured faster than oneDNN's direct convolution forward + backward at batch 16-256
-# (benchmarks/cpu_kernels.py): at least 128 channels in and out on 16x16 maps, 256 on 4x4 and 8x8 maps. The gain
-# is in the backward pass (oneDNN's weight gradient above all); forward alone is about even (0.6-1.4x), so
-# evaluation keeps oneDNN. 32x32 maps with 64 channels measured no faster (0.5-1.1x); larger maps are left.
-# Small batches on small maps lose to the kernel transform and the per-call overhead (batch 16 on 4x4x256: 0.83x),
-# so a call needs at least MIN_ROWS batch x pixels (batch 64 on 4x4 maps, 16 on 8x8).
-MIN_PIXELS, MAX_PIXELS, MIN_ROWS = 16, 256, 1024
+# Where it runs: the shapes that measured faster than oneDNN's direct convolution, forward + backward, at batch 64
+# (benchmarks/cpu_kernels.py, and oneDNN and Winograd timed alternately 7 times per shape): per map size, the fewest
+# channels (in and out) that won. The gain is in the backward pass (oneDNN's weight gradient above all); forward
+# alone is about even (0.6-1.4x), so evaluation keeps oneDNN. 32x32 maps with 64 channels measured no faster
+# (0.5-1.1x); larger maps are left. Small batches on small maps lose to the kernel transform and the per-call
+# overhead (batch 16 on 4x4x256: 0.83x), so a call needs at least MIN_ROWS batch x pixels (64 images of 4x4).
+MIN_CHANNELS = ((256, 112), (64, 160), (16, 224))  # (map pixels at least, channels at least): 16x16, 8x8, 4x4
+MAX_PIXELS, MIN_ROWS = 256, 1024
 
 
 def uses_winograd(x_shape, weight_shape, stride, padding):
@@ -50,10 +51,10 @@ def uses_winograd(x_shape, weight_shape, stride, padding):
     ``winograd_conv2d``."""
     n, c_in, h, w = x_shape
     c_out, _, kh, kw = weight_shape
-    channels = min(c_in, c_out)
+    fewest = next((c for pixels, c in MIN_CHANNELS if h * w >= pixels), None)  # None: below 4x4
     return ((kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and h % 2 == 0
-            and w % 2 == 0 and MIN_PIXELS <= h * w <= MAX_PIXELS and n * h * w >= MIN_ROWS
-            and (channels >= 256 or (channels >= 128 and h * w >= 256)))
+            and w % 2 == 0 and fewest is not None and h * w <= MAX_PIXELS and n * h * w >= MIN_ROWS
+            and min(c_in, c_out) >= fewest)
 
 
 def kernel_transform(weight):

@@ -26,7 +26,7 @@ def test_cpu_kernels_benchmark_quick():
                        cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr
     rows = [ln.split() for ln in p.stdout.splitlines() if re.match(r"\s*\d+x\d+ ", ln)]
-    rows, wino = [r for r in rows if len(r) == 10], [r for r in rows if len(r) == 6]
+    rows, wino = [r for r in rows if len(r) == 10], [r for r in rows if len(r) == 7]
     assert [(r[0], r[1], r[-1]) for r in wino] == [  # Winograd F(2x2, 3x3) rows, checked against conv2d too
         ("32x32", "64", "conv2d"), ("16x16", "128", "winograd"), ("8x8", "128", "conv2d"),
         ("4x4", "512", "conv2d")]  # --quick's batch 8 on 4x4 maps: too few rows (winograd.MIN_ROWS)

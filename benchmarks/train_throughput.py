@@ -14,7 +14,7 @@ pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/fl
              --ablate adds each part alone and bf16 autocast.
 Both run the same optimiser step (pruneflow.train.train_one_epoch) on synthetic uint8 images of the data
 set's shape (MNIST/CIFAR-10 are not downloadable here; the pipelines' costs do not depend on pixel values).
-The fine-tune row trains a DepGraph-L1-pruned (0.5) ResNet-18.
+The fine-tune row trains a DepGraph-L1-pruned ResNet-18 (--sparsity, default 0.5).
 """
 
 import argparse
@@ -68,12 +68,15 @@ def main():
                     help="ResNets' stem: cifar (pruneflow's default, 3x3/1) or imagenet (7x7/2 + pool, the seed's model "
                          "as in jobs/resnet101_cifar10.yaml: ~16x fewer MACs at 32x32, so the input pipeline weighs more)")
     ap.add_argument("--models", default=None, help="comma list of configs to run, e.g. simple_cnn,resnet18")
+    ap.add_argument("--sparsity", type=float, default=0.5, help="of the pruned row (resnet18-pruned)")
     ap.add_argument("--compile", default=None, metavar="MODES",
                     help="also pruneflow's pipeline compiled, one row per mode (comma list): cudagraphs, "
                          "reduce-overhead, default, ... (pruneflow.train.COMPILE_MODES)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     perf = resolve_perf(dict(precision=args.precision), dev)
+    if not 0 < args.sparsity < 1:
+        raise UserError(f"--sparsity {args.sparsity}: the fraction removed, in (0, 1)")
     if not set(args.ablate_precisions.split(",")) <= {"fp32", "bf16"}:
         raise UserError(f"--ablate-precisions {args.ablate_precisions!r}: a comma list of fp32, bf16")
     # {mode: what it resolves to here (None: not on this device)}; bad settings fail now, not after minutes
@@ -101,14 +104,14 @@ def main():
             from pruneflow.prune import prune
 
             ops, exclude = default_prune_targets(arch)
-            model, _ = prune(model, pruned, 0.5, shape, ops, exclude)
+            model, _ = prune(model, pruned, args.sparsity, shape, ops, exclude)
         seed = images_per_s(model.to(dev).train(), SeedStyleBatches(images, labels, dataset, args.batch_size, dev,
                                                                     train=True, num_workers=args.workers), dev, None)
         fast_model = model.to(dev, memory_format=torch.channels_last) if perf["channels_last"] else model.to(dev)
         fast_batches = Batches(images, labels, dataset, args.batch_size, dev, train=True,
                                channels_last=perf["channels_last"])
         fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"], None, perf["cpu_kernels"])
-        name = arch + (f" ({pruned} 0.5)" if pruned else "")
+        name = arch + (f" ({pruned} {args.sparsity:g})" if pruned else "")
         print(f"{name:<26} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
         for mode, resolved in modes.items():
             # the same model and batches, stepped through a compiled wrapper with its own optimiser

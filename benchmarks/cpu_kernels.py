@@ -59,7 +59,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per shape (default 5; quick 2)")
-    ap.add_argument("--pairs", type=int, default=None, help="alternating timings per Winograd shape (default 7; quick 2)")
+    ap.add_argument("--pairs", type=int, default=None,
+                    help="alternating timings per Winograd shape (default 7; quick 2)")
     ap.add_argument("--stock-malloc", action="store_true", help="leave glibc malloc's defaults (see the docstring)")
     args = ap.parse_args()
     dev = resolve_device(args.device)

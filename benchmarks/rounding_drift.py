@@ -51,8 +51,8 @@ def main():
     torch.manual_seed(0)
     model = build_model(args.model, 10, 3, "cifar")
     g = torch.Generator().manual_seed(1)
-    pool = [(torch.randn(args.batch_size, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch_size,), generator=g))
-            for _ in range(4)]
+    pool = [(torch.randn(args.batch_size, 3, 32, 32, generator=g),
+             torch.randint(0, 10, (args.batch_size,), generator=g)) for _ in range(4)]
     batches = [pool[s % len(pool)] for s in range(args.steps)]  # 4 batches, cycled
     runs = {"oneDNN NHWC": (torch.channels_last, False), "oneDNN NCHW": (torch.contiguous_format, False),
             "winograd NHWC": (torch.channels_last, True)}

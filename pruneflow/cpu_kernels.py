@@ -20,10 +20,10 @@ probability 1 - p, scaled by 1 / (1 - p)), another random stream; ~1.5-2x faster
 (benchmarks/cpu_kernels.py). The seed's SimpleCNN drops 25 % of its 64x32x12x12 feature map each step.
 
 ``CpuKernels(model)`` calls ``model`` under a TorchFunctionMode that sends each qualifying ``conv2d`` (float32/64,
-no autocast, groups 1, no dilation) on a tiny map to ``dense_conv2d``, each 3x3 stride-1 one with gradients on a 4x4 to 16x16
-map with 112-224+ channels to pruneflow.winograd's ``winograd_conv2d`` (fewer multiplies: the CIFAR-stem ResNets' CPU step
-is bound by them), and each training-mode ``F.dropout`` to ``dropout``;
-modules, weights and state dicts are unchanged. Used for uncompiled training (and evaluation: only the
+no autocast, groups 1, no dilation) on a tiny map to ``dense_conv2d``, each 3x3 stride-1 one with gradients on
+a 4x4 to 16x16 map with 112-224+ channels to pruneflow.winograd's ``winograd_conv2d`` (fewer multiplies: the
+CIFAR-stem ResNets' CPU step is bound by them), and each training-mode ``F.dropout`` to ``dropout``; modules,
+weights and state dicts are unchanged. Used for uncompiled training (and evaluation: only the
 convolutions apply there) on the CPU (train.resolve_perf: ``performance.cpu_kernels``). cuDNN and CUDA's random
 number generators have no such gaps, and compiled steps bring their own kernels.
 """

@@ -10,18 +10,19 @@ with the transformed kernel (U = G g G^T) as 16 independent matrix products over
 than half their speed here).
 
 The backward pass is the same algorithm's adjoint, written out: dM = A dY A^T, dU = V^T dM, dV = dM U^T and the
-input transform's adjoint, which scatters each 4x4 tile gradient back onto the overlapping padded input. The kernel
-transform U = G g G^T is an einsum that autograd differentiates.
+input transform's adjoint, which adds each 4x4 tile gradient back onto the overlapping padded input. It saves the
+input, not V (4x its size), and transforms it again. The kernel transform U = G g G^T is one matrix product that
+autograd differentiates.
 
 Numbers: float32 rounding differs from oneDNN's direct convolution (the transforms add and subtract before the
 products); tests compare outputs and gradients in float64 to ~1e-12 and in float32 to 1e-4 relative.
 Speed (benchmarks/cpu_kernels.py, batch 64, channels_last, forward + backward): 1.2-1.9x oneDNN for the
 CIFAR-stem ResNets' 128-512 channel convolutions on 16x16 to 4x4 maps; with fewer channels the transforms'
 memory passes (the transformed input is 4x the input) eat the saved multiplies: ``uses_winograd`` keeps to the
-shapes where it measured faster (from 112 channels on 16x16 maps, 160 on 8x8, 224 on 4x4). The transformed tensors are large and short-lived; glibc's malloc
-hands allocations above its 32 MiB mmap ceiling back to the kernel on every free, and the page faults of fresh
-mappings cost more than the saved multiplies: ``keep_freed_memory`` (called by cpu_kernels.CpuKernels) keeps
-them in the heap.
+shapes where it measured faster (from 112 channels on 16x16 maps, 160 on 8x8, 224 on 4x4). The transformed
+tensors are large and short-lived; glibc's malloc hands allocations above its 32 MiB mmap ceiling back to the
+kernel on every free, and the page faults of fresh mappings cost more than the saved multiplies:
+``keep_freed_memory`` (called by cpu_kernels.CpuKernels) keeps them in the heap.
 """
 
 import ctypes
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 # F(2x2, 3x3)'s kernel transform (Lavin & Gray); the input (B^T) and output (A^T) transforms are written out as
-# additions below:  B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],  A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+# additions below:  B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+# A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 # Where it runs: the shapes that measured faster than oneDNN's direct convolution, forward + backward, at batch 64
@@ -67,7 +69,8 @@ def kernel_transform(weight):
 
 
 def _input_transform(padded, out):
-    """V = B^T d B for every 4x4 tile (stride 2) of ``padded`` (N, H + 2, W + 2, C) into ``out`` (4, 4, N, H/2, W/2, C)."""
+    """V = B^T d B for every 4x4 tile (stride 2) of ``padded`` (N, H + 2, W + 2, C), into ``out``
+    (4, 4, N, H/2, W/2, C)."""
     p = padded
     rows = (p[:, 0:-2:2] - p[:, 2::2], p[:, 1:-1:2] + p[:, 2::2], p[:, 2::2] - p[:, 1:-1:2], p[:, 1:-1:2] - p[:, 3::2])
     for a, r in enumerate(rows):

@@ -48,7 +48,8 @@ def test_rounding_drift_benchmark_runs_all_three_ways():
     assert p.returncode == 0, p.stderr
     losses = {ln[:14].strip(): [float(v) for v in ln[14:].split()] for ln in p.stdout.splitlines()
               if ln.startswith(("oneDNN NHWC ", "oneDNN NCHW ", "winograd NHWC ")) and " vs " not in ln}
-    assert sorted(losses) == ["oneDNN NCHW", "oneDNN NHWC", "winograd NHWC"] and all(len(v) == 2 for v in losses.values())
+    assert sorted(losses) == ["oneDNN NCHW", "oneDNN NHWC", "winograd NHWC"]
+    assert all(len(v) == 2 for v in losses.values())
     assert max(v[0] for v in losses.values()) - min(v[0] for v in losses.values()) < 1e-3
     drift = [ln for ln in p.stdout.splitlines() if "relative L2 parameter difference" in ln]
     assert len(drift) == 2 and all(0 < float(ln.split("median ")[1].split(",")[0]) < 1e-2 for ln in drift), drift

@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                 # SimpleCNN (MNIST shape), ResNet-18/101 (CIFAR shape)
     python benchmarks/train_throughput.py --quick         # CI-sized
+    python benchmarks/train_throughput.py --stock-malloc  # glibc malloc's defaults for every row
     python benchmarks/train_throughput.py --device cuda
     python benchmarks/train_throughput.py --device cuda --compile cudagraphs,reduce-overhead   # + compiled rows
     python benchmarks/train_throughput.py --device cuda --compile reduce-overhead --precision bf16
@@ -68,6 +69,9 @@ def main():
                     help="ResNets' stem: cifar (pruneflow's default, 3x3/1) or imagenet (7x7/2 + pool, the seed's model "
                          "as in jobs/resnet101_cifar10.yaml: ~16x fewer MACs at 32x32, so the input pipeline weighs more)")
     ap.add_argument("--models", default=None, help="comma list of configs to run, e.g. simple_cnn,resnet18")
+    ap.add_argument("--stock-malloc", action="store_true",
+                    help="leave glibc malloc's defaults (pruneflow's CPU steps keep freed blocks: "
+                         "winograd.keep_freed_memory)")
     ap.add_argument("--sparsity", type=float, default=0.5, help="of the pruned row (resnet18-pruned)")
     ap.add_argument("--compile", default=None, metavar="MODES",
                     help="also pruneflow's pipeline compiled, one row per mode (comma list): cudagraphs, "
@@ -90,8 +94,10 @@ def main():
         configs = [c for c in configs if (c[0] + ("-pruned" if c[2] else "")) in args.models.split(",")]
     head = f"{'model':<26} {'seed-style img/s':>16} {'pruneflow img/s':>16} {'ratio':>6}"
     # pruneflow's CPU steps run with glibc malloc keeping freed large blocks (cpu_kernels.CpuKernels); set here at
-    # the start, so the seed-style rows get it too (their figures only gain from it: a conservative ratio)
-    malloc = f", keep_freed_memory {keep_freed_memory()}" if perf["cpu_kernels"] else ""
+    # the start, so the seed-style rows get it too (a conservative ratio); --stock-malloc: neither gets it
+    cpu_kernels.KEEP_FREED_MEMORY = not args.stock_malloc
+    malloc = "" if not perf["cpu_kernels"] else ", stock malloc" if args.stock_malloc else \
+        f", keep_freed_memory {keep_freed_memory()}"
     print_header(dev, f"batch {args.batch_size}, {n} images per epoch, ResNet stem {args.stem}{malloc}", head)
     g = torch.Generator().manual_seed(0)
     for arch, dataset, pruned in configs:

@@ -95,8 +95,10 @@ def _bind(signature, args, kwargs):
     return [args[i] if i < len(args) else kwargs.get(name, default) for i, (name, default) in enumerate(signature)]
 
 
-# False: 3x3 convolutions stay with oneDNN (benchmarks/train_throughput.py --ablate measures Winograd's share)
+# Switches for the benchmarks' ablations (benchmarks/train_throughput.py --ablate, --stock-malloc). WINOGRAD False:
+# 3x3 convolutions stay with oneDNN. KEEP_FREED_MEMORY False: glibc malloc's defaults (winograd.keep_freed_memory).
 WINOGRAD = True
+KEEP_FREED_MEMORY = True
 
 
 class _CpuKernelMode(TorchFunctionMode):
@@ -129,7 +131,8 @@ class CpuKernels:
 
     def __init__(self, model):
         self.model = model
-        keep_freed_memory()  # Winograd's large transformed tensors (pruneflow.winograd)
+        if KEEP_FREED_MEMORY:
+            keep_freed_memory()  # Winograd's large transformed tensors above all (pruneflow.winograd)
 
     def __call__(self, x):
         with _CpuKernelMode():

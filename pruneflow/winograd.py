@@ -21,8 +21,9 @@ CIFAR-stem ResNets' 128-512 channel convolutions on 16x16 to 4x4 maps; with fewe
 memory passes (the transformed input is 4x the input) eat the saved multiplies: ``uses_winograd`` keeps to the
 shapes where it measured faster (from 112 channels on 16x16 maps, 160 on 8x8, 224 on 4x4). The transformed
 tensors are large and short-lived; glibc's malloc hands allocations above its 32 MiB mmap ceiling back to the
-kernel on every free, and the page faults of fresh mappings cost more than the saved multiplies:
-``keep_freed_memory`` (called by cpu_kernels.CpuKernels) keeps them in the heap.
+kernel on every free, and the page faults of fresh mappings eat part of the saved multiplies (ResNet-18's step:
+1.36x the seed pipeline with glibc's defaults, 1.44-1.47x without them): ``keep_freed_memory`` (called by
+cpu_kernels.CpuKernels) keeps them in the heap.
 """
 
 import ctypes

@@ -47,6 +47,13 @@ def median_ms(fn, device, repeats):
     return 1000 * summarize(time_calls(fn, device, warmup=1, trials=repeats))["median"]
 
 
+def check_same(ref, got, what):
+    """Stop the run when an output or gradient of ``got`` differs from conv2d's (``ref``) beyond float32 rounding."""
+    for r, o in zip(ref, got):
+        if not torch.allclose(r, o, rtol=1e-3, atol=1e-3 * float(r.detach().abs().max())):
+            raise SystemExit(f"{what} differs from conv2d")
+
+
 def forward_backward(conv, x, w, b, gy, s, pad):
     """conv's output and its (input, weight, bias) gradients for the output gradient gy."""
     y = conv(x, w, b, (s, s), (pad, pad))
@@ -82,9 +89,7 @@ def main():
             out = (size + 2 * pad - k) // s + 1
             gy = torch.randn(batch, c_out, out, out, generator=g).to(dev, memory_format=fmt)
             ref, got = (forward_backward(conv, x, w, b, gy, s, pad) for conv in (F.conv2d, dense_conv2d))
-            for r, o in zip(ref, got):
-                if not torch.allclose(r, o, rtol=1e-3, atol=1e-3 * float(r.detach().abs().max())):
-                    raise SystemExit(f"dense_conv2d differs from conv2d for {(size, c_in, c_out, k, s, layout)}")
+            check_same(ref, got, f"dense_conv2d for {(size, c_in, c_out, k, s, layout)}")
             t_conv, t_dense = (median_ms(lambda: forward_backward(conv, x, w, b, gy, s, pad), dev, repeats)
                                for conv in (F.conv2d, dense_conv2d))
             path = "dense" if uses_dense(size * size, (k, k)) else "conv2d"  # what pruneflow's CPU training takes
@@ -110,9 +115,7 @@ def main():
         gy = torch.randn(x.shape, generator=g).to(dev, memory_format=torch.channels_last)
         wino = lambda x, w, b, stride, padding: winograd_conv2d(x, w, b)  # noqa: E731 (conv2d's signature)
         ref, got = (forward_backward(conv, x, w, b, gy, 1, 1) for conv in (F.conv2d, wino))
-        for r, o in zip(ref, got):
-            if not torch.allclose(r, o, rtol=1e-3, atol=1e-3 * float(r.detach().abs().max())):
-                raise SystemExit(f"winograd_conv2d differs from conv2d for {(size, c)}")
+        check_same(ref, got, f"winograd_conv2d for {(size, c)}")
         # alternating pairs: this VM's speed drifts by up to 2x between seconds, so two separate medians mislead
         t_conv, t_wino = [], []
         for _ in range(pairs):

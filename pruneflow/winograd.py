@@ -60,13 +60,19 @@ def uses_winograd(x_shape, weight_shape, stride, padding):
             and min(c_in, c_out) >= fewest)
 
 
+@functools.lru_cache(maxsize=None)
+def _g_kron_g(dtype, device):
+    """G (x) G, (16, 9): built once per dtype and device, not in every convolution of every step."""
+    g = torch.tensor(_G, dtype=dtype, device=device)
+    return torch.kron(g, g)
+
+
 def kernel_transform(weight):
     """U = G g G^T for each (C_out, C_in) kernel g: (16, C_in, C_out), tile position first. One matrix product
     with G (x) G, (16, 9) x (9, C_in * C_out) (a three-operand einsum took ~10x longer for 512x512 kernels)."""
     c_out, c_in = weight.shape[:2]
-    g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
     taps = weight.permute(2, 3, 1, 0).reshape(9, c_in * c_out)
-    return torch.mm(torch.kron(g, g), taps).view(16, c_in, c_out)
+    return torch.mm(_g_kron_g(weight.dtype, weight.device), taps).view(16, c_in, c_out)
 
 
 def _input_transform(padded, out):

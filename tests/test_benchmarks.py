@@ -55,6 +55,17 @@ def test_rounding_drift_benchmark_runs_all_three_ways():
     assert len(drift) == 2 and all(0 < float(ln.split("median ")[1].split(",")[0]) < 1e-2 for ln in drift), drift
 
 
+def test_step_ab_benchmark_quick():
+    # both comparisons on the whole training step: the script first checks that each pair of variants gives the
+    # same loss (to 1e-4) from the same weights, so a side that computed something else would stop it
+    p = subprocess.run([sys.executable, "benchmarks/step_ab.py", "--quick"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("resnet18 ")]
+    assert [r[1:3] for r in rows] == [["winograd", "oneDNN"], ["bmm", "16"]]
+    assert all(float(v) > 0 for r in rows for v in (r[-4], r[-3], r[-2])), rows
+
+
 def test_projection_benchmark_quick():
     # the real sweep of the quickstart study, 2 measured epochs per run; the projection's own arithmetic holds:
     # dense = train.epochs x the steady epoch + the first epoch's excess, and the study = dense + trials
@@ -75,8 +86,9 @@ def test_projection_benchmark_quick():
 def test_benchmarks_refuse_bad_settings_in_one_line_before_measuring():
     for script, args, needle in (("train_throughput.py", ["--quick", "--compile", "reduce-overhead,fast"], "fast"),
                                  ("projection.py", ["jobs/quickstart.yaml", "--quick", "--precision", "fp16"], "fp16"),
-                                 ("packing.py", ["--quick", "--compile", "cudagraph"], "cudagraph")):
+                                 ("packing.py", ["--quick", "--compile", "cudagraph"], "cudagraph"),
+                                 ("step_ab.py", ["--quick", "--compare", "winograd,product"], "product")):
         p = subprocess.run([sys.executable, f"benchmarks/{script}", *args], capture_output=True, text=True, cwd=ROOT,
                            timeout=120)
         assert_clean_error(p, needle)
-        assert "img/s" not in p.stdout and "projected" not in p.stdout and "span" not in p.stdout  # nothing measured first
+        assert not any(w in p.stdout for w in ("img/s", "projected", "span", "s/step"))  # nothing measured first

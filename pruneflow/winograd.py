@@ -40,21 +40,29 @@ from torch.autograd.function import once_differentiable
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 # Where it runs: the shapes that measured faster than oneDNN's direct convolution, forward + backward, at batch 64
-# (benchmarks/cpu_kernels.py, and oneDNN and Winograd timed alternately 7 times per shape): per map size, the fewest
+# (benchmarks/cpu_kernels.py: oneDNN and Winograd timed alternately, 7-11 times per shape): per map size, the fewest
 # channels (in and out) that won. The gain is in the backward pass (oneDNN's weight gradient above all); forward
 # alone is about even (0.6-1.4x), so evaluation keeps oneDNN. 32x32 maps with 64 channels measured no faster
-# (0.5-1.1x); larger maps are left. Small batches on small maps lose to the kernel transform and the per-call
+# (0.5-1.2x); larger maps are left. Small batches on small maps lose to the kernel transform and the per-call
 # overhead (batch 16 on 4x4x256: 0.83x), so a call needs at least MIN_ROWS batch x pixels (64 images of 4x4).
-MIN_CHANNELS = ((256, 112), (64, 160), (16, 224))  # (map pixels at least, channels at least): 16x16, 8x8, 4x4
+# The thresholds depend on the torch threads: the matrix products scale with threads, the transforms' memory
+# passes less, so with one thread (a sweep's trial: resources.threads_per_trial 1) Winograd wins from fewer
+# channels (16x16x96 1.22x, 8x8x128 1.24x, 4x4x160 1.22x there, against 1.05x, 1.09x and, for 4x4x192, 1.02x at
+# two threads). Only 1 and 2 threads were measured (a 2-core machine); more threads take the 2-thread table.
+MIN_CHANNELS = {  # torch threads -> ((map pixels at least, channels at least): 16x16, 8x8, 4x4)
+    1: ((256, 96), (64, 128), (16, 160)),
+    2: ((256, 112), (64, 160), (16, 224)),
+}
 MAX_PIXELS, MIN_ROWS = 256, 1024
 
 
-def uses_winograd(x_shape, weight_shape, stride, padding):
+def uses_winograd(x_shape, weight_shape, stride, padding, threads=None):
     """Whether a (groups 1, no dilation) convolution of an (N, C, H, W) input, with gradients, takes
-    ``winograd_conv2d``."""
+    ``winograd_conv2d`` at ``threads`` torch threads (default: this process's)."""
     n, c_in, h, w = x_shape
     c_out, _, kh, kw = weight_shape
-    fewest = next((c for pixels, c in MIN_CHANNELS if h * w >= pixels), None)  # None: below 4x4
+    table = MIN_CHANNELS[1 if (threads or torch.get_num_threads()) == 1 else 2]
+    fewest = next((c for pixels, c in table if h * w >= pixels), None)  # None: below 4x4
     return ((kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and h % 2 == 0
             and w % 2 == 0 and fewest is not None and h * w <= MAX_PIXELS and n * h * w >= MIN_ROWS
             and min(c_in, c_out) >= fewest)

@@ -58,11 +58,14 @@ def test_rounding_drift_benchmark_runs_all_three_ways():
 def test_step_ab_benchmark_quick():
     # both comparisons on the whole training step: the script first checks that each pair of variants gives the
     # same loss (to 1e-4) from the same weights, so a side that computed something else would stop it
-    p = subprocess.run([sys.executable, "benchmarks/step_ab.py", "--quick"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=600)
+    # (one thread, a model pruned at 0.5: its 8x8 layers' 128 channels take Winograd only by the 1-thread table)
+    p = subprocess.run([sys.executable, "benchmarks/step_ab.py", "--quick", "--threads", "1", "--sparsity", "0.5",
+                        "--compare", "winograd,products,thresholds"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
     assert p.returncode == 0, p.stderr
+    assert "threads 1," in p.stdout and "sparsity 0.5" in p.stdout
     rows = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("resnet18 ")]
-    assert [r[1:3] for r in rows] == [["winograd", "oneDNN"], ["bmm", "16"]]
+    assert [r[1:3] for r in rows] == [["winograd", "oneDNN"], ["bmm", "16"], ["by", "threads"]]
     assert all(float(v) > 0 for r in rows for v in (r[-4], r[-3], r[-2])), rows
 
 

@@ -312,6 +312,18 @@ def test_winograd_convolutions_match_conv2d(monkeypatch):
     assert taken == []
     cpu_kernels.CpuKernels(model)(x[:4].float()).sum().backward()  # batch 4: 16x16 maps only (1,024 rows)
     assert taken == [(128, 128, 3, 3)]
+    # one torch thread (a sweep trial's) takes Winograd from fewer channels than two (winograd.MIN_CHANNELS)
+    for (c, hw), per_threads in {(96, 16): (True, False), (128, 8): (True, False), (160, 4): (True, False),
+                                 (80, 16): (False, False), (112, 16): (True, True), (224, 4): (True, True)}.items():
+        args = ((64, c, hw, hw), (c, c, 3, 3), (1, 1), (1, 1))
+        assert (winograd.uses_winograd(*args, threads=1), winograd.uses_winograd(*args, threads=2)) == per_threads
+        assert winograd.uses_winograd(*args, threads=8) == per_threads[1]  # unmeasured: the 2-thread table
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert winograd.uses_winograd((64, 96, 16, 16), (96, 96, 3, 3), (1, 1), (1, 1))  # the process's threads
+    finally:
+        torch.set_num_threads(threads)
     # glibc (Linux): malloc keeps freed large blocks for the next step; elsewhere nothing to tune
     assert winograd.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
 

@@ -38,8 +38,9 @@ SHAPES = [(1, 512, 512, 3, 1), (2, 512, 512, 3, 2), (2, 256, 256, 3, 1), (2, 102
           (4, 128, 128, 3, 1), (8, 64, 64, 3, 1)]
 # (map size, channels): 3x3 stride-1 convolutions of the CIFAR-stem ResNets (64-512 channels on 32x32-4x4 maps)
 # and of their pruned versions (fewer channels), around each map size's threshold (winograd.MIN_CHANNELS)
-WINOGRAD_SHAPES = [(32, 32), (32, 64), (16, 32), (16, 64), (16, 80), (16, 96), (16, 112), (16, 128), (8, 64), (8, 96), (8, 128),
-                   (8, 160), (8, 192), (8, 224), (8, 256), (4, 128), (4, 160), (4, 192), (4, 224), (4, 256), (4, 512)]
+WINOGRAD_SHAPES = [(32, 32), (32, 64), (16, 32), (16, 64), (16, 80), (16, 96), (16, 112), (16, 128), (8, 64), (8, 96),
+                   (8, 128), (8, 160), (8, 192), (8, 224), (8, 256), (4, 128), (4, 160), (4, 192), (4, 224), (4, 256),
+                   (4, 512)]
 FORMATS = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
 
 

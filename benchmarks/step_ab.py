@@ -57,7 +57,8 @@ def set_variant(comparison, b_side):
     winograd.MIN_CHANNELS = {1: TABLES[2], 2: TABLES[2]} if comparison == "thresholds" and b_side else TABLES
 
 
-COMPARISONS = {"winograd": ("winograd", "oneDNN"), "products": ("bmm", "16 mm"), "thresholds": ("by threads", "2-thread")}
+COMPARISONS = {"winograd": ("winograd", "oneDNN"), "products": ("bmm", "16 mm"),
+               "thresholds": ("by threads", "2-thread")}
 
 
 def step_seconds(step_model, opt, x, y, steps):

@@ -10,7 +10,8 @@
 seed-style:  torch DataLoader + per-image torchvision transforms (crop/flip for CIFAR), fp32, NCHW.
 pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device,
              channels_last, on CUDA fp32 with TF32 + cudnn.benchmark, on the CPU tiny-map convolutions as one
-             matrix product, 3x3 convolutions with 112+ channels by Winograd F(2x2, 3x3) and cheaper dropout masks
+             matrix product, 3x3 convolutions with 112+ channels (2 threads) by Winograd F(2x2, 3x3) and cheaper
+             dropout masks
              (pruneflow.train.resolve_perf 'auto', pruneflow.cpu_kernels, pruneflow.winograd);
              --ablate adds each part alone and bf16 autocast.
 Both run the same optimiser step (pruneflow.train.train_one_epoch) on synthetic uint8 images of the data

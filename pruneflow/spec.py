@@ -91,9 +91,10 @@ class PerformanceSpec:
     # A compilation that fails (no C++ compiler on the node, say) trains eagerly after a one-line warning.
     compile: typing.Union[bool, str] = False
     # CPU: convolutions whose input has fewer pixels than the kernel has taps (3x3 on 2x2 and 1x1 maps: ResNets
-    # with the ImageNet stem on 32x32 images) as one dense matrix product, training 3x3 convolutions with 112+
-    # channels by Winograd F(2x2, 3x3) (pruneflow.winograd: the CIFAR-stem ResNets), and dropout masks from uniform
-    # floats (pruneflow.cpu_kernels). Same numbers to float rounding (convolutions) and distribution (dropout).
+    # with the ImageNet stem on 32x32 images) as one dense matrix product, training 3x3 convolutions with 96+
+    # (one thread) or 112+ channels by Winograd F(2x2, 3x3) (pruneflow.winograd: the CIFAR-stem ResNets), and
+    # dropout masks from uniform floats (pruneflow.cpu_kernels). Same numbers to float rounding (convolutions) and
+    # distribution (dropout).
     cpu_kernels: bool = True
 
 

@@ -69,6 +69,19 @@ def test_step_ab_benchmark_quick():
     assert all(float(v) > 0 for r in rows for v in (r[-4], r[-3], r[-2])), rows
 
 
+def test_cpu_accounting_charges_the_command_and_passes_its_exit_code():
+    busy = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.6: pass')"
+    p = subprocess.run([sys.executable, "benchmarks/cpu_accounting.py", "--interval", "0.2", "--", sys.executable,
+                        "-c", busy], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = (re.match(r"\s*(\d+\.\d) s  (.+)$", ln) for ln in p.stdout.splitlines())
+    charged = {m.group(2): float(m.group(1)) for m in rows if m}
+    assert 0.5 <= charged["the command"] < 5, p.stdout  # its 0.6 s of CPU (plus the interpreter's start)
+    p = subprocess.run([sys.executable, "benchmarks/cpu_accounting.py", "--", sys.executable, "-c", "exit(3)"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 3
+
+
 def test_projection_benchmark_quick():
     # the real sweep of the quickstart study, 2 measured epochs per run; the projection's own arithmetic holds:
     # dense = train.epochs x the steady epoch + the first epoch's excess, and the study = dense + trials

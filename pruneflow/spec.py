@@ -66,6 +66,9 @@ class LatencySpec:
     batch_size: int = 64
     warmup: int = 5
     trials: int = 25  # as in the seed
+    # CPU threads for the timed forward passes, whatever threads a trial trained with (resources.threads_per_trial
+    # 'auto' varies with the trials left), so the latencies of one study compare
+    threads: int = 1
 
 
 @dataclass
@@ -74,7 +77,11 @@ class ResourcesSpec:
     # Ray packs this many trials on one GPU (num_gpus = 1/K); auto: as many as fit in memory (measured by a
     # short probe of one trial before the sweep), at most one per CPU core
     trials_per_gpu: typing.Union[int, str] = 8
-    threads_per_trial: int = 1  # CPU threads each trial's torch uses (and Ray CPUs it reserves)
+    # CPU threads each trial's torch trains with (and Ray CPUs it reserves). auto: on CPU nodes the cores shared
+    # out among the trials to run (1 each when there are at least as many trials as cores), on GPU nodes 1. Not
+    # the default: more threads speed up ResNets (a ResNet-18 step 1.75x faster at 2 threads) but left SimpleCNN
+    # on digits no faster (docs/benchmarks.md, "Packing on the CPU")
+    threads_per_trial: typing.Union[int, str] = 1
     sample_interval_s: float = 1.0  # utilisation sampling (CPU, RAM, GPU, GPU memory) into the results; 0: off
 
 
@@ -287,11 +294,15 @@ def validate(spec, check_backends=True):
     k = spec.resources.trials_per_gpu
     if isinstance(k, str) and k != "auto":
         raise UserError(f"resources.trials_per_gpu must be a whole number or 'auto', got {k!r}")
+    threads = spec.resources.threads_per_trial
+    if isinstance(threads, str) and threads != "auto":
+        raise UserError(f"resources.threads_per_trial must be a whole number or 'auto', got {threads!r}")
     if spec.resources.sample_interval_s < 0:
         raise UserError(f"resources.sample_interval_s must be >= 0, got {spec.resources.sample_interval_s}")
     positive = {"train.epochs": spec.train.epochs, "latency.batch_size": spec.latency.batch_size,
-                "latency.trials": spec.latency.trials, "resources.trials_per_gpu": 1 if k == "auto" else k,
-                "resources.threads_per_trial": spec.resources.threads_per_trial}
+                "latency.trials": spec.latency.trials, "latency.threads": spec.latency.threads,
+                "resources.trials_per_gpu": 1 if k == "auto" else k,
+                "resources.threads_per_trial": 1 if threads == "auto" else threads}
     for b in ("train", "finetune"):
         if getattr(spec, b).batch_size is not None:
             positive[f"{b}.batch_size"] = getattr(spec, b).batch_size

@@ -102,16 +102,26 @@ def choose_trials_per_gpu(footprint_bytes, total_bytes, cpus_per_gpu, share=AUTO
     return max(1, min(by_memory, int(cpus_per_gpu), limit))
 
 
-def plan_packing(spec, cpus, gpus, probe=None, mps=False):
+def trial_threads(requested, cpus, n_trials):
+    """Torch threads per CPU trial: the job's number (at most the cores) or, for 'auto', the cores shared out
+    among the ``n_trials`` to run: 1 each when there are at least as many trials as cores, more when fewer (a
+    shard of a few trials on a many-core node would otherwise leave most cores idle)."""
+    if requested == "auto":
+        return max(1, cpus // max(1, n_trials))
+    return max(1, min(int(requested), cpus))
+
+
+def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None):
     """Ray resources per trial and trials at a time: {options, slots, per_device, threads, device, note}.
 
     GPU: K trials share each GPU (num_gpus = 1/K); ``trials_per_gpu: auto`` takes K from ``probe(device)`` (the
     memory one trial occupies, see trial.probe_memory). CPU: trials x threads never exceed the CPUs this job
     was given (Slurm's SLURM_CPUS_PER_TASK, else the process's affinity), whatever the job file asks. ``mps``:
-    an Apple-silicon GPU is usable (device 'auto' then means 'mps')."""
+    an Apple-silicon GPU is usable (device 'auto' then means 'mps'). ``n_trials``: how many trials are to run
+    (threads_per_trial 'auto'; default: as many as the cores)."""
     res = spec.resources
-    threads = res.threads_per_trial
     if gpus:
+        threads = 1 if res.threads_per_trial == "auto" else res.threads_per_trial
         note = ""
         k = res.trials_per_gpu
         device = "cuda" if res.device == "auto" else res.device
@@ -127,7 +137,7 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False):
         # CPU work per trial is light next to its GPU work, so Ray's CPU count is not the packing limit.
         return dict(options=dict(num_gpus=1.0 / k, num_cpus=0), slots=gpus * k, per_device=k, threads=threads,
                     device=device, note=note)
-    threads = min(threads, cpus)
+    threads = trial_threads(res.threads_per_trial, cpus, n_trials or cpus)
     slots = max(1, cpus // threads)
     if res.device == "mps" or (res.device == "auto" and mps):
         # Apple silicon: Ray has no notion of the MPS device, so K is a cap on concurrent trials (each still
@@ -156,7 +166,7 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
             config_gpu = dict(config, resources=dict(config["resources"], device=device))
             return ray.get(ray.remote(probe_memory).options(num_gpus=1, num_cpus=0).remote(config_gpu, dense_path))
 
-        plan = plan_packing(spec, cpus, gpus, probe, mps=not gpus and mps_available())
+        plan = plan_packing(spec, cpus, gpus, probe, mps=not gpus and mps_available(), n_trials=len(todo))
         config = dict(config, resources=dict(config["resources"], device=plan["device"]))
         threads = plan["threads"]
         if plan["note"]:

@@ -50,6 +50,17 @@ def test_plan_on_cpu_never_exceeds_the_cores(cpus, threads, slots, used):
     assert plan["slots"] * plan["options"]["num_cpus"] <= cpus  # what Ray is asked for at once
 
 
+@pytest.mark.parametrize("cpus,n_trials,slots,threads", [(2, 29, 2, 1), (2, 1, 1, 2), (32, 8, 8, 4), (8, 3, 4, 2),
+                                                       (16, 16, 16, 1), (4, 0, 4, 1)])
+def test_auto_threads_share_the_cores_among_the_trials_to_run(cpus, n_trials, slots, threads):
+    plan = plan_packing(spec_with(threads_per_trial="auto"), cpus=cpus, gpus=0, n_trials=n_trials)
+    assert (plan["slots"], plan["threads"], plan["options"]["num_cpus"]) == (slots, threads, threads)
+    assert plan["slots"] * threads <= cpus and min(slots, max(n_trials, 1)) * threads <= cpus
+    assert StudySpec().resources.threads_per_trial == 1  # the default: auto only where asked (small models lose)
+    gpu = plan_packing(spec_with(threads_per_trial="auto", trials_per_gpu=4), cpus=cpus, gpus=1, n_trials=n_trials)
+    assert gpu["threads"] == 1  # GPU trials: CPU work is light, one thread each
+
+
 def test_plan_on_apple_silicon_uses_mps_and_caps_trials():
     auto = plan_packing(spec_with(device="auto", trials_per_gpu="auto"), cpus=10, gpus=0, mps=True)
     assert auto["device"] == "mps" and auto["slots"] == 2 and auto["options"] == dict(num_gpus=0, num_cpus=1)
@@ -64,10 +75,10 @@ def test_job_file_trials_per_gpu(tmp_path):
     assert load_spec(job)[0].resources.trials_per_gpu == "auto"
     job.write_text("resources:\n  trials_per_gpu: 4\n")
     assert load_spec(job)[0].resources.trials_per_gpu == 4
-    for bad, needle in (("many", "'auto'"), ("0", ">= 1")):
-        p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path,
-                       "--resources.trials_per_gpu", bad)
-        assert_clean_error(p, "trials_per_gpu", needle)
+    for key in ("trials_per_gpu", "threads_per_trial"):
+        for bad, needle in (("many", "'auto'"), ("0", ">= 1")):
+            p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, f"--resources.{key}", bad)
+            assert_clean_error(p, key, needle)
 
 
 def test_sweep_with_one_slurm_cpu_runs_one_thread_and_samples_utilisation(tmp_path, dense_ckpt):
@@ -76,12 +87,14 @@ def test_sweep_with_one_slurm_cpu_runs_one_thread_and_samples_utilisation(tmp_pa
     p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--dense", dense_ckpt,
                    "--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.5]", "--finetune.epochs", "1",
                    "--latency.trials", "3", "--resources.threads_per_trial", "3", "--resources.trials_per_gpu", "auto",
-                   "--resources.sample_interval_s", "0.2", "--noprogress", env={"SLURM_CPUS_PER_TASK": "1"})
+                   "--resources.sample_interval_s", "0.2", "--latency.threads", "2", "--noprogress",
+                   env={"SLURM_CPUS_PER_TASK": "1"})
     assert p.returncode == 0, p.stdout + p.stderr
     assert "1 at a time on 0 GPU(s) / 1 CPU(s), 1 thread(s) each" in p.stdout
     path = tmp_path / "quickstart" / "shard-0-of-1.h5"
     records = read_trials(path)
     assert len(records) == 3 and all(r["trials_per_device"] == 1 for r in records)
+    assert all(r["latency_settings"]["threads"] == 2 for r in records)  # timed as the job says, not as trained
     spans = sorted((r["started_at"], r["ended_at"]) for r in records)
     assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))  # one at a time: no overlap
     (run,) = read_utilisation(path)

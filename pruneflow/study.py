@@ -187,8 +187,10 @@ def device_series(study, model, records):
         rows = [dict(method=r["method"], arm=r["arm"], sparsity=r["sparsity"], mean=r["latency_mean"],
                      std=r["latency_std"], median=r["latency_median"], file=os.path.basename(r["checkpoint"]))
                 for r in timed]
-        bs = (timed[0].get("latency_settings") or {}).get("batch_size", "?")
-        series.append((f"sweep: {device_label(key)}, batch {bs}", rows))
+        settings = timed[0].get("latency_settings") or {}
+        threads = settings.get("threads") if str(timed[0].get("device", "")).startswith("cpu") else None
+        series.append((f"sweep: {device_label(key)}, batch {settings.get('batch_size', '?')}"
+                       + (f", {threads} thread(s)" if threads else ""), rows))
     for doc in study.devices:
         mach, st = doc.get("machine") or {}, doc.get("settings") or {}
         rows = []

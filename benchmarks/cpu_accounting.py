@@ -4,9 +4,10 @@
     python benchmarks/cpu_accounting.py --interval 0.5 -- python -m pruneflow.sweep jobs/quickstart.yaml --out /tmp/q
 
 Runs the command, samples every process on the machine (psutil) every --interval seconds, and prints the CPU
-seconds each one used while the command ran (the last sample of a process that exits early is what it is
-charged; processes alive before the command are charged only their increase), grouped: the command itself, Ray's
-trial workers (one line each: a worker pays its imports once, then runs trials), Ray's own services, and the rest.
+seconds each one used while the command ran (a process is charged what its last sample saw, so one that exits
+loses up to --interval of CPU; processes alive before the command are charged only their increase), grouped: the
+command itself, Ray's trial workers (each worker's total listed too: a worker pays its imports once, then runs
+trials), Ray's own services, and the rest.
 """
 
 import argparse

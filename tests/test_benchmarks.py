@@ -70,7 +70,8 @@ def test_step_ab_benchmark_quick():
 
 
 def test_cpu_accounting_charges_the_command_and_passes_its_exit_code():
-    busy = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.6: pass')"
+    # 0.6 s of CPU, then a pause: a process is charged what the last sample before its exit saw
+    busy = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.6: pass'); time.sleep(0.6)"
     p = subprocess.run([sys.executable, "benchmarks/cpu_accounting.py", "--interval", "0.2", "--", sys.executable,
                         "-c", busy], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr

@@ -291,18 +291,16 @@ def validate(spec, check_backends=True):
             raise UserError(f"prune.sparsities: {s} is outside (0, 1) (sparsity is the fraction removed)")
     if len(set(spec.prune.sparsities)) != len(spec.prune.sparsities):
         raise UserError("prune.sparsities has duplicates")
-    k = spec.resources.trials_per_gpu
-    if isinstance(k, str) and k != "auto":
-        raise UserError(f"resources.trials_per_gpu must be a whole number or 'auto', got {k!r}")
-    threads = spec.resources.threads_per_trial
-    if isinstance(threads, str) and threads != "auto":
-        raise UserError(f"resources.threads_per_trial must be a whole number or 'auto', got {threads!r}")
+    counts = {"resources.trials_per_gpu": spec.resources.trials_per_gpu,  # a whole number or 'auto'
+              "resources.threads_per_trial": spec.resources.threads_per_trial}
+    for name, v in counts.items():
+        if isinstance(v, str) and v != "auto":
+            raise UserError(f"{name} must be a whole number or 'auto', got {v!r}")
     if spec.resources.sample_interval_s < 0:
         raise UserError(f"resources.sample_interval_s must be >= 0, got {spec.resources.sample_interval_s}")
     positive = {"train.epochs": spec.train.epochs, "latency.batch_size": spec.latency.batch_size,
                 "latency.trials": spec.latency.trials, "latency.threads": spec.latency.threads,
-                "resources.trials_per_gpu": 1 if k == "auto" else k,
-                "resources.threads_per_trial": 1 if threads == "auto" else threads}
+                **{name: 1 if v == "auto" else v for name, v in counts.items()}}
     for b in ("train", "finetune"):
         if getattr(spec, b).batch_size is not None:
             positive[f"{b}.batch_size"] = getattr(spec, b).batch_size

@@ -136,7 +136,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     clock.stage("evaluate")
     lat = config["latency"]
     x = torch.randn(lat["batch_size"], *meta["input_shape"], device=dev)
-    torch.set_num_threads(lat.get("threads", 1))  # the study's one setting, not this trial's training threads
+    torch.set_num_threads(lat["threads"])  # the study's one setting, not this trial's training threads
     samples = time_forward(model.to(dev), x, lat["warmup"], lat["trials"])
     timing = summarize(samples)
     clock.stage("time")
@@ -158,7 +158,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
         device=str(dev), checkpoint=os.path.relpath(path, os.path.dirname(ckpt_dir)), architecture=str(model),
         epochs=[e for e in history if e["epoch"] > 0], latency=samples,
         latency_settings=dict(batch_size=lat["batch_size"], warmup=lat["warmup"], device=str(dev),
-                              threads=lat.get("threads", 1)),
+                              threads=lat["threads"]),
         widths=ckpt_io.layer_widths(model),
     )
 

@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import submitit
 
@@ -123,8 +124,14 @@ def submit(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, me
         if shutil.which("sbatch") is None:
             raise UserError("Slurm not found (no sbatch on PATH); run the same pipeline on this machine with --cluster local")
     if cluster == "slurm" and partition is not None and shutil.which("sinfo"):
-        known = slurm_partitions()
-        if partition not in known:
+        try:
+            known = slurm_partitions()
+        except UserError as e:
+            if not dry_run:
+                raise
+            known = None  # a dry run prints the scripts anyway (e.g. prepared while the controller is down)
+            print(f"warning: partition {partition!r} not checked: {e}", file=sys.stderr)
+        if known is not None and partition not in known:
             raise UserError(f"unknown partition {partition!r}; this cluster has: {', '.join(known)}")
     folder = os.path.join(study_dir, "slurm", "%j")
     params = dict(partition=partition, time=minutes, nodes=1, ntasks_per_node=1, cpus_per_task=cpus_per_task,

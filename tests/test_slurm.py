@@ -125,6 +125,19 @@ def test_dry_run_shows_what_would_be_asked(tmp_path):
     assert not (tmp_path / "quickstart" / "slurm").exists()  # nothing was submitted
 
 
+def test_dry_run_without_a_controller_still_prints(tmp_path):
+    # the same cluster's config with a port no controller listens on: sinfo fails, as when slurmctld is down
+    conf = tmp_path / "slurm.conf"
+    with open(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")) as f:
+        conf.write_text("".join("SlurmctldPort=6899\n" if ln.startswith("SlurmctldPort=") else ln for ln in f))
+    args = ["jobs/quickstart.yaml", "--partition", "a100", "--out", tmp_path]
+    p = run_module("pruneflow.submit", *args, "--dry-run", env=dict(SLURM_CONF=str(conf)))
+    assert p.returncode == 0, p.stderr
+    assert "partition 'a100' not checked" in p.stderr and "--partition=a100" in p.stdout
+    # a real submission still refuses: the partition cannot be checked
+    assert_clean_error(run_module("pruneflow.submit", *args, env=dict(SLURM_CONF=str(conf))), "sinfo failed")
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--partition", "nosuch"], ["unknown partition 'nosuch'", "debug"]),
     (["--nodes", 0], ["--nodes"]),

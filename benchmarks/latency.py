@@ -5,7 +5,9 @@
     python benchmarks/latency.py --device cuda
 
 Uses the one timing implementation (pruneflow.infer.timing: input on the device, warm-up at the timed shape,
-device synchronised around each call). Pruning is DepGraph L1 (fast, reaches its nominal sparsity).
+device synchronised around each call), as a sweep's trials do: the dense and the pruned model timed alternately,
+call by call; speedup = the median of the per-pair ratios (the ms columns: each side's median). Pruning is
+DepGraph L1 (fast, reaches its nominal sparsity).
 """
 
 import argparse
@@ -16,7 +18,7 @@ from _common import print_header
 
 from pruneflow.infer.device import resolve_device
 from pruneflow.infer.errors import exit_on_user_error
-from pruneflow.infer.timing import summarize, time_forward
+from pruneflow.infer.timing import paired_speedup, summarize, time_forward_paired
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.prune import prune
 
@@ -32,7 +34,7 @@ def main():
     batches = (1, 8) if args.quick else (1, 64)
     sparsities = (0.5,) if args.quick else (0.3, 0.5, 0.7)
     head = f"{'model':<10} {'sparsity':>8} {'batch':>5} {'dense ms':>9} {'pruned ms':>9} {'speedup':>7} {'MACs÷':>6} {'spd/MAC':>7}"
-    print_header(dev, f"median of {args.trials} after 5 warm-up", head)
+    print_header(dev, f"median of {args.trials} after 5 warm-up, dense and pruned alternately", head)
     torch.manual_seed(0)
     for arch, shape in models:
         dense = build_model(arch, 10, shape[0], "cifar").eval()
@@ -41,9 +43,9 @@ def main():
             pruned, st = prune(dense, "l1@depgraph", s, shape, ops, exclude)
             for b in batches:
                 x = torch.randn(b, *shape, device=dev)
-                t_dense = summarize(time_forward(dense.to(dev), x, 5, args.trials))["median"]
-                t_pruned = summarize(time_forward(pruned.to(dev), x, 5, args.trials))["median"]
-                speedup = t_dense / t_pruned
+                pruned_s, dense_s = time_forward_paired(pruned.to(dev), dense.to(dev), x, 5, args.trials)
+                t_dense, t_pruned = summarize(dense_s)["median"], summarize(pruned_s)["median"]
+                speedup = paired_speedup(pruned_s, dense_s)
                 print(f"{arch:<10} {s:>8.2f} {b:>5} {1e3 * t_dense:>9.3f} {1e3 * t_pruned:>9.3f} {speedup:>7.2f} "
                       f"{st['mac_reduction']:>6.2f} {speedup / st['mac_reduction']:>7.2f}", flush=True)
 

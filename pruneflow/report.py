@@ -87,9 +87,11 @@ def summary_md(study, notes, figures, series_by_model, shown, command, arch_line
              f"{len(recs)} trial record(s): {len(recs) - n_failed} done, {n_failed} failed; "
              f"{len(study.paths)} shard file(s). Generated {datetime.datetime.now().astimezone().isoformat(timespec='seconds')} "
              f"by pruneflow {first.get('pruneflow_version', '?')}: `{command}`", "",
-             "Latency: median ± sample std of the timed batches, in ms; speedup = dense median / trial median on the "
-             "same device; accuracies in %; Δ in percentage points against the dense model and against the control "
-             "(the dense model fine-tuned for the same epochs) of the same seed.", ""]
+             "Latency: median ± sample std of the timed batches, in ms; speedup: the dense model timed alternately "
+             "with the trial, batch by batch in the trial's own process, median of the per-pair ratios (files from "
+             "before that: dense median / trial median on the same device); accuracies in %; Δ in percentage points "
+             "against the dense model and against the control (the dense model fine-tuned for the same epochs) of "
+             "the same seed.", ""]
     lines += ["## Notes", ""] + ([f"- {n}" for n in notes] or ["- nothing missing, nothing failed"]) + [""]
     for model in sorted({r.get("model") for r in recs}, key=str):
         rs = [r for r in recs if r.get("model") == model]

@@ -7,6 +7,7 @@ Layout (schema 1; docs/results-schema.md is the reference):
     /trials/<id>         attrs: arm (dense|control|pruned), method, sparsity, seed, status (done|failed), error, ...
     /trials/<id>/epochs  compound table: epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds
     /trials/<id>/latency seconds per timed batch (raw samples); attrs: batch_size, device, warmup
+    /trials/<id>/latency_dense the dense model's seconds, timed alternately with the trial's (absent for dense)
     /trials/<id>/widths  compound table: layer, type, in, out (after pruning)
     /utilisation/run-<k> one group per sweep run: float64 columns time (unix s), cpu_percent, memory_used_bytes,
                          gpu<i>_util_percent, gpu<i>_memory_used_bytes; attrs interval_s, host, gpus, ...
@@ -107,7 +108,8 @@ class ResultStore:
             if record["id"] in trials:
                 del trials[record["id"]]
             g = trials.create_group(record["id"])
-            attrs = {k: v for k, v in record.items() if k not in ("epochs", "latency", "widths", "latency_settings")}
+            attrs = {k: v for k, v in record.items()
+                     if k not in ("epochs", "latency", "latency_dense", "widths", "latency_settings")}
             g.attrs.update({k: ("" if v is None else v) for k, v in attrs.items()})
             epochs = record.get("epochs") or []
             table = np.array([tuple(float(e[k]) for k in EPOCH_FIELDS) for e in epochs],
@@ -115,6 +117,8 @@ class ResultStore:
             g.create_dataset("epochs", data=table)
             lat = g.create_dataset("latency", data=np.asarray(record.get("latency") or [], dtype="f8"))
             lat.attrs.update(record.get("latency_settings") or {})
+            if record.get("latency_dense"):  # the dense model's samples, timed pair by pair with this trial's
+                g.create_dataset("latency_dense", data=np.asarray(record["latency_dense"], dtype="f8"))
             widths = record.get("widths") or []
             wt = np.array([(n, t, i, o) for n, t, i, o in widths],
                           dtype=[("layer", h5py.string_dtype()), ("type", h5py.string_dtype()), ("in", "i8"), ("out", "i8")])
@@ -184,6 +188,7 @@ def read_trials(path):
             r["epochs"] = [{k: float(row[k]) for k in EPOCH_FIELDS} for row in g["epochs"][()]]
             r["latency"] = [float(x) for x in g["latency"][()]]
             r["latency_settings"] = {k: _plain(v) for k, v in g["latency"].attrs.items()}
+            r["latency_dense"] = [float(x) for x in g["latency_dense"][()]] if "latency_dense" in g else []
             r["widths"] = [(_plain(a), _plain(b), int(c), int(d)) for a, b, c, d in g["widths"][()]]
             r["file"] = os.path.basename(path)
             rows.append(r)

@@ -264,21 +264,26 @@ def describe_env(device):
                 requested_device=device, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
 
 
+def _speedup(r):
+    """The trial's side-by-side speedup over the dense model, e.g. '2.41x' (blank in files from before it)."""
+    return f"{r['speedup']:.2f}x" if r.get("speedup") else ""
+
+
 def print_summary(records):
-    """The terminal table: method, sparsity, params, MACs, val acc, median latency."""
+    """The terminal table: method, sparsity, params, MACs, val acc, median latency, speedup over the dense model."""
     if not records:
         return
     order = {"dense": 0, "control": 1, "pruned": 2}
     records = sorted(records, key=lambda r: (order.get(r.get("arm"), 3), r["method"], r["sparsity"], r["seed"]))
-    head = f"{'trial':<18} {'method':<8} {'sparsity':>8} {'params':>11} {'MACs':>12} {'val acc %':>9} {'latency ms':>11}  status"
+    head = f"{'trial':<18} {'method':<8} {'sparsity':>8} {'params':>11} {'MACs':>12} {'val acc %':>9} {'latency ms':>11} {'speedup':>7}  status"
     print(head)
     print("-" * len(head))
     for r in records:
         if r["status"] == "done":
             print(f"{r['id']:<18} {r['method']:<8} {r['sparsity']:>8.2f} {r['params']:>11,} {r['macs']:>12,} "
-                  f"{100 * r['val_acc']:>9.2f} {1e3 * r['latency_median']:>11.3f}  done")
+                  f"{100 * r['val_acc']:>9.2f} {1e3 * r['latency_median']:>11.3f} {_speedup(r):>7}  done")
         else:
-            print(f"{r['id']:<18} {r['method']:<8} {r['sparsity']:>8.2f} {'':>11} {'':>12} {'':>9} {'':>11}  "
+            print(f"{r['id']:<18} {r['method']:<8} {r['sparsity']:>8.2f} {'':>11} {'':>12} {'':>9} {'':>11} {'':>7}  "
                   f"FAILED: {str(r.get('error', ''))[:80]}")
     failed = sum(r["status"] != "done" for r in records)
     print(f"{len(records) - failed} done, {failed} failed")

@@ -88,9 +88,9 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
 
     from .infer import checkpoint as ckpt_io
     from .infer.device import resolve_device
-    from .infer.timing import summarize, time_forward
+    from .infer.timing import paired_speedup, summarize, time_forward, time_forward_paired
     from .prune import calibration_batches, parse_method, prune, prune_to_mac_reduction, pruned_meta
-    from .train import evaluate, finetune
+    from .train import evaluate, finetune, resolve_perf
 
     if trial.id in os.environ.get(INJECT_ENV, "").split(","):
         raise RuntimeError(f"injected failure for {trial.id} ({INJECT_ENV})")
@@ -137,7 +137,18 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     lat = config["latency"]
     x = torch.randn(lat["batch_size"], *meta["input_shape"], device=dev)
     torch.set_num_threads(lat["threads"])  # the study's one setting, not this trial's training threads
-    samples = time_forward(model.to(dev), x, lat["warmup"], lat["trials"])
+    if trial.arm == "dense":
+        samples, dense_samples, speedup = time_forward(model.to(dev), x, lat["warmup"], lat["trials"]), [], 1.0
+    else:
+        # The dense model timed alongside, call by call: the speedup is measured side by side, so the other
+        # trials packed on this device (or any drift) slow both sides alike instead of skewing the ratio.
+        dense_model, _ = ckpt_io.load(dense_path)
+        dense_model.to(dev)
+        if resolve_perf(config.get("performance"), dev)["channels_last"]:  # the layout finetune gave the trial
+            dense_model.to(memory_format=torch.channels_last)
+        samples, dense_samples = time_forward_paired(model.to(dev), dense_model, x, lat["warmup"], lat["trials"])
+        speedup = paired_speedup(samples, dense_samples)
+        del dense_model
     timing = summarize(samples)
     clock.stage("time")
     path = os.path.join(ckpt_dir, f"{trial.id}.safetensors")
@@ -155,6 +166,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
         dependency_aware=bool(stats.get("dependency_aware", False)),
         train_acc=train_acc, val_acc=last["val_acc"], val_loss=last["val_loss"],
         latency_mean=timing["mean"], latency_std=timing["std"], latency_median=timing["median"], latency_p95=timing["p95"],
+        speedup=speedup, latency_dense=dense_samples,
         device=str(dev), checkpoint=os.path.relpath(path, os.path.dirname(ckpt_dir)), architecture=str(model),
         epochs=[e for e in history if e["epoch"] > 0], latency=samples,
         latency_settings=dict(batch_size=lat["batch_size"], warmup=lat["warmup"], device=str(dev),

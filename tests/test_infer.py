@@ -174,3 +174,31 @@ def test_bad_input(ckpt_dir, tmp_path):
     assert_clean_error(run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--device", "tpu"), "unknown device")
     assert_clean_error(run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--device", "mps"), "not available")
     assert_clean_error(run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--batch-size", 0), "batch size")
+
+
+def test_paired_timing_alternates_and_measures_the_ratio():
+    import time
+
+    from pruneflow.infer.timing import paired_speedup, time_forward_paired
+
+    calls = []
+
+    class Probe(torch.nn.Module):  # records who ran; the reference also sleeps 4 ms per call
+        def __init__(self, name, sleep):
+            super().__init__()
+            self.name, self.sleep = name, sleep
+
+        def forward(self, x):
+            calls.append((self.name, self.training, torch.is_inference_mode_enabled()))
+            time.sleep(self.sleep)
+            return x
+
+    model, ref = Probe("model", 0.0).train(), Probe("ref", 0.004).train()
+    samples, ref_samples = time_forward_paired(model, ref, torch.zeros(2, 3), warmup=2, trials=6)
+    assert len(samples) == len(ref_samples) == 6
+    names = [c[0] for c in calls]
+    # warm-up pairs, then pairs in alternating order: neither side always runs first
+    assert names == ["model", "ref"] * 2 + ["model", "ref", "ref", "model"] * 3
+    assert all(not training and inference for _, training, inference in calls)  # eval mode, no autograd
+    assert min(ref_samples) >= 0.004 and paired_speedup(samples, ref_samples) > 4
+    assert paired_speedup([1.0, 2.0, 4.0], [2.0, 2.0, 4.0]) == 1.0  # median of 2, 1, 1

@@ -100,7 +100,7 @@ def test_summary_numbers_equal_the_hdf5_values(report, study):
         median, std = (num(x) for x in row["latency ms (median ± std)"].split("±"))
         assert median == pytest.approx(1e3 * r["latency_median"], abs=5e-4)
         assert std == pytest.approx(1e3 * r["latency_std"], abs=5e-4)
-        assert num(row["speedup ×"]) == pytest.approx(dense["latency_median"] / r["latency_median"], abs=0.005)
+        assert num(row["speedup ×"]) == pytest.approx(r["speedup"], abs=0.005)  # measured side by side
         assert num(row["train acc %"]) == pytest.approx(100 * r["train_acc"], abs=0.005)
         assert num(row["val acc %"]) == pytest.approx(100 * r["val_acc"], abs=0.005)
         assert num(row["Δ val vs dense (pp)"]) == pytest.approx(100 * (r["val_acc"] - dense["val_acc"]), abs=0.0051)
@@ -113,6 +113,24 @@ def test_summary_numbers_equal_the_hdf5_values(report, study):
     assert f"torch {torch_version}" in text and "study: quickstart" in text and '"epochs": 1' in text
     # default --show: the sparsest trial of the first method that changes shapes (level keeps them)
     assert "### dense-s0" in text and "### l1-0.70-s0" in text and "Conv2d(1, 16" in text
+
+
+def test_files_without_paired_timing_fall_back_to_the_ratio_of_medians(study, tmp_path):
+    # results written before trials timed the dense model alongside: no speedup attr, no latency_dense
+    old = tmp_path / "quickstart"
+    shutil.copytree(study, old, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    with h5py.File(old / "shard-0-of-1.h5", "r+") as f:
+        for g in f["trials"].values():
+            del g.attrs["speedup"]
+            if "latency_dense" in g:
+                del g["latency_dense"]
+    p = run_module("pruneflow.report", old, "--format", "png", "--noarch")
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows, records = trial_rows((old / "report" / "summary.md").read_text()), {r["id"]: r for r in read_study(old)}
+    dense = records["dense-s0"]
+    for tid, r in records.items():
+        assert "speedup" not in r and r["latency_dense"] == []
+        assert num(rows[tid]["speedup ×"]) == pytest.approx(dense["latency_median"] / r["latency_median"], abs=0.005)
 
 
 def test_partial_study_reports_the_missing_shard_and_the_failure(partial):

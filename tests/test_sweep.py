@@ -41,6 +41,12 @@ def test_quickstart_grid_completes_and_h5dump_reads_it(tmp_path, dense_ckpt):
     assert by["level-0.70-s0"]["params"] == by["dense-s0"]["params"]
     assert by["level-0.70-s0"]["weight_sparsity"] == pytest.approx(0.7, abs=0.01)
     assert len(by["l2-0.30-s0"]["latency"]) == 5 and len(by["l2-0.30-s0"]["epochs"]) == 1
+    # every other trial timed the dense checkpoint alongside, pair by pair; its speedup is the median pair ratio
+    assert by["dense-s0"]["speedup"] == 1.0 and by["dense-s0"]["latency_dense"] == []
+    for r in records:
+        if r["arm"] != "dense":
+            pairs = [d / t for t, d in zip(r["latency"], r["latency_dense"])]
+            assert len(r["latency_dense"]) == 5 and r["speedup"] == pytest.approx(sorted(pairs)[2])
     assert by["dense-s0"]["epochs"] == [] and by["control-s0"]["arm"] == "control"
     for r in records:  # resource records: wall time per stage and the memory high-water mark
         assert all(r[f"seconds_{s}"] >= 0 for s in ("load", "prune", "finetune", "evaluate", "time", "save"))
@@ -57,6 +63,7 @@ def test_quickstart_grid_completes_and_h5dump_reads_it(tmp_path, dense_ckpt):
         assert "torch" in f["env"].attrs
     dump = subprocess.run(["h5dump", "-H", str(path)], capture_output=True, text=True)
     assert dump.returncode == 0 and 'GROUP "l1-0.30-s0"' in dump.stdout and 'DATASET "latency"' in dump.stdout
+    assert 'DATASET "latency_dense"' in dump.stdout
     vals = subprocess.run(["h5dump", "-d", "/trials/l1-0.30-s0/latency", str(path)], capture_output=True, text=True)
     assert vals.returncode == 0 and "(0)" in vals.stdout
     # re-running the same command skips everything

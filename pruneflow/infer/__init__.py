@@ -10,6 +10,7 @@ _EXPORTS = {
     "count_macs": "checkpoint", "layer_widths": "checkpoint",
     "available_devices": "device", "resolve_device": "device", "synchronize": "device",
     "time_forward": "timing", "summarize": "timing",
+    "time_forward_paired": "timing", "paired_speedup": "timing",
     "UserError": "errors",
 }
 

@@ -3,6 +3,9 @@
 - The input batch is on the device before the clock starts: no data loading inside the timed region
   (the seed timed a whole DataLoader pass, which made its MNIST curves flat).
 - Warm-up at the exact shape being timed (cuDNN autotuning, lazy allocations, MPS graph building).
+- Speedups are measured side by side: ``time_forward_paired`` times a model and its reference (the dense
+  model) alternately, one call each, and the speedup is the median of the per-pair ratios. Timed one after
+  the other, the two would see different machines: a sweep's other trials, a neighbour's job, clock drift.
 - The device is synchronised around each timed call. On MPS we use torch.mps.synchronize() and
   time.perf_counter() rather than events (MPS events have had ordering bugs) or torch.utils.benchmark
   (which does not synchronise MPS).
@@ -37,6 +40,36 @@ def time_forward(model, batch, warmup=5, trials=25):
     model.eval()
     with torch.inference_mode():
         return time_calls(lambda: model(batch), batch.device, warmup, trials)
+
+
+def time_forward_paired(model, reference, batch, warmup=5, trials=25):
+    """Forward passes of ``model`` and ``reference`` timed alternately on ``batch``: (model seconds, reference
+    seconds), ``trials`` each, sample i of both taken back to back. The order within a pair alternates, so
+    whatever the first call leaves behind (caches, clock boost) favours neither."""
+    if trials < 1:
+        raise ValueError("trials must be >= 1")
+    model.eval()
+    reference.eval()
+    device = batch.device
+    samples = ([], [])
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(batch)
+            reference(batch)
+        synchronize(device)
+        for i in range(trials):
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                start = time.perf_counter()
+                (model, reference)[j](batch)
+                synchronize(device)
+                samples[j].append(time.perf_counter() - start)
+    return samples
+
+
+def paired_speedup(samples, reference_samples):
+    """Median over pairs of reference / model seconds: how many times faster ``model`` ran than its reference."""
+    ratios = [r / m for m, r in zip(samples, reference_samples)]
+    return summarize(ratios)["median"]
 
 
 def summarize(samples):

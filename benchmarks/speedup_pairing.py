@@ -23,7 +23,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", help="shard files (HDF5) of sweeps that recorded paired latencies")
     args = ap.parse_args()
-    errors = {"separate": [], "paired": []}  # |log speedup| of the trials whose true speedup is 1
+    ones = {"separate": [], "paired": []}  # the speedups of the trials whose true speedup is 1
     for path in args.files:
         records = [r for r in read_trials(path) if r["status"] == "done"]
         dense = [r for r in records if r["arm"] == "dense"]
@@ -37,12 +37,14 @@ def main():
             print(f"{r['id']:<18} {path.rsplit('/', 1)[-1][:20]:<20} {r['mac_reduction']:>6.2f} {separate:>8.2f} "
                   f"{r['speedup']:>7.2f}")
             if r["arm"] == "control" or r["method"] == "level":
-                errors["separate"].append(abs(math.log(separate)))
-                errors["paired"].append(abs(math.log(r["speedup"])))
-    if errors["paired"]:
-        print(f"\ncontrol and level trials (true speedup 1), {len(errors['paired'])} of them: how far from 1")
-        for way, errs in errors.items():
-            print(f"  {way:<9} median {math.exp(statistics.median(errs)):.3f}x   max {math.exp(max(errs)):.3f}x")
+                ones["separate"].append(separate)
+                ones["paired"].append(r["speedup"])
+    if ones["paired"]:
+        print(f"\ncontrol and level trials (true speedup 1), {len(ones['paired'])} of them: how far from 1 (either way)")
+        for way, xs in ones.items():
+            off = [math.exp(abs(math.log(x))) for x in xs]
+            print(f"  {way:<9} median {statistics.median(off):.3f}x   max {max(off):.3f}x   "
+                  f"range {min(xs):.2f}-{max(xs):.2f}")
 
 
 if __name__ == "__main__":

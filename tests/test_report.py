@@ -5,11 +5,13 @@ import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import h5py
 import pytest
 
-from conftest import assert_clean_error, quickstart_study, report_of, run_module
+from conftest import ROOT, assert_clean_error, quickstart_study, report_of, run_module
 from pruneflow.study import pareto_front
 from pruneflow.results import read_study
 
@@ -131,6 +133,24 @@ def test_files_without_paired_timing_fall_back_to_the_ratio_of_medians(study, tm
     for tid, r in records.items():
         assert "speedup" not in r and r["latency_dense"] == []
         assert num(rows[tid]["speedup ×"]) == pytest.approx(dense["latency_median"] / r["latency_median"], abs=0.005)
+    # the benchmark comparing both estimates needs the paired samples: one line, exit 2
+    assert_clean_error(subprocess.run([sys.executable, "benchmarks/speedup_pairing.py", old / "shard-0-of-1.h5"],
+                                      capture_output=True, text=True, cwd=ROOT), "timed alongside")
+
+
+def test_speedup_pairing_benchmark_prints_both_estimates(study):
+    p = subprocess.run([sys.executable, "benchmarks/speedup_pairing.py", study / "shard-0-of-1.h5"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    records = {r["id"]: r for r in read_study(study)}
+    rows = {ln.split()[0]: ln.split() for ln in p.stdout.splitlines() if ln.split() and ln.split()[0] in records}
+    assert sorted(rows) == sorted(t for t, r in records.items() if r["arm"] != "dense")
+    for tid, row in rows.items():
+        separate = records["dense-s0"]["latency_median"] / records[tid]["latency_median"]
+        assert float(row[-2]) == pytest.approx(separate, abs=0.006)
+        assert float(row[-1]) == pytest.approx(records[tid]["speedup"], abs=0.006)
+    # control + level at 0.3 and 0.7: the trials whose true speedup is 1
+    assert "true speedup 1), 3 of them" in p.stdout and "  separate  median" in p.stdout and "  paired    median" in p.stdout
 
 
 def test_partial_study_reports_the_missing_shard_and_the_failure(partial):

@@ -238,8 +238,8 @@ def fig_devices(study, model, dataset, methods, series):
             axes[0][j].plot(x, mean, "o-", color=color, label=label)
             axes[0][j].fill_between(x, np.maximum(mean - std, mean * 0.01), mean + std, color=color, alpha=0.15)
             if dense:
-                # a sweep's own speedups were measured side by side with the dense model; a device JSON's
-                # checkpoints were timed one after another: the ratio of their medians
+                # measured side by side with the dense model (a sweep's trials; pruneflow.infer by default),
+                # else the ratio of medians (device JSONs written with --nopaired or before pairing existed)
                 axes[1][j].plot(x, [r.get("speedup") or dense[0]["median"] / r["median"] for r in pts], "o-", color=color)
         axes[0][j].set_title(m, fontsize=10)
         log = bool(means) and max(means) / max(min(means), 1e-9) > 20  # an A100 and a laptop: orders of magnitude

@@ -211,7 +211,8 @@ def device_series(study, model, records):
                                    "pruned" if c.get("method") not in (None, "none") else "dense")
             rows.append(dict(method=c.get("method", "none"), arm=arm, sparsity=float(c.get("sparsity", 0.0)),
                              mean=lat.get("mean"), std=lat.get("std") or 0.0, median=lat.get("median"),
-                             file=c.get("file")))
+                             file=c.get("file"),
+                             speedup=c.get("speedup_vs_dense") if st.get("speedup") == "paired" else None))
         if rows:
             label = (f"{mach.get('hostname', '?')}: {mach.get('device', '?')} ({mach.get('device_name', '?')}), "
                      f"batch {st.get('batch_size', '?')}, {st.get('dtype', 'float32')}")

@@ -124,6 +124,28 @@ def test_directory_mode_writes_schema_valid_json(ckpt_dir, tmp_path):
     assert rows["l1-0.30.safetensors"]["accuracy"] is not None  # digits ships with the tool
     assert all(len(r["latency"]["samples"]) == 4 for r in doc["checkpoints"])
     assert doc["machine"]["device"] == "cpu" and doc["settings"]["batch_size"] == 2
+    # every other checkpoint was timed alternately with the dense one: its speedup is the median pair ratio
+    assert doc["settings"]["speedup"] == "paired" and "latency_dense_samples" not in rows["dense.safetensors"]
+    # the ResNet-18 has no dense checkpoint of its own architecture here: no speedup at all
+    r18 = rows.pop("resnet18-l1.safetensors")
+    assert r18["speedup_vs_dense"] is None and "latency_dense_samples" not in r18
+    for name, r in rows.items():
+        if name != "dense.safetensors":
+            ratios = sorted(d / t for t, d in zip(r["latency"]["samples"], r["latency_dense_samples"]))
+            assert len(ratios) == 4 and r["speedup_vs_dense"] == pytest.approx((ratios[1] + ratios[2]) / 2)
+    # --nopaired: each timed once, the speedup is the ratio of medians
+    p = run_module("pruneflow.infer", "--ckpt", d, "--device", "cpu", "--trials", 3, "--batch-size", 2, "--out", out,
+                   "--noaccuracy", "--nopaired")
+    assert p.returncode == 0, p.stderr
+    doc = json.load(open(out))
+    jsonschema.validate(doc, schema)
+    rows = {r["file"]: r for r in doc["checkpoints"]}
+    assert doc["settings"]["speedup"] == "medians" and "dense median / median" in p.stdout
+    assert rows.pop("resnet18-l1.safetensors")["speedup_vs_dense"] is None
+    for r in rows.values():
+        assert "latency_dense_samples" not in r
+        assert r["speedup_vs_dense"] == pytest.approx(
+            rows["dense.safetensors"]["latency"]["median"] / r["latency"]["median"])
 
 
 def test_single_file_prints_the_essentials(ckpt_dir):

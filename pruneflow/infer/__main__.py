@@ -19,7 +19,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float32", channels_last=False,
-          threads=None, dataset=None, data_root=None, accuracy=True, out=None):
+          threads=None, dataset=None, data_root=None, accuracy=True, paired=True, out=None):
     """Time (and, where the data is present, score) pruneflow checkpoints on this machine.
 
     Args:
@@ -34,6 +34,9 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
       dataset: data set for accuracy (default: the checkpoint's own).
       data_root: where mnist / cifar10 are staged (digits needs none).
       accuracy: measure test accuracy when the data set is available.
+      paired: in directory mode, time each checkpoint alternately with the directory's dense one, call by call,
+        so that its speedup is measured side by side (drift, throttling and other load slow both alike); it
+        doubles the timing. --nopaired times each checkpoint once, the speedup being the ratio of medians.
       out: JSON output path in directory mode (default: DIR/devices/<host>-<device>.json).
     """
     import torch
@@ -59,9 +62,13 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
         files = [path]
     for f in files:  # validate every file before spending time on any
         ckpt_io.read_meta(f)
+    directory = os.path.isdir(path)
     settings = dict(batch_size=batch_size, warmup=warmup, trials=trials, dtype=dtype, channels_last=bool(channels_last))
-    rows = [run_one(f, dev, settings, dataset, data_root, accuracy) for f in files]
-    if len(files) == 1 and not os.path.isdir(path):
+    if directory:
+        settings["speedup"] = "paired" if paired else "medians"
+    reference = dense_reference(files, dev, settings) if directory and paired else None
+    rows = [run_one(f, dev, settings, dataset, data_root, accuracy, reference) for f in files]
+    if len(files) == 1 and not directory:
         print_single(rows[0], dev, settings)
         return None
     add_speedups(rows)
@@ -76,27 +83,65 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     return None
 
 
-def run_one(path, dev, settings, dataset, data_root, accuracy):
+def arm_of(meta):
+    """dense | control | pruned (older checkpoints carry no arm: method 'none' is then the dense model)."""
+    return meta.get("arm") or ("dense" if meta.get("method", "none") == "none" else "pruned")
+
+
+def prepared(path, dev, settings):
+    """A checkpoint's model on ``dev`` in the timed dtype and memory format, and its metadata."""
     import torch
 
     from . import checkpoint as ckpt_io
-    from .timing import summarize, time_forward
 
     model, meta = ckpt_io.load(path)
+    memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+    return model.to(device=dev, dtype=getattr(torch, settings["dtype"]), memory_format=memory_format), meta
+
+
+def dense_reference(files, dev, settings):
+    """(path, model, architecture) of the directory's dense checkpoint (the first by name), or None."""
+    from . import checkpoint as ckpt_io
+
+    dense = sorted(f for f in files if arm_of(ckpt_io.read_meta(f)) == "dense")
+    if not dense:
+        return None
+    model, meta = prepared(dense[0], dev, settings)
+    return dense[0], model, same_arch_key(meta)
+
+
+def same_arch_key(meta):
+    """Checkpoints compare with a dense one only when pruned from the same architecture and input."""
+    return meta["arch"], meta.get("stem"), list(meta["input_shape"])
+
+
+def run_one(path, dev, settings, dataset, data_root, accuracy, reference=None):
+    import torch
+
+    from . import checkpoint as ckpt_io
+    from .timing import paired_speedup, summarize, time_forward, time_forward_paired
+
+    model, meta = prepared(path, dev, settings)
     dtype = getattr(torch, settings["dtype"])
     memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
-    model = model.to(device=dev, dtype=dtype, memory_format=memory_format)
     x = torch.randn(settings["batch_size"], *meta["input_shape"], device=dev, dtype=dtype).contiguous(memory_format=memory_format)
-    samples = time_forward(model, x, settings["warmup"], settings["trials"])
+    speedup, dense_samples = None, None
+    if reference is not None and reference[0] != path and reference[2] == same_arch_key(meta):
+        samples, dense_samples = time_forward_paired(model, reference[1], x, settings["warmup"], settings["trials"])
+        speedup = paired_speedup(samples, dense_samples)
+    else:
+        samples = time_forward(model, x, settings["warmup"], settings["trials"])
     stats = summarize(samples)
     row = {
         "file": os.path.basename(path), "arch": meta["arch"], "dataset": meta["dataset"],
         "method": meta.get("method", "none"), "sparsity": float(meta.get("sparsity", 0.0)),
-        "arm": meta.get("arm") or ("dense" if meta.get("method", "none") == "none" else "pruned"),
+        "arm": arm_of(meta),
         "params": ckpt_io.count_params(model), "macs": ckpt_io.count_macs(model.float(), meta["input_shape"], dev),
         "latency": {**stats, "samples": samples}, "images_per_s": settings["batch_size"] / stats["median"],
-        "accuracy": None, "speedup_vs_dense": None,
+        "accuracy": None, "speedup_vs_dense": speedup, "arch_key": same_arch_key(meta),
     }
+    if dense_samples is not None:  # the dense checkpoint's samples, taken alternately with this one's
+        row["latency_dense_samples"] = dense_samples
     model.to(dtype=dtype)
     if accuracy:
         row["accuracy"] = test_accuracy(model, dataset or meta["dataset"], data_root, dev, dtype, settings, meta)
@@ -123,12 +168,15 @@ def test_accuracy(model, dataset, data_root, dev, dtype, settings, meta):
 
 
 def add_speedups(rows):
+    """Speedups not measured side by side: the dense checkpoint's median over the row's (the dense: 1)."""
     # the dense baseline: arm 'dense' (the control is also method 'none', but fine-tuned)
     dense = sorted((r for r in rows if r["arm"] == "dense"), key=lambda r: r["file"])
-    if dense:
-        base = dense[0]["latency"]["median"]
-        for r in rows:
-            r["speedup_vs_dense"] = base / r["latency"]["median"]
+    for r in rows:
+        base = next((d for d in dense if d["arch_key"] == r["arch_key"]), None)  # none: another architecture's
+        if r["speedup_vs_dense"] is None and base is not None:
+            r["speedup_vs_dense"] = base["latency"]["median"] / r["latency"]["median"]
+    for r in rows:
+        del r["arch_key"]
     rows.sort(key=lambda r: (r["arm"] != "dense", r["arm"] != "control", r["method"], r["sparsity"], r["file"]))
 
 
@@ -162,8 +210,10 @@ def print_single(r, dev, settings):
 def print_table(rows, dev, settings):
     from .device import describe
 
+    how = ("side by side with the dense checkpoint" if settings.get("speedup") == "paired"
+           else "dense median / median")
     print(f"device {dev} ({describe(dev)}), batch {settings['batch_size']}, {settings['dtype']}, "
-          f"{settings['trials']} timed trials after {settings['warmup']} warm-up")
+          f"{settings['trials']} timed trials after {settings['warmup']} warm-up; speedup: {how}")
     head = f"{'arm':<8} {'method':<8} {'sparsity':>8} {'params':>12} {'MACs':>14} {'median ms':>10} {'p95 ms':>8} {'speedup':>8} {'acc %':>7}  file"
     print(head)
     print("-" * len(head))

@@ -88,7 +88,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
 
     from .infer import checkpoint as ckpt_io
     from .infer.device import resolve_device
-    from .infer.timing import paired_speedup, summarize, time_forward, time_forward_paired
+    from .infer.timing import keep_freed_memory, paired_speedup, summarize, time_forward, time_forward_paired
     from .prune import calibration_batches, parse_method, prune, prune_to_mac_reduction, pruned_meta
     from .train import evaluate, finetune, resolve_perf
 
@@ -137,6 +137,8 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     lat = config["latency"]
     x = torch.randn(lat["batch_size"], *meta["input_shape"], device=dev)
     torch.set_num_threads(lat["threads"])  # the study's one setting, not this trial's training threads
+    # glibc's malloc in the steady state pruneflow.infer times too (a dense trial trains nothing to set it)
+    kept = dev.type == "cpu" and keep_freed_memory()
     if trial.arm == "dense":
         samples, dense_samples, speedup = time_forward(model.to(dev), x, lat["warmup"], lat["trials"]), [], 1.0
     else:
@@ -170,7 +172,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
         device=str(dev), checkpoint=os.path.relpath(path, os.path.dirname(ckpt_dir)), architecture=str(model),
         epochs=[e for e in history if e["epoch"] > 0], latency=samples,
         latency_settings=dict(batch_size=lat["batch_size"], warmup=lat["warmup"], device=str(dev),
-                              threads=lat["threads"]),
+                              threads=lat["threads"], keep_freed_memory=bool(kept)),
         widths=ckpt_io.layer_widths(model),
     )
 

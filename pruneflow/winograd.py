@@ -26,13 +26,13 @@ kernel on every free, and the page faults of fresh mappings eat part of the save
 cpu_kernels.CpuKernels) keeps them in the heap.
 """
 
-import ctypes
-import ctypes.util
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from .infer.timing import keep_freed_memory  # noqa: F401  (pruneflow.winograd.keep_freed_memory, as before)
 
 # F(2x2, 3x3)'s kernel transform (Lavin & Gray); the input (B^T) and output (A^T) transforms are written out as
 # additions below:  B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
@@ -198,17 +198,3 @@ def winograd_conv2d(x, weight, bias=None):
         y = y + bias.view(1, -1, 1, 1)
     return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
-
-@functools.lru_cache(maxsize=None)
-def keep_freed_memory():
-    """Tell glibc's malloc to serve large blocks from the heap and keep freed ones (mallopt M_MMAP_MAX = 0,
-    M_TRIM_THRESHOLD = 1 GiB): fresh mmap'd blocks fault in page by page on every training step otherwise.
-    Process-wide, once; the process's peak memory is unchanged, freed memory up to 1 GiB stays reserved for the
-    next step. Returns whether it applied (False off glibc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # macOS, musl without mallopt: nothing to tune
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))

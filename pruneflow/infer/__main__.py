@@ -52,6 +52,9 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
         raise UserError("float16 is not supported for CPU inference here; use bfloat16 or float32")
     if threads is not None:
         torch.set_num_threads(_positive(threads, "threads"))
+    from .timing import keep_freed_memory
+
+    kept = dev.type == "cpu" and keep_freed_memory()  # the steady state the sweep's trials are timed in
     path = os.fspath(ckpt)
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -63,7 +66,8 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     for f in files:  # validate every file before spending time on any
         ckpt_io.read_meta(f)
     directory = os.path.isdir(path)
-    settings = dict(batch_size=batch_size, warmup=warmup, trials=trials, dtype=dtype, channels_last=bool(channels_last))
+    settings = dict(batch_size=batch_size, warmup=warmup, trials=trials, dtype=dtype, channels_last=bool(channels_last),
+                    keep_freed_memory=bool(kept))
     if directory:
         settings["speedup"] = "paired" if paired else "medians"
     reference = dense_reference(files, dev, settings) if directory and paired else None

@@ -139,6 +139,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     torch.set_num_threads(lat["threads"])  # the study's one setting, not this trial's training threads
     # glibc's malloc in the steady state pruneflow.infer times too (a dense trial trains nothing to set it)
     kept = dev.type == "cpu" and keep_freed_memory()
+    channels_last = resolve_perf(config.get("performance"), dev)["channels_last"]  # finetune's layout, timed so
     if trial.arm == "dense":
         samples, dense_samples, speedup = time_forward(model.to(dev), x, lat["warmup"], lat["trials"]), [], 1.0
     else:
@@ -146,7 +147,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
         # trials packed on this device (or any drift) slow both sides alike instead of skewing the ratio.
         dense_model, _ = ckpt_io.load(dense_path)
         dense_model.to(dev)
-        if resolve_perf(config.get("performance"), dev)["channels_last"]:  # the layout finetune gave the trial
+        if channels_last:  # the layout finetune gave the trial's model
             dense_model.to(memory_format=torch.channels_last)
         samples, dense_samples = time_forward_paired(model.to(dev), dense_model, x, lat["warmup"], lat["trials"])
         speedup = paired_speedup(samples, dense_samples)
@@ -172,7 +173,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
         device=str(dev), checkpoint=os.path.relpath(path, os.path.dirname(ckpt_dir)), architecture=str(model),
         epochs=[e for e in history if e["epoch"] > 0], latency=samples,
         latency_settings=dict(batch_size=lat["batch_size"], warmup=lat["warmup"], device=str(dev),
-                              threads=lat["threads"], keep_freed_memory=bool(kept)),
+                              threads=lat["threads"], keep_freed_memory=bool(kept), channels_last=bool(channels_last)),
         widths=ckpt_io.layer_widths(model),
     )
 

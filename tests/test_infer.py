@@ -127,6 +127,7 @@ def test_directory_mode_writes_schema_valid_json(ckpt_dir, tmp_path):
     assert doc["machine"]["device"] == "cpu" and doc["settings"]["batch_size"] == 2
     # glibc's malloc keeps freed blocks, as in the sweep's trials: both time the same steady state
     assert doc["settings"]["keep_freed_memory"] is (platform.libc_ver()[0] == "glibc")
+    assert doc["settings"]["channels_last"] is True  # auto on the CPU: the layout the sweep's trials are timed in
     # every other checkpoint was timed alternately with the dense one: its speedup is the median pair ratio
     assert doc["settings"]["speedup"] == "paired" and "latency_dense_samples" not in rows["dense.safetensors"]
     # the ResNet-18 has no dense checkpoint of its own architecture here: no speedup at all
@@ -138,12 +139,13 @@ def test_directory_mode_writes_schema_valid_json(ckpt_dir, tmp_path):
             assert len(ratios) == 4 and r["speedup_vs_dense"] == pytest.approx((ratios[1] + ratios[2]) / 2)
     # --nopaired: each timed once, the speedup is the ratio of medians
     p = run_module("pruneflow.infer", "--ckpt", d, "--device", "cpu", "--trials", 3, "--batch-size", 2, "--out", out,
-                   "--noaccuracy", "--nopaired")
+                   "--noaccuracy", "--nopaired", "--nochannels_last")
     assert p.returncode == 0, p.stderr
     doc = json.load(open(out))
     jsonschema.validate(doc, schema)
     rows = {r["file"]: r for r in doc["checkpoints"]}
     assert doc["settings"]["speedup"] == "medians" and "dense median / median" in p.stdout
+    assert doc["settings"]["channels_last"] is False  # --nochannels_last
     assert rows.pop("resnet18-l1.safetensors")["speedup_vs_dense"] is None
     for r in rows.values():
         assert "latency_dense_samples" not in r
@@ -157,8 +159,11 @@ def test_single_file_prints_the_essentials(ckpt_dir):
                    "--batch-size", 1)
     assert p.returncode == 0, p.stderr
     for word in ("method: l2", "sparsity: 0.70", "params:", "MACs:", "device: cpu", "latency:", "median", "p95",
-                 "images/s", "test accuracy:"):
+                 "images/s", "test accuracy:", "(float32, channels_last)"):
         assert word in p.stdout, word
+    p = run_module("pruneflow.infer", "--ckpt", d / "l2-0.70.safetensors", "--device", "cpu", "--trials", 2,
+                   "--noaccuracy")
+    assert p.returncode == 0 and "test accuracy: not measured (--noaccuracy)" in p.stdout, p.stdout + p.stderr
 
 
 def test_mps_path_uses_documented_api(monkeypatch):
@@ -199,6 +204,8 @@ def test_bad_input(ckpt_dir, tmp_path):
     assert_clean_error(run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--device", "tpu"), "unknown device")
     assert_clean_error(run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--device", "mps"), "not available")
     assert_clean_error(run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--batch-size", 0), "batch size")
+    assert_clean_error(run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--channels_last", "maybe"),
+                       "auto, true or false")
 
 
 def test_paired_timing_alternates_and_measures_the_ratio():

@@ -18,7 +18,7 @@ JSON_SCHEMA = "pruneflow-device/1"
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float32", channels_last=False,
+def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float32", channels_last="auto",
           threads=None, dataset=None, data_root=None, accuracy=True, paired=True, out=None):
     """Time (and, where the data is present, score) pruneflow checkpoints on this machine.
 
@@ -29,7 +29,8 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
       warmup: untimed passes at the exact shape first.
       trials: timed passes (25 as in the seed).
       dtype: float32 | float16 | bfloat16 (where the device supports it).
-      channels_last: use the NHWC memory format (often faster for convolutions on GPUs).
+      channels_last: auto (the NHWC memory format on CUDA and the CPU, NCHW on MPS: as a sweep's trials train
+        and are timed, so both measure the same) | true | false.
       threads: torch CPU threads (default: torch's choice).
       dataset: data set for accuracy (default: the checkpoint's own).
       data_root: where mnist / cifar10 are staged (digits needs none).
@@ -66,14 +67,18 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     for f in files:  # validate every file before spending time on any
         ckpt_io.read_meta(f)
     directory = os.path.isdir(path)
-    settings = dict(batch_size=batch_size, warmup=warmup, trials=trials, dtype=dtype, channels_last=bool(channels_last),
+    if channels_last == "auto":  # pruneflow.train.resolve_perf's default, which the sweep's trials are timed with
+        channels_last = dev.type in ("cuda", "cpu")
+    elif not isinstance(channels_last, bool):
+        raise UserError(f"--channels_last must be auto, true or false, got {channels_last!r}")
+    settings = dict(batch_size=batch_size, warmup=warmup, trials=trials, dtype=dtype, channels_last=channels_last,
                     keep_freed_memory=bool(kept))
     if directory:
         settings["speedup"] = "paired" if paired else "medians"
     reference = dense_reference(files, dev, settings) if directory and paired else None
     rows = [run_one(f, dev, settings, dataset, data_root, accuracy, reference) for f in files]
     if len(files) == 1 and not directory:
-        print_single(rows[0], dev, settings)
+        print_single(rows[0], dev, settings, accuracy)
         return None
     add_speedups(rows)
     print_table(rows, dev, settings)
@@ -194,15 +199,17 @@ def machine(dev):
             "cpu": describe("cpu"), "threads": torch.get_num_threads()}
 
 
-def print_single(r, dev, settings):
+def print_single(r, dev, settings, accuracy=True):
     from .device import describe
 
     lat = r["latency"]
-    acc = "n/a (data not found)" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f} %"
+    acc = (f"{100 * r['accuracy']:.2f} %" if r["accuracy"] is not None else
+           "n/a (data not found)" if accuracy else "not measured (--noaccuracy)")
+    layout = "channels_last" if settings["channels_last"] else "NCHW"
     lines = [
         ("model", f"{r['arch']} ({r['dataset']})"), ("method", r["method"]), ("sparsity", f"{r['sparsity']:.2f}"),
         ("params", f"{r['params']:,}"), ("MACs", f"{r['macs']:,}"), ("device", f"{dev} ({describe(dev)})"),
-        ("batch size", f"{settings['batch_size']} ({settings['dtype']})"),
+        ("batch size", f"{settings['batch_size']} ({settings['dtype']}, {layout})"),
         ("latency", f"{1e3 * lat['mean']:.3f} ± {1e3 * lat['std']:.3f} ms (median {1e3 * lat['median']:.3f}, "
                     f"p95 {1e3 * lat['p95']:.3f}, n={lat['n']})"),
         ("throughput", f"{r['images_per_s']:,.0f} images/s"), ("test accuracy", acc),
@@ -217,6 +224,7 @@ def print_table(rows, dev, settings):
     how = ("side by side with the dense checkpoint" if settings.get("speedup") == "paired"
            else "dense median / median")
     print(f"device {dev} ({describe(dev)}), batch {settings['batch_size']}, {settings['dtype']}, "
+          f"{'channels_last' if settings['channels_last'] else 'NCHW'}, "
           f"{settings['trials']} timed trials after {settings['warmup']} warm-up; speedup: {how}")
     head = f"{'arm':<8} {'method':<8} {'sparsity':>8} {'params':>12} {'MACs':>14} {'median ms':>10} {'p95 ms':>8} {'speedup':>8} {'acc %':>7}  file"
     print(head)

@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -137,20 +138,31 @@ def test_directory_mode_writes_schema_valid_json(ckpt_dir, tmp_path):
         if name != "dense.safetensors":
             ratios = sorted(d / t for t, d in zip(r["latency"]["samples"], r["latency_dense_samples"]))
             assert len(ratios) == 4 and r["speedup_vs_dense"] == pytest.approx((ratios[1] + ratios[2]) / 2)
-    # --nopaired: each timed once, the speedup is the ratio of medians
-    p = run_module("pruneflow.infer", "--ckpt", d, "--device", "cpu", "--trials", 3, "--batch-size", 2, "--out", out,
-                   "--noaccuracy", "--nopaired", "--nochannels_last")
-    assert p.returncode == 0, p.stderr
-    doc = json.load(open(out))
-    jsonschema.validate(doc, schema)
-    rows = {r["file"]: r for r in doc["checkpoints"]}
+    # with the ResNet-18's own dense checkpoint beside it, each architecture is timed against its own dense one
+    both = tmp_path / "both"
+    shutil.copytree(d, both)
+    torch.manual_seed(0)
+    ckpt_io.save(build_model("resnet18", 10, 3, "cifar"), both / "resnet18-dense.safetensors",
+                 dict(model_meta("resnet18", "cifar10", "cifar", 10), arm="dense"))
+    for flags in ([], ["--nopaired", "--nochannels_last"]):  # --nopaired: each timed once, ratio of medians
+        p = run_module("pruneflow.infer", "--ckpt", both, "--device", "cpu", "--trials", 3, "--batch-size", 2,
+                       "--out", out, "--noaccuracy", *flags)
+        assert p.returncode == 0, p.stderr
+        doc = json.load(open(out))
+        jsonschema.validate(doc, schema)
+        rows = {r["file"]: r for r in doc["checkpoints"]}
+        r18 = rows.pop("resnet18-l1.safetensors")
+        for r, base in [(r18, rows.pop("resnet18-dense.safetensors"))] + [(r, rows["dense.safetensors"]) for r in rows.values()]:
+            if flags and r is not base:
+                assert "latency_dense_samples" not in r
+                assert r["speedup_vs_dense"] == pytest.approx(base["latency"]["median"] / r["latency"]["median"])
+            elif r is not base:  # paired with its own architecture's dense checkpoint
+                ratios = sorted(b / t for t, b in zip(r["latency"]["samples"], r["latency_dense_samples"]))
+                assert len(ratios) == 3 and r["speedup_vs_dense"] == pytest.approx(ratios[1])
+        if not flags:  # the ResNet-18 beside a dense ResNet-18, not the SimpleCNN (tens of times faster)
+            assert min(r18["latency_dense_samples"]) > 5 * rows["dense.safetensors"]["latency"]["median"]
     assert doc["settings"]["speedup"] == "medians" and "dense median / median" in p.stdout
     assert doc["settings"]["channels_last"] is False  # --nochannels_last
-    assert rows.pop("resnet18-l1.safetensors")["speedup_vs_dense"] is None
-    for r in rows.values():
-        assert "latency_dense_samples" not in r
-        assert r["speedup_vs_dense"] == pytest.approx(
-            rows["dense.safetensors"]["latency"]["median"] / r["latency"]["median"])
 
 
 def test_single_file_prints_the_essentials(ckpt_dir):

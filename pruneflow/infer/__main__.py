@@ -75,8 +75,8 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
                     keep_freed_memory=bool(kept))
     if directory:
         settings["speedup"] = "paired" if paired else "medians"
-    reference = dense_reference(files, dev, settings) if directory and paired else None
-    rows = [run_one(f, dev, settings, dataset, data_root, accuracy, reference) for f in files]
+    references = dense_references(files, dev, settings) if directory and paired else {}
+    rows = [run_one(f, dev, settings, dataset, data_root, accuracy, references) for f in files]
     if len(files) == 1 and not directory:
         print_single(rows[0], dev, settings, accuracy)
         return None
@@ -108,23 +108,25 @@ def prepared(path, dev, settings):
     return model.to(device=dev, dtype=getattr(torch, settings["dtype"]), memory_format=memory_format), meta
 
 
-def dense_reference(files, dev, settings):
-    """(path, model, architecture) of the directory's dense checkpoint (the first by name), or None."""
+def dense_references(files, dev, settings):
+    """{architecture key: (path, model)}: the directory's dense checkpoints (per architecture, the first by name),
+    ready to be timed beside the checkpoints pruned from them."""
     from . import checkpoint as ckpt_io
 
-    dense = sorted(f for f in files if arm_of(ckpt_io.read_meta(f)) == "dense")
-    if not dense:
-        return None
-    model, meta = prepared(dense[0], dev, settings)
-    return dense[0], model, same_arch_key(meta)
+    refs = {}
+    for f in sorted(files):
+        meta = ckpt_io.read_meta(f)
+        if arm_of(meta) == "dense" and same_arch_key(meta) not in refs:
+            refs[same_arch_key(meta)] = (f, prepared(f, dev, settings)[0])
+    return refs
 
 
 def same_arch_key(meta):
     """Checkpoints compare with a dense one only when pruned from the same architecture and input."""
-    return meta["arch"], meta.get("stem"), list(meta["input_shape"])
+    return meta["arch"], meta.get("stem"), tuple(meta["input_shape"])
 
 
-def run_one(path, dev, settings, dataset, data_root, accuracy, reference=None):
+def run_one(path, dev, settings, dataset, data_root, accuracy, references=None):
     import torch
 
     from . import checkpoint as ckpt_io
@@ -135,7 +137,8 @@ def run_one(path, dev, settings, dataset, data_root, accuracy, reference=None):
     memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     x = torch.randn(settings["batch_size"], *meta["input_shape"], device=dev, dtype=dtype).contiguous(memory_format=memory_format)
     speedup, dense_samples = None, None
-    if reference is not None and reference[0] != path and reference[2] == same_arch_key(meta):
+    reference = (references or {}).get(same_arch_key(meta))  # the dense checkpoint it was pruned from
+    if reference is not None and reference[0] != path:
         samples, dense_samples = time_forward_paired(model, reference[1], x, settings["warmup"], settings["trials"])
         speedup = paired_speedup(samples, dense_samples)
     else:
@@ -177,7 +180,8 @@ def test_accuracy(model, dataset, data_root, dev, dtype, settings, meta):
 
 
 def add_speedups(rows):
-    """Speedups not measured side by side: the dense checkpoint's median over the row's (the dense: 1)."""
+    """The speedups not measured side by side (--nopaired; the dense rows' 1.0): the median of the dense
+    checkpoint of the row's architecture over the row's; none where the directory holds no such checkpoint."""
     # the dense baseline: arm 'dense' (the control is also method 'none', but fine-tuned)
     dense = sorted((r for r in rows if r["arm"] == "dense"), key=lambda r: r["file"])
     for r in rows:

@@ -218,6 +218,9 @@ def test_bad_input(ckpt_dir, tmp_path):
     assert_clean_error(run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--batch-size", 0), "batch size")
     assert_clean_error(run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--channels_last", "maybe"),
                        "auto, true or false")
+    p = run_module("pruneflow.infer", "--ckpt", d / "dense.safetensors", "--channels_last", "false", "--trials", 1,
+                   "--noaccuracy")  # the words the message offers are taken as written
+    assert p.returncode == 0 and "(float32, NCHW)" in p.stdout, p.stdout + p.stderr
 
 
 def test_paired_timing_alternates_and_measures_the_ratio():

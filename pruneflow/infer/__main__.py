@@ -67,7 +67,10 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     for f in files:  # validate every file before spending time on any
         ckpt_io.read_meta(f)
     directory = os.path.isdir(path)
-    if channels_last == "auto":  # pruneflow.train.resolve_perf's default, which the sweep's trials are timed with
+    words = {"auto": None, "true": True, "false": False}  # Fire passes True/False, but `true` as a string
+    if isinstance(channels_last, str) and channels_last.lower() in words:
+        channels_last = words[channels_last.lower()]
+    if channels_last is None:  # auto: pruneflow.train.resolve_perf's default, which the sweep's trials are timed with
         channels_last = dev.type in ("cuda", "cpu")
     elif not isinstance(channels_last, bool):
         raise UserError(f"--channels_last must be auto, true or false, got {channels_last!r}")

@@ -142,6 +142,21 @@ def speedup(r, records):
     return base["latency_median"] / r["latency_median"]
 
 
+def slower_than_dense(records, share=0.8, min_pairs=10):
+    """Notes for pruned trials that ran slower than the dense model they came from, despite fewer MACs: slower
+    in at least ``share`` of their timed pairs (the dense model timed alternately with them, see trial.py).
+    With no true difference each pair goes either way with even odds, so 8 of 10 pairs or 20 of 25 happen by
+    chance 5 % or 0.2 % of the time: a sign test, which needs no assumption about the timing noise."""
+    notes = []
+    for r in sorted(done(records, arm="pruned"), key=lambda r: r["id"]):
+        pairs = list(zip(r.get("latency") or [], r.get("latency_dense") or []))
+        slower = sum(t > d for t, d in pairs)
+        if len(pairs) >= min_pairs and slower >= share * len(pairs) and r.get("mac_reduction", 1.0) > 1.0:
+            notes.append(f"{r['id']} ran slower than the dense model in {slower} of {len(pairs)} timed pairs "
+                         f"(speedup {r['speedup']:.2f}x) despite {r['mac_reduction']:.2f}x fewer MACs")
+    return notes
+
+
 def mean(xs):
     return sum(xs) / len(xs) if xs else None
 

@@ -236,6 +236,22 @@ def test_pareto_front_keeps_only_undominated_points():
     assert pareto_front(pts) == [(0.5, 70.0), (1.0, 80.0), (2.0, 90.0), (4.0, 95.0)]
 
 
+def test_pruned_trials_slower_than_dense_are_noted_by_a_sign_test():
+    from pruneflow.study import slower_than_dense
+
+    def rec(tid, slower_pairs, pairs=25, arm="pruned", macs=1.2):
+        lat = [2.0 if i < slower_pairs else 0.5 for i in range(pairs)]  # the dense side: 1.0 every time
+        return dict(id=tid, arm=arm, status="done", latency=lat, latency_dense=[1.0] * pairs, mac_reduction=macs,
+                    speedup=sorted(1.0 / t for t in lat)[pairs // 2])
+
+    notes = slower_than_dense([rec("a", 20), rec("b", 19), rec("c", 25, arm="control"), rec("d", 25, macs=1.0),
+                               rec("e", 9, pairs=9), rec("f", 10, pairs=10)])
+    # a: 20 of 25 pairs; b: 19 of 25 is under 80 %; c: not pruned; d: no fewer MACs (level); e: too few pairs
+    assert notes == ["a ran slower than the dense model in 20 of 25 timed pairs (speedup 0.50x) despite 1.20x fewer MACs",
+                     "f ran slower than the dense model in 10 of 10 timed pairs (speedup 0.50x) despite 1.20x fewer MACs"]
+    assert slower_than_dense([dict(rec("g", 25), latency_dense=[])]) == []  # files from before paired timing
+
+
 def test_missing_trials_are_attributed_to_missing_shards_first():
     from types import SimpleNamespace
 

@@ -64,8 +64,7 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
         out = check_writable_file(out or os.path.join(path, "devices", f"{socket.gethostname()}-{dev.type}.json"))
     else:
         files = [path]
-    for f in files:  # validate every file before spending time on any
-        ckpt_io.read_meta(f)
+    metas = {f: ckpt_io.read_meta(f) for f in files}  # validate every file before spending time on any
     directory = os.path.isdir(path)
     words = {"auto": None, "true": True, "false": False}  # Fire passes True/False, but `true` as a string
     if isinstance(channels_last, str) and channels_last.lower() in words:
@@ -78,7 +77,7 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
                     keep_freed_memory=bool(kept))
     if directory:
         settings["speedup"] = "paired" if paired else "medians"
-    references = dense_references(files, dev, settings) if directory and paired else {}
+    references = dense_references(metas, dev, settings) if directory and paired else {}
     rows = [run_one(f, dev, settings, dataset, data_root, accuracy, references) for f in files]
     if len(files) == 1 and not directory:
         print_single(rows[0], dev, settings, accuracy)
@@ -111,14 +110,11 @@ def prepared(path, dev, settings):
     return model.to(device=dev, dtype=getattr(torch, settings["dtype"]), memory_format=memory_format), meta
 
 
-def dense_references(files, dev, settings):
-    """{architecture key: (path, model)}: the directory's dense checkpoints (per architecture, the first by name),
-    ready to be timed beside the checkpoints pruned from them."""
-    from . import checkpoint as ckpt_io
-
+def dense_references(metas, dev, settings):
+    """{architecture key: (path, model)}: the directory's dense checkpoints (per architecture, the first by name;
+    ``metas``: {path: metadata}), ready to be timed beside the checkpoints pruned from them."""
     refs = {}
-    for f in sorted(files):
-        meta = ckpt_io.read_meta(f)
+    for f, meta in sorted(metas.items()):
         if arm_of(meta) == "dense" and same_arch_key(meta) not in refs:
             refs[same_arch_key(meta)] = (f, prepared(f, dev, settings)[0])
     return refs

@@ -47,6 +47,9 @@ def mstyle(m, line=True):
     return dict(color=color, marker=marker, markerfacecolor="white", linestyle=DEPGRAPH_DASH, label=m)
 
 
+DENSE_ALONGSIDE = "dense model, timed alongside each trial (mean)"
+
+
 def slug(text):
     return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "x"
 
@@ -78,6 +81,8 @@ def _baselines(ax, records, value, dense_label="dense", control_label="control (
 
 def fig_time(study, model, dataset, method, key, records):
     """The seed's figure: inference time (mean ± std) on the left, train and val accuracy on the right."""
+    import numpy as np
+
     pruned = [r for r in done(records, arm="pruned", method=method)]
     if not any(r["device_key"] == key for r in pruned):
         return None
@@ -88,6 +93,10 @@ def fig_time(study, model, dataset, method, key, records):
     ax.plot(c["x"], c["t_mean"], "o-", color="C0", label="inference time (mean)")
     ax.fill_between(c["x"], c["t_mean"] - c["t_std"], c["t_mean"] + c["t_std"], color="C0", alpha=0.2,
                     label="inference time ± std")
+    if not np.isnan(c["d_mean"]).all():
+        # The dense model as timed alternately with each trial: packed trials share the machine, so the
+        # absolute times drift from trial to trial; this line drifts with them (the gap is the speedup).
+        ax.plot(c["x"], c["d_mean"], "x:", color="C0", alpha=0.8, label=DENSE_ALONGSIDE)
     ax2.errorbar(c["x"], c["train"], yerr=c["train_std"], fmt="s-", color="C1", label="train accuracy", capsize=3)
     ax2.errorbar(c["x"], c["val"], yerr=c["val_std"], fmt="^-", color="C2", label="val accuracy", capsize=3)
     dense_t = [r for r in dense if r["device_key"] == key]
@@ -108,7 +117,7 @@ def fig_time(study, model, dataset, method, key, records):
     fig.suptitle(f"{model} on {dataset}: {method} pruning, timed on {device_label(key)}")
     handles = {lab: h for a in (ax, ax2) for h, lab in zip(*a.get_legend_handles_labels())}
     # column-major in 3 columns: time | this method's accuracies and the control | the dense accuracies
-    order = ["inference time (mean)", "inference time ± std", "dense time", "train accuracy", "val accuracy",
+    order = ["inference time (mean)", "inference time ± std", DENSE_ALONGSIDE, "dense time", "train accuracy", "val accuracy",
              "control val accuracy (dense, fine-tuned)", "dense train accuracy", "dense val accuracy"]
     fig.legend([handles[k] for k in order if k in handles], [k for k in order if k in handles],
                loc="outside lower center", ncol=3, fontsize=9)
@@ -141,8 +150,14 @@ def fig_pareto(study, model, dataset, methods, key, records):
     if not rs:
         return None
     fig, axes = new_figure(ncols=2, width=11, height=4.8)
-    for ax, (xlabel, xval) in zip(axes, (("inference time per batch (ms, mean)", lambda r: 1e3 * r["latency_mean"]),
-                                         ("MACs per image (millions)", lambda r: r["macs"] / 1e6))):
+    # Latency as each trial measured it against the dense model, side by side (1 / speedup): packed trials
+    # share the machine, so their absolute times are not comparable with each other; files from before
+    # pairing have no speedups and keep the absolute mean.
+    if all(r.get("speedup") for r in rs):
+        latency = ("latency relative to the dense model (1 / speedup, timed side by side)", lambda r: 1 / r["speedup"])
+    else:
+        latency = ("inference time per batch (ms, mean)", lambda r: 1e3 * r["latency_mean"])
+    for ax, (xlabel, xval) in zip(axes, (latency, ("MACs per image (millions)", lambda r: r["macs"] / 1e6))):
         for m in methods:
             pts = [r for r in rs if r["method"] == m and r["arm"] == "pruned"]
             if pts:

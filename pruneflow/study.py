@@ -162,18 +162,22 @@ def mean(xs):
 
 
 def curve(records, device_key):
-    """Per sparsity over seeds: x, latency mean/std in ms (raw samples pooled), train/val acc % (mean, std)."""
+    """Per sparsity over seeds: x, latency mean/std in ms (raw samples pooled), the mean in ms of the dense
+    model's samples timed alternately with those trials (d_mean; NaN for files from before pairing), train/val
+    acc % (mean, std)."""
     import numpy as np
 
     rows = sorted(r for r in {round(r["sparsity"], 4) for r in records})
-    out = {k: [] for k in ("x", "t_mean", "t_std", "train", "train_std", "val", "val_std")}
+    out = {k: [] for k in ("x", "t_mean", "t_std", "d_mean", "train", "train_std", "val", "val_std")}
     for s in rows:
         group = [r for r in records if round(r["sparsity"], 4) == s]
         timed = [r for r in group if r["device_key"] == device_key]
         samples = [x for r in timed for x in r["latency"]] or [r["latency_mean"] for r in timed]
+        dense_samples = [x for r in timed for x in r.get("latency_dense") or []]
         out["x"].append(100 * s)
         out["t_mean"].append(1e3 * np.mean(samples) if samples else np.nan)
         out["t_std"].append(1e3 * np.std(samples, ddof=1) if len(samples) > 1 else 0.0)
+        out["d_mean"].append(1e3 * np.mean(dense_samples) if dense_samples else np.nan)
         for k in ("train", "val"):
             accs = [100 * r[f"{k}_acc"] for r in group]
             out[k].append(np.mean(accs))

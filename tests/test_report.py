@@ -138,6 +138,49 @@ def test_files_without_paired_timing_fall_back_to_the_ratio_of_medians(study, tm
                                       capture_output=True, text=True, cwd=ROOT), "timed alongside")
 
 
+def plotted(study_dir):
+    """What the time figure (l1) and the Pareto figure draw for ``study_dir``: the dense-alongside line's points,
+    and the Pareto latency axis' label and points (x, accuracy %) per trial id."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pruneflow.figures import DENSE_ALONGSIDE, fig_pareto, fig_time
+    from pruneflow.study import load_study
+
+    s = load_study(study_dir)
+    key = s.records[0]["device_key"]
+    ax = fig_time(s, "simple_cnn", "digits", "l1", key, s.records).axes[0]
+    alongside = [line.get_ydata() for line in ax.get_lines() if line.get_label() == DENSE_ALONGSIDE]
+    ax = fig_pareto(s, "simple_cnn", "digits", list(METHODS), key, s.records).axes[0]
+    points = [tuple(p) for c in ax.collections for p in c.get_offsets()]
+    return s.records, alongside, ax.get_xlabel(), points
+
+
+def test_figures_plot_the_latencies_measured_side_by_side(study, tmp_path):
+    records, alongside, xlabel, points = plotted(study)
+    # the time figure draws the dense model as timed next to each l1 trial, in ms, sparsity by sparsity
+    l1 = sorted((r for r in records if r["method"] == "l1"), key=lambda r: r["sparsity"])
+    assert len(alongside) == 1 and list(alongside[0]) == pytest.approx(
+        [1e3 * sum(r["latency_dense"]) / len(r["latency_dense"]) for r in l1])
+    # the Pareto front's latency axis is 1 / speedup: the dense model at 1, every trial where its pairs put it
+    assert "1 / speedup" in xlabel
+    for r in records:
+        assert (pytest.approx(1 / r["speedup"]), pytest.approx(100 * r["val_acc"])) in points
+    assert (1.0, pytest.approx(100 * next(r for r in records if r["arm"] == "dense")["val_acc"])) in points
+    # files from before pairing: no dense line, and the Pareto axis falls back to absolute milliseconds
+    old = tmp_path / "quickstart"
+    shutil.copytree(study, old, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    with h5py.File(old / "shard-0-of-1.h5", "r+") as f:
+        for g in f["trials"].values():
+            del g.attrs["speedup"]
+            if "latency_dense" in g:
+                del g["latency_dense"]
+    records, alongside, xlabel, points = plotted(old)
+    assert alongside == [] and xlabel == "inference time per batch (ms, mean)"
+    for r in records:
+        assert (pytest.approx(1e3 * r["latency_mean"]), pytest.approx(100 * r["val_acc"])) in points
+
+
 def test_speedup_pairing_benchmark_prints_both_estimates(study):
     p = subprocess.run([sys.executable, "benchmarks/speedup_pairing.py", study / "shard-0-of-1.h5"],
                        capture_output=True, text=True, cwd=ROOT)

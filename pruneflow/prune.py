@@ -12,6 +12,7 @@ import contextlib
 import copy
 import io
 import logging
+import time
 import warnings
 
 import torch
@@ -95,7 +96,8 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
     example = torch.rand(2, *input_shape)
     before = {"params": count_params(model), "macs": count_macs(model, input_shape), "widths": layer_widths(model)}
     config = [{"op_types": list(op_types), "sparse_ratio": sparsity, "exclude_op_names": list(exclude)}]
-    seconds_speedup = 0.0  # DepGraph removes channels as it goes: no separate speed-up step
+    # DepGraph removes channels as it goes: no separate speed-up step
+    seconds = {"seconds_import": 0.0, "seconds_grouping": 0.0, "seconds_masks": 0.0, "seconds_speedup": 0.0}
     if backend == "depgraph":
         from .depgraph import prune_depgraph
 
@@ -103,7 +105,7 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
             prune_depgraph(model, method, sparsity, input_shape, op_types, exclude, calibration, round_to,
                            global_pruning)
     else:
-        seconds_speedup = _prune_nni(model, method, sparsity, example, config, dependency_aware, verbose)
+        seconds = _prune_nni(model, method, sparsity, example, config, dependency_aware, verbose)
     model.eval()
     targets = [n for n, t, _, _ in before["widths"] if t in op_types and n not in exclude]
     stats = {
@@ -112,7 +114,7 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
         "params_dense": before["params"], "macs_dense": before["macs"], "widths_dense": before["widths"],
         "params": count_params(model), "macs": count_macs(model, input_shape), "widths": layer_widths(model),
         "nonzero_params": sum(int((p != 0).sum()) for p in model.parameters()),
-        "seconds_speedup": seconds_speedup,
+        **seconds,
     }
     stats["mac_reduction"] = stats["macs_dense"] / max(stats["macs"], 1)
     stats["channel_sparsity"] = _channel_sparsity(before["widths"], stats["widths"], targets)
@@ -122,19 +124,25 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
 
 def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbose):
     """NNI 3.0: masks from the pruner, then ModelSpeedup (structured) or masks written into weights (level).
-    Returns the seconds ModelSpeedup took (0 for level)."""
-    import time
-
+    Returns the seconds of each part: importing NNI (first call in a process), the dependency grouping, the
+    masks, ModelSpeedup (0 for level)."""
+    seconds = dict.fromkeys(("seconds_import", "seconds_grouping", "seconds_masks", "seconds_speedup"), 0.0)
+    t0 = time.perf_counter()
     with _quiet(verbose):
         from nni.compression import pruning as nni_pruning
 
+        seconds["seconds_import"] = time.perf_counter() - t0
         if dependency_aware and method in STRUCTURED:
             from nni.compression.utils import auto_set_denpendency_group_ids
 
+            t0 = time.perf_counter()
             config = auto_set_denpendency_group_ids(model, config, example)
+            seconds["seconds_grouping"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         pruner = getattr(nni_pruning, NNI_PRUNERS[method])(model, config)
         _, masks = pruner.compress()
         pruner.unwrap_model()
+        seconds["seconds_masks"] = time.perf_counter() - t0
         if method in STRUCTURED:
             from nni.compression.speedup import ModelSpeedup
 
@@ -142,7 +150,8 @@ def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbo
             t0 = time.perf_counter()
             graph = torch.fx.symbolic_trace(model)
             ModelSpeedup(model, example, masks, graph_module=graph, logger=_silent_logger(verbose)).speedup_model()
-            return time.perf_counter() - t0
+            seconds["seconds_speedup"] = time.perf_counter() - t0
+            return seconds
         else:
             # NNI 3.0 does not write the masks into the weights after unwrap_model(): do it here.
             with torch.no_grad():
@@ -152,7 +161,7 @@ def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbo
                         tensor = getattr(module, param, None)
                         if tensor is not None:  # NNI lists a mask for 'bias' even when the layer has none
                             tensor.mul_(mask.to(tensor.dtype))
-            return 0.0
+            return seconds
 
 
 def prune_to_mac_reduction(model, method, target, input_shape, tolerance=0.02, max_steps=16, **kwargs):
@@ -310,10 +319,12 @@ def cli(ckpt, method, out, sparsity=None, target_macs=None, op_types=None, exclu
                   exclude=_as_tuple(exclude) if exclude is not None else default_exclude,
                   dependency_aware=dependency_aware, verbose=verbose, round_to=round_to,
                   calibration=calibration_batches(meta) if criterion == "taylor" else None)
+    t0 = time.perf_counter()
     if target_macs is not None:
         pruned, stats = prune_to_mac_reduction(model, method, float(target_macs), meta["input_shape"], **kwargs)
     else:
         pruned, stats = prune(model, method, sparsity, meta["input_shape"], **kwargs)
+    seconds = time.perf_counter() - t0
     save(pruned, out, pruned_meta(meta, stats))
     print(f"{meta['arch']} pruned with {method} at sparsity {stats['sparsity']:.3f}"
           + (f" (target: {stats['target_mac_reduction']:g}x fewer MACs)" if target_macs is not None else "")
@@ -325,6 +336,11 @@ def cli(ckpt, method, out, sparsity=None, target_macs=None, op_types=None, exclu
         print(f"channels removed from pruned layers: {stats['channel_sparsity']:.1%}")
     else:
         print(f"unstructured: same shapes, {stats['weight_sparsity']:.1%} zeros in pruned layers, no speedup")
+    parts = [f"{k} {stats['seconds_' + k]:.1f} s" for k in ("import", "grouping", "masks", "speedup")
+             if stats["seconds_" + k] > 0]
+    print(f"pruning took {seconds:.1f} s" + (f" (NNI: {', '.join(parts)}"
+                                            + ("; the last try's" if target_macs is not None else "") + ")"
+                                            if backend == "nni" else ""))
     print(format_widths(stats))
     if print_model:
         print("\nbefore:\n" + str(model) + "\n\nafter:\n" + str(pruned))

@@ -1,4 +1,6 @@
 """The command-line entry points as a user runs them: happy paths and one-line errors for bad input."""
+import re
+
 import pytest
 
 from conftest import assert_clean_error, run_module
@@ -22,6 +24,11 @@ def test_prune_cli_prints_before_after(dense_ckpt, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "params 300,426 -> 75,338" in p.stdout
     assert "conv1" in p.stdout and "16->8" in p.stdout and "4608->2304" in p.stdout
+    # where the time went: NNI's import (first use in the process), masks and speed-up, each within the total
+    m = re.search(r"pruning took ([\d.]+) s \(NNI: import ([\d.]+) s, masks ([\d.]+) s, speedup ([\d.]+) s\)", p.stdout)
+    assert m, p.stdout
+    total, *parts = map(float, m.groups())
+    assert parts[0] > 0 and sum(parts) <= total + 0.15  # importing NNI takes seconds; the rest may print 0.0
     # print(model) before and after, as in the seed's appendix
     before, after = p.stdout.split("\nbefore:\n")[1].split("\n\nafter:\n")
     assert "(conv1): Conv2d(1, 16, kernel_size=(3, 3)" in before

@@ -133,10 +133,8 @@ def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbo
 
         seconds["seconds_import"] = time.perf_counter() - t0
         if dependency_aware and method in STRUCTURED:
-            from nni.compression.utils import auto_set_denpendency_group_ids
-
             t0 = time.perf_counter()
-            config = auto_set_denpendency_group_ids(model, config, example)
+            config = dependency_groups(model, config, example)
             seconds["seconds_grouping"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         pruner = getattr(nni_pruning, NNI_PRUNERS[method])(model, config)
@@ -162,6 +160,41 @@ def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbo
                         if tensor is not None:  # NNI lists a mask for 'bias' even when the layer has none
                             tensor.mul_(mask.to(tensor.dtype))
             return seconds
+
+
+def dependency_groups(model, config, example):
+    """NNI's ``auto_set_denpendency_group_ids`` (nni/compression/utils/dependency.py, NNI 3.0), tracing the model
+    once instead of twice and without TorchScript's trace check (which traces and runs the model again to
+    compare): NNI's took 5.3-6.1 s of a CIFAR-stem ResNet-101 pruning on the CI machine, this ~1 s. The same
+    groups: tests compare both on every architecture. One config per prunable layer: residual-coupled layers
+    share a ``dependency_group_id`` (pruned alike, so the speed-up can remove their channels), grouped
+    convolutions get an ``internal_metric_block``."""
+    import uuid
+
+    from nni.compression.base.config import select_modules_by_config, trans_legacy_config_list
+    from nni.compression.utils.shape_dependency import ChannelDependency, GroupDependency
+
+    training = model.training
+    model.eval()
+    traced = torch.jit.trace(model, example, strict=False, check_trace=False)
+    model.train(training)
+    channel = ChannelDependency(model, example, traced_model=traced)  # the constructors build the dependencies
+    group = GroupDependency(model, example, traced_model=traced)
+    group_id = {}
+    for layers in channel.dependency_sets:
+        uid = uuid.uuid4().hex
+        group_id.update({name: uid for name in layers})
+    out = []
+    for entry in trans_legacy_config_list(config):
+        modules, public, _ = select_modules_by_config(model, entry)
+        for name in modules:
+            sub = copy.deepcopy(public)
+            if name in group_id:
+                sub["dependency_group_id"] = group_id[name]
+            if name in group.dependency:
+                sub["internal_metric_block"] = int(group.dependency[name])
+            out.append({"op_names": [name], **sub})
+    return out
 
 
 def prune_to_mac_reduction(model, method, target, input_shape, tolerance=0.02, max_steps=16, **kwargs):

@@ -68,6 +68,38 @@ def test_dependency_aware_nni_reaches_nominal_on_resnet18():
     assert stats["channel_sparsity"] >= 0.45
 
 
+def group_structure(config):
+    """The layers of each config entry, the entry's settings, and its group as a number in order of first
+    appearance (NNI names groups by random uuids)."""
+    ids, out = {}, []
+    for entry in config:
+        entry = dict(entry)
+        gid = entry.pop("dependency_group_id", None)
+        out.append((entry.pop("op_names"), None if gid is None else ids.setdefault(gid, len(ids)), entry))
+    return out
+
+
+@pytest.mark.parametrize("arch, stem, exclude", [("resnet18", "cifar", ()), ("resnet50", "imagenet", ("conv1",)),
+                                                  ("simple_cnn", "cifar", ())])
+def test_dependency_groups_equal_nnis_own(arch, stem, exclude):
+    # pruneflow traces the model once, unchecked; NNI's function traces it twice, each time checked
+    from nni.compression.utils import auto_set_denpendency_group_ids
+
+    from pruneflow.prune import dependency_groups
+
+    in_channels = 1 if arch == "simple_cnn" else 3
+    model = build_model(arch, 10, in_channels, stem).eval()
+    example = torch.rand(2, in_channels, 28, 28)
+    config = [{"op_types": ["Conv2d"], "sparse_ratio": 0.5, "exclude_op_names": list(exclude)}]
+    ours = group_structure(dependency_groups(model, config, example))
+    assert ours == group_structure(auto_set_denpendency_group_ids(model, config, example))
+    layers = [names for names, _, _ in ours]
+    assert len(layers) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) - len(exclude)
+    if arch != "simple_cnn":  # residual additions couple layers: fewer groups than layers
+        assert len({g for _, g, _ in ours}) < len(layers)
+    assert model.training is False
+
+
 def test_unknown_backend_method_combination_lists_valid_ones(dense_ckpt, tmp_path):
     for label in ("taylor", "level@depgraph", "l1@torchprune"):
         with pytest.raises(UserError, match=r"valid: level, l1, l2, fpgm \(nni\); l1@depgraph"):

@@ -100,6 +100,21 @@ def test_dependency_groups_equal_nnis_own(arch, stem, exclude):
     assert model.training is False
 
 
+def test_nni_speedup_without_its_mask_statistics_gives_the_same_model(caplog):
+    # not verbose, ModelSpeedup's log lines (and the mask statistics they format) are skipped
+    from nni.compression.speedup import model_speedup
+
+    model = build_model("resnet18", 10, 3, "cifar").eval()
+    formatter = model_speedup.sparsity_stats
+    quiet, _ = prune(model, "l2", 0.3, (3, 32, 32), ("Conv2d",), ("fc",), dependency_aware=True)
+    assert model_speedup.sparsity_stats is formatter  # put back afterwards
+    logged, _ = prune(model, "l2", 0.3, (3, 32, 32), ("Conv2d",), ("fc",), dependency_aware=True, verbose=True)
+    assert "output mask:" in caplog.text  # verbose: ModelSpeedup's log, with the statistics
+    a, b = quiet.state_dict(), logged.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["layer1.0.conv1.weight"].shape[0] < 64  # channels were removed
+
+
 def test_unknown_backend_method_combination_lists_valid_ones(dense_ckpt, tmp_path):
     for label in ("taylor", "level@depgraph", "l1@torchprune"):
         with pytest.raises(UserError, match=r"valid: level, l1, l2, fpgm \(nni\); l1@depgraph"):

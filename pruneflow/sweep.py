@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 
 from .infer.errors import UserError, check_writable_dir
@@ -210,11 +211,43 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
                     bar.write(f"trial {t.id} failed: {record['error'][:300]}")
                 bar.update(1)
         finally:
+            if pending:  # stopped early (SIGTERM, Ctrl-C): keep the trials that finished in the meantime
+                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+                for ref in ready:
+                    try:
+                        record = ray.get(ref, timeout=0)
+                    except Exception:
+                        continue
+                    if record["status"] == "done":
+                        record.update(attempts=attempts[pending[ref].id], trials_per_device=plan["per_device"])
+                        record.pop("traceback", None)
+                        store.add(record)
+                        counts["done"] += 1
             bar.set_postfix(done=counts["done"], failed=counts["failed"], running=0)
             bar.close()
             sampler.stop()  # before writing: the series is complete
             store.add_utilisation(sampler.series(), dict(sampler.attrs, trials_per_device=plan["per_device"],
                                                          slots=plan["slots"]))
+
+
+_stopped_by = None  # the signal that stopped this sweep (exit_on_sigterm)
+
+
+def exit_on_sigterm():
+    """Slurm's timeout/preemption signal (sbatch --signal) or scancel: leave through the normal exits, so Ray is
+    shut down, the trials that finished meanwhile are recorded and the results lock is released. Set again after
+    ray.init, whose core worker installs a crash handler for SIGTERM (a C++ stack dump and exit 134)."""
+    import signal
+
+    def stop(signum, frame):
+        global _stopped_by
+        _stopped_by = signum
+        print(f"stopped by signal {signum} (SIGTERM): finished trials are in the results file; the same command "
+              "resumes", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def mps_available():
@@ -234,8 +267,17 @@ def local_ray(cpus, gpus):
     temp_dir = os.path.join("/tmp", f"pf-ray-{tag}")  # short: Ray's socket paths must stay < 108 bytes
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, _temp_dir=temp_dir,
-             object_store_memory=100 * 1024 * 1024, log_to_driver=False, logging_level="ERROR")
+    try:
+        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, _temp_dir=temp_dir,
+                 object_store_memory=100 * 1024 * 1024, log_to_driver=False, logging_level="ERROR")
+    except SystemExit as e:  # SIGTERM during start-up reaches Ray's own handler, sys.exit(15)
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if e.code == 15:
+            print("stopped by signal 15 (SIGTERM) while Ray started; the same command resumes", file=sys.stderr)
+            raise SystemExit(143) from None
+        raise
+    exit_on_sigterm()
     try:
         yield
     finally:
@@ -301,16 +343,14 @@ def cli(job, shard=None, out="results", dense=None, progress=True, train_only=Fa
       train_only: only make sure the dense checkpoint exists (train it if absent), then stop.
       overrides: any job-file setting as a dotted flag, e.g. --finetune.epochs 1 --resources.device cpu.
     """
-    import signal
-
-    # Slurm's timeout/preemption signal (sbatch --signal) or scancel: leave through the normal exits, so
-    # Ray is shut down and the results lock released; finished trials are already on disk.
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
+    exit_on_sigterm()
     t0 = time.perf_counter()
-    summary = run_sweep(job, shard, out, dense, progress, train_only, **overrides)
+    try:
+        summary = run_sweep(job, shard, out, dense, progress, train_only, **overrides)
+    except SystemExit:
+        if _stopped_by:  # Ray turns the handler's SystemExit into exit status 1 when it lands inside ray.wait
+            raise SystemExit(128 + _stopped_by) from None
+        raise
     if train_only:
         print(f"dense checkpoint ready: {summary['file']}")
         return

@@ -132,6 +132,29 @@ def test_kill_minus_9_at_several_moments_then_resume(tmp_path, dense_ckpt):
     assert ids(records) == EXPECTED and len(records) == len(EXPECTED)
 
 
+def test_sigterm_stops_cleanly_and_keeps_finished_trials(tmp_path, dense_ckpt):
+    """scancel or a time limit without submitit: one line, exit 143, no crash dump from Ray's handler, Ray's
+    temp dir gone, every finished trial recorded, and the same command resumes."""
+    path = tmp_path / "quickstart" / "shard-0-of-1.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "pruneflow.sweep", "jobs/quickstart.yaml", "--out", str(tmp_path),
+                             *SMALL, "--dense", dense_ckpt], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (path.exists() and len(read_trials(path)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by signal 15" in err and "Traceback" not in err and "SIGTERM received" not in err, err
+    assert not os.path.exists(f"/tmp/pf-ray-{proc.pid}")
+    records = read_trials(path)
+    assert 2 <= len(records) < len(EXPECTED) and len({r["id"] for r in records}) == len(records)
+    p = sweep("jobs/quickstart.yaml", tmp_path, dense=dense_ckpt)
+    assert p.returncode == 0, p.stderr
+    assert f"{len([r for r in records if r['status'] == 'done'])} skipped" in p.stdout
+    assert ids(read_trials(path)) == EXPECTED
+
+
 def test_two_sweeps_at_once_on_one_machine(tmp_path, dense_ckpt):
     procs = [subprocess.Popen([sys.executable, "-m", "pruneflow.sweep", "jobs/quickstart.yaml", "--out",
                                str(tmp_path / d), *SMALL, "--prune.methods", "[l1]", "--dense", dense_ckpt],

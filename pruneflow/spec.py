@@ -167,8 +167,9 @@ def load_spec(path, overrides=None, check_backends=True):
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise UserError(f"job file {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-    if raw is None:
-        raw = {}
+    if raw is None:  # an empty file is a mistake (a failed copy, the wrong path), not "every default"
+        raise UserError(f"job file {path} is empty; start from jobs/quickstart.yaml (every key is optional, but "
+                        "the study needs a name: study: NAME)")
     if not isinstance(raw, dict):
         raise UserError(f"job file {path} must be a mapping of settings, got {type(raw).__name__}")
     raw.setdefault("study", os.path.splitext(os.path.basename(path))[0])
@@ -289,8 +290,14 @@ def validate(spec, check_backends=True):
     for s in spec.prune.sparsities:
         if not 0.0 < s < 1.0:
             raise UserError(f"prune.sparsities: {s} is outside (0, 1) (sparsity is the fraction removed)")
-    if len(set(spec.prune.sparsities)) != len(spec.prune.sparsities):
-        raise UserError("prune.sparsities has duplicates")
+    for name, values in (("prune.sparsities", spec.prune.sparsities), ("prune.methods", spec.prune.methods),
+                         ("prune.mac_targets", spec.prune.mac_targets), ("seeds", spec.seeds)):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise UserError(f"{name} lists {', '.join(twice)} more than once")
+    for name, lr in (("train.lr", spec.train.lr), ("finetune.lr", spec.finetune.lr)):
+        if lr is not None and not lr > 0:
+            raise UserError(f"{name} must be > 0, got {lr}")
     counts = {"resources.trials_per_gpu": spec.resources.trials_per_gpu,  # a whole number or 'auto'
               "resources.threads_per_trial": spec.resources.threads_per_trial}
     for name, v in counts.items():
@@ -318,6 +325,13 @@ def validate(spec, check_backends=True):
     if not spec.prune.methods or not (spec.prune.sparsities or spec.prune.mac_targets):
         raise UserError("the grid is empty: list at least one method in prune.methods and one sparsity in "
                         "prune.sparsities (or a target in prune.mac_targets)")
+    seen = {}
+    for t in grid(spec):  # ids keep two decimals: 0.5 and 0.501 would share one record and one checkpoint
+        other = seen.setdefault(t.id, t)
+        if other is not t:
+            what = ("sparsities", other.sparsity, t.sparsity) if not t.target else ("MAC targets", other.target, t.target)
+            raise UserError(f"prune.{what[0].replace(' ', '_').lower()} {what[1]:g} and {what[2]:g} would both be "
+                            f"trial {t.id}: trial ids keep two decimals; make them differ there")
     return spec
 
 

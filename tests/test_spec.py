@@ -41,6 +41,16 @@ def test_overrides_from_command_line():
     ("model:\n  arch: vgg\n", "model.arch 'vgg' is not valid"),
     ("latency:\n  trials: 0\n", "latency.trials must be >= 1"),
     ("performance:\n  compile: fast\n", "performance.compile 'fast' is not valid; choose from: default, reduce-overhead"),
+    ("", "is empty; start from jobs/quickstart.yaml"),
+    ("# nothing set yet\n", "is empty"),
+    ("prune:\n  sparsities: [0.5, 0.501]\n  methods: [l1]\n",
+     "prune.sparsities 0.5 and 0.501 would both be trial l1-0.50-s0"),
+    ("prune:\n  mac_targets: [2, 2.001]\n  methods: [l1]\n", "prune.mac_targets 2 and 2.001 would both be trial l1-x2.00-s0"),
+    ("prune:\n  sparsities: [0.5, 0.5]\n", "prune.sparsities lists 0.5 more than once"),
+    ("prune:\n  methods: [l1, l2, l1]\n", "prune.methods lists l1 more than once"),
+    ("seeds: [0, 1, 0]\n", "seeds lists 0 more than once"),
+    ("train:\n  lr: -1\n", "train.lr must be > 0, got -1"),
+    ("finetune:\n  lr: 0\n", "finetune.lr must be > 0, got 0"),
 ])
 def test_bad_job_files(tmp_path, text, needle):
     job = tmp_path / "bad.yaml"

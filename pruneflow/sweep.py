@@ -25,8 +25,14 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     from .results import ResultStore, read_trials
     from .spec import grid, load_spec, parse_shard, resolved, shard_trials
 
+    from .infer.device import resolve_device
+
     spec, job_text = load_spec(job, overrides)
     i, n = parse_shard(shard)
+    resolve_device(spec.resources.device)  # 'cuda' on a node without one: one line now, not failed trials later
+    if dense and not train_only and not os.path.exists(dense):
+        raise UserError(f"--dense {dense} does not exist (to train the dense model there first: the same command "
+                        "with --train_only)")
     config = resolved(spec)
     study_dir = check_writable_dir(os.path.join(out, spec.study))
     ckpt_dir = check_writable_dir(os.path.join(study_dir, "checkpoints"))
@@ -38,6 +44,8 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     trials = shard_trials(grid(spec), (i, n))
     env = describe_env(spec.resources.device)
     path = os.path.join(study_dir, f"shard-{i}-of-{n}.h5")
+    if os.path.exists(path):
+        check_same_settings(path, config)
     with ResultStore(path, spec.study, job_text, config, f"{i}/{n}", env) as store:
         done = store.done_ids()
         todo = [t for t in trials if t.id not in done]
@@ -50,6 +58,39 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     print_summary(records)
     failed = [r for r in records if r["status"] != "done"]
     return {"done": len(records) - len(failed), "failed": len(failed), "skipped": len(trials) - len(todo), "file": path}
+
+
+# Settings a re-run may change without mixing incomparable results into one file: which trials the grid
+# holds (adding sparsities or seeds to a study runs just the new ones), where things are, and how the machine
+# is used. Everything else (model, data set, epochs, recipes, pruning and timing settings) shapes every result.
+FREE_TO_CHANGE = ("prune.methods", "prune.sparsities", "prune.mac_targets", "seeds", "control", "retries",
+                  "train.checkpoint", "data.root", "data.download", "resources.", "performance.")
+
+
+def flat(d, prefix=""):
+    """{'a': {'b': 1}} -> {'a.b': 1}"""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_settings(path, config):
+    """Refuse to resume ``path`` with settings that would make its new trials incomparable with its old ones
+    (a re-run with --finetune.epochs 2 used to report the old 1-epoch trials as done, silently)."""
+    from .results import read_file_attrs
+
+    before, now = flat(read_file_attrs(path)["config"]), flat(config)
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
+               and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in FREE_TO_CHANGE)]
+    if changed:
+        what = "; ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+        raise UserError(f"{path} holds trials made with other settings: {what}{more}; re-run with the file's "
+                        "settings, or give the new ones their own --out (or study name)")
 
 
 def ensure_dense(dense_path, spec, config, progress):
@@ -338,7 +379,8 @@ def cli(job, shard=None, out="results", dense=None, progress=True, train_only=Fa
       job: the study's job file (jobs/*.yaml).
       shard: i/n — run every n-th trial starting at i (default 0/1: all of them).
       out: results root; the study's files go to OUT/<study>/.
-      dense: use this dense checkpoint instead of OUT/<study>/dense.safetensors.
+      dense: use this dense checkpoint (it must exist) instead of OUT/<study>/dense.safetensors; with
+        --train_only, where to train it.
       progress: show progress bars.
       train_only: only make sure the dense checkpoint exists (train it if absent), then stop.
       overrides: any job-file setting as a dotted flag, e.g. --finetune.epochs 1 --resources.device cpu.

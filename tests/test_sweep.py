@@ -171,10 +171,13 @@ def test_two_sweeps_at_once_on_one_machine(tmp_path, dense_ckpt):
     (["--prune.sparsities", "[1.5]"], ["outside (0, 1)"]),
     (["--prune.methods", "[]"], ["grid is empty"]),
     (["--prune.sparsitis", "[0.5]"], ["did you mean 'sparsities'"]),
+    (["--dense", "/nonexistent/dense.safetensors"], ["--dense /nonexistent/dense.safetensors does not exist"]),
+    (["--resources.device", "mps"], ["device 'mps' is not available"]),  # never on Linux
 ])
 def test_sweep_bad_input(tmp_path, args, needles):
     p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, *args)
     assert_clean_error(p, *needles)
+    assert not (tmp_path / "quickstart" / "shard-0-of-1.h5").exists()  # refused before anything was written
 
 
 def test_sweep_bad_files(tmp_path):
@@ -193,3 +196,33 @@ def test_sweep_bad_files(tmp_path):
     assert_clean_error(run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path / "r"), "newer pruneflow")
     with h5py.File(study / "shard-0-of-1.h5", "r") as f:
         assert f.attrs["schema"] == 99
+
+
+def test_resuming_with_settings_that_change_results_is_refused(tmp_path):
+    """A results file only resumes with the settings its trials were made with; the grid may grow and the
+    machine may change."""
+    import copy
+
+    from pruneflow.infer.errors import UserError
+    from pruneflow.results import ResultStore
+    from pruneflow.spec import load_spec, resolved
+    from pruneflow.sweep import check_same_settings
+
+    config = resolved(load_spec("jobs/quickstart.yaml")[0])
+    path = tmp_path / "shard-0-of-1.h5"
+    with ResultStore(path, "quickstart", "", config):
+        pass
+    grown = copy.deepcopy(config)
+    grown["prune"]["sparsities"] += [0.95]
+    grown["seeds"] = [0, 1]
+    grown["resources"].update(device="cpu", trials_per_gpu="auto")
+    grown["performance"]["compile"] = "reduce-overhead"
+    grown["train"]["checkpoint"] = "/elsewhere/dense.safetensors"
+    check_same_settings(path, grown)  # nothing raised
+    for section, key, value in (("finetune", "epochs", 7), ("latency", "batch_size", 1), ("data", "dataset", "mnist"),
+                                ("prune", "exclude", [])):
+        changed = copy.deepcopy(config)
+        changed[section][key] = value
+        with pytest.raises(UserError) as e:
+            check_same_settings(path, changed)
+        assert f"{section}.{key} {config[section][key]!r} -> {value!r}" in str(e.value)

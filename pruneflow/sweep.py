@@ -385,6 +385,7 @@ def cli(job, shard=None, out="results", dense=None, progress=True, train_only=Fa
       train_only: only make sure the dense checkpoint exists (train it if absent), then stop.
       overrides: any job-file setting as a dotted flag, e.g. --finetune.epochs 1 --resources.device cpu.
     """
+    check_flags(overrides)
     exit_on_sigterm()
     t0 = time.perf_counter()
     try:
@@ -400,6 +401,25 @@ def cli(job, shard=None, out="results", dense=None, progress=True, train_only=Fa
           f"in {time.perf_counter() - t0:.0f} s; results: {summary['file']}")
     if summary["failed"]:
         sys.exit(1)
+
+
+def check_flags(overrides):
+    """A misspelt flag of this command arrives as a job-file override (Fire strips a 'no' prefix too:
+    --noprogres becomes progres=False): name the flag it was probably meant to be."""
+    import dataclasses
+    import difflib
+
+    from .spec import StudySpec
+
+    keys = {f.name for f in dataclasses.fields(StudySpec)}
+    flags = ("shard", "out", "dense", "progress", "train_only")
+    for key in overrides:
+        name = key.replace("-", "_")
+        if "." not in name and name not in keys:
+            hint = difflib.get_close_matches(name, flags, n=1)
+            if hint:
+                negated = f" (or --no{hint[0]})" if hint[0] in ("progress", "train_only") else ""
+                raise UserError(f"unknown flag --{key}: did you mean --{hint[0]}{negated}?")
 
 
 def main():

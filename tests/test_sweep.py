@@ -173,6 +173,8 @@ def test_two_sweeps_at_once_on_one_machine(tmp_path, dense_ckpt):
     (["--prune.sparsitis", "[0.5]"], ["did you mean 'sparsities'"]),
     (["--dense", "/nonexistent/dense.safetensors"], ["--dense /nonexistent/dense.safetensors does not exist"]),
     (["--resources.device", "mps"], ["device 'mps' is not available"]),  # never on Linux
+    (["--noprogres"], ["unknown flag --progres: did you mean --progress (or --noprogress)?"]),
+    (["--shards", "0/2"], ["unknown flag --shards: did you mean --shard?"]),
 ])
 def test_sweep_bad_input(tmp_path, args, needles):
     p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, *args)

@@ -144,6 +144,10 @@ def test_dry_run_without_a_controller_still_prints(tmp_path):
     (["--time", "1:xx"], ["not a Slurm time"]),
     (["--prune.sparsites", "[0.5]"], ["did you mean 'sparsities'"]),
     (["--prune.sparsities", "[1.5]"], ["outside (0, 1)"]),
+    (["--mem", "lots", "--dry-run"], ["--mem must be a size such as 64G"]),
+    (["--signal-delay-s", -5, "--dry-run"], ["--signal-delay-s must be a whole number >= 1, got -5"]),
+    (["--time", 1, "--dry-run"], ["--signal-delay-s 90 must be shorter than the time limit (1 min)"]),
+    (["--gpus-per-node", -1, "--dry-run"], ["--gpus-per-node must be a whole number >= 0, got -1"]),
 ])
 def test_submit_bad_input(tmp_path, args, needles):
     assert_clean_error(run_module("pruneflow.submit", "jobs/quickstart.yaml", "--out", tmp_path, *args), *needles)

@@ -12,6 +12,8 @@ import contextlib
 import copy
 import io
 import logging
+import os
+import sys
 import time
 import warnings
 
@@ -70,6 +72,24 @@ def check_sparsity(sparsity):
     return s
 
 
+def check_whole(v, what, minimum):
+    """``v`` if it is a whole number >= ``minimum``. Fire passes flags as parsed ('abc' stays a string), and
+    True is an int in Python: both are refused here rather than crashing deep inside torch."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise UserError(f"{what} must be a whole number >= {minimum}, got {v!r}")
+    return v
+
+
+def check_flag(v, what):
+    """``v`` as a bool. Fire gives True/False for --flag/--noflag and --flag=True, but the string 'true' for
+    --flag=true: accept those words, refuse anything else (a typo would otherwise count as true)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    raise UserError(f"{what} must be true or false (--{what} / --no{what}), got {v!r}")
+
+
 def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=(), dependency_aware=False,
           verbose=False, calibration=None, round_to=None, global_pruning=False):
     """Prune a copy of ``model``; ``sparsity`` is the fraction of each targeted layer removed.
@@ -86,6 +106,8 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
     bad = [t for t in op_types if t not in OP_TYPES]
     if bad or not op_types:
         raise UserError(f"op types {list(op_types)} invalid; choose from {', '.join(OP_TYPES)}")
+    if round_to is not None:
+        check_whole(round_to, "round_to", 1)
     model = copy.deepcopy(model).cpu().eval()
     names = {n for n, _ in model.named_modules() if n}
     unknown = [e for e in exclude if e not in names]
@@ -93,6 +115,9 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
         candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         raise UserError(f"excluded layer(s) {unknown} not in the model; its prunable layers: {', '.join(candidates[:12])}"
                         + (" ..." if len(candidates) > 12 else ""))
+    targets = [n for n, t, _, _ in layer_widths(model) if t in op_types and n not in exclude]
+    if not targets:  # NNI would fail with an IndexError, DepGraph return the model unpruned
+        raise UserError(f"nothing left to prune: every {'/'.join(op_types)} layer is excluded ({', '.join(exclude)})")
     example = torch.rand(2, *input_shape)
     before = {"params": count_params(model), "macs": count_macs(model, input_shape), "widths": layer_widths(model)}
     config = [{"op_types": list(op_types), "sparse_ratio": sparsity, "exclude_op_names": list(exclude)}]
@@ -107,7 +132,6 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
     else:
         seconds = _prune_nni(model, method, sparsity, example, config, dependency_aware, verbose)
     model.eval()
-    targets = [n for n, t, _, _ in before["widths"] if t in op_types and n not in exclude]
     stats = {
         "method": label, "backend": backend, "criterion": method, "sparsity": sparsity,
         "dependency_aware": bool(backend == "depgraph" or (dependency_aware and method in STRUCTURED)),
@@ -198,7 +222,11 @@ def dependency_groups(model, config, example):
     return out
 
 
-def prune_to_mac_reduction(model, method, target, input_shape, tolerance=0.02, max_steps=16, **kwargs):
+# How close to a MAC target counts as reaching it (relative): prune_to_mac_reduction stops there, the CLI warns past it
+MAC_TOLERANCE = 0.02
+
+
+def prune_to_mac_reduction(model, method, target, input_shape, tolerance=MAC_TOLERANCE, max_steps=16, **kwargs):
     """Target-MACs mode: find the sparsity whose pruned model has ``target``x fewer MACs (bisection over the
     ratio; MACs fall monotonically with it). Returns (model, stats) of the closest try, with
     ``stats['target_mac_reduction']``. How users compare methods: at equal achieved reduction."""
@@ -331,8 +359,8 @@ def pruned_meta(meta, stats):
 def _as_tuple(v):
     if v is None:
         return None
-    if isinstance(v, str):
-        return tuple(s for s in v.split(",") if s)
+    if isinstance(v, (str, int, float)):  # Fire parses `--exclude 5` to an int
+        return tuple(s for s in str(v).split(",") if s)
     return tuple(v)
 
 
@@ -363,7 +391,13 @@ def cli(ckpt, method, out, sparsity=None, target_macs=None, op_types=None, exclu
         raise UserError("give exactly one of --sparsity (fraction removed) or --target-macs (MAC reduction)")
     if sparsity is not None:
         sparsity = check_sparsity(sparsity)
+    if target_macs is not None:
+        target_macs = _mac_target(target_macs)
+    print_model, verbose = check_flag(print_model, "print_model"), check_flag(verbose, "verbose")
+    if dependency_aware is not None:
+        dependency_aware = check_flag(dependency_aware, "dependency_aware")
     out = check_writable_file(out)
+    _check_not_input(ckpt, out)
     model, meta = load(ckpt)
     default_ops, default_exclude = default_prune_targets(meta["arch"])
     if dependency_aware is None:
@@ -374,7 +408,7 @@ def cli(ckpt, method, out, sparsity=None, target_macs=None, op_types=None, exclu
                   calibration=calibration_batches(meta) if criterion == "taylor" else None)
     t0 = time.perf_counter()
     if target_macs is not None:
-        pruned, stats = prune_to_mac_reduction(model, method, float(target_macs), meta["input_shape"], **kwargs)
+        pruned, stats = prune_to_mac_reduction(model, method, target_macs, meta["input_shape"], **kwargs)
     else:
         pruned, stats = prune(model, method, sparsity, meta["input_shape"], **kwargs)
     seconds = time.perf_counter() - t0
@@ -398,6 +432,25 @@ def cli(ckpt, method, out, sparsity=None, target_macs=None, op_types=None, exclu
     if print_model:
         print("\nbefore:\n" + str(model) + "\n\nafter:\n" + str(pruned))
     print(f"wrote {out}")
+    if target_macs is not None and abs(stats["mac_reduction"] / target_macs - 1) > MAC_TOLERANCE:
+        # the closest try is kept (a model at the method's limit is still worth having), but say it missed
+        print(f"warning: MAC target not met: asked for {target_macs:g}x fewer MACs (within {MAC_TOLERANCE:.0%}), "
+              f"the closest try (sparsity {stats['sparsity']:.3f}) has {stats['mac_reduction']:.2f}x fewer; "
+              "wrote it anyway", file=sys.stderr)
+
+
+def _mac_target(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise UserError(f"target_macs must be a number > 1 (e.g. 2 for half the MACs), got {v!r}") from None
+
+
+def _check_not_input(ckpt, out):
+    # writing over the input would replace the dense checkpoint (hours of training) with its pruned copy
+    ckpt = str(ckpt)
+    if os.path.exists(ckpt) and os.path.exists(out) and os.path.samefile(ckpt, out):
+        raise UserError(f"--out {out} is the input checkpoint itself; write the pruned model to another file")
 
 
 def main():

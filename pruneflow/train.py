@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .infer.errors import UserError
-from .prune import apply_masks
+from .prune import apply_masks, check_flag, check_whole
 
 # The seed's recipes. lr is per batch of `batch_size` images; milestones are fractions of the epochs.
 RECIPES = {
@@ -359,13 +359,9 @@ def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, d
     meta = dict(model_meta(arch, dataset, stem, info["classes"]), seed=seed, recipe=recipe, epochs=epochs,
                 config=config or {})
     state_path = out + ".resume.pt"
-    resume = None
-    if os.path.exists(state_path):
-        resume = torch.load(state_path, map_location=dev, weights_only=True)
-        if resume.get("meta") != json.dumps(meta, sort_keys=True):
-            resume = None  # a different run's state: start over rather than mix
-        elif progress:
-            print(f"resuming dense training from epoch {resume['epoch']} ({state_path})")
+    resume = _read_resume(state_path, meta, dev)
+    if resume is not None and progress:
+        print(f"resuming dense training from epoch {resume['epoch']} ({state_path})")
 
     def save_state(epoch, history, model, opt, sched):
         tmp = state_path + ".tmp"
@@ -380,6 +376,24 @@ def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, d
     if os.path.exists(state_path):
         os.remove(state_path)
     return out, history
+
+
+def _read_resume(path, meta, device):
+    """The state that a requeued run of this same training (``meta``) left in ``path``, or None: start over."""
+    if not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated or garbled (a full disk, a bad copy): RuntimeError, UnpicklingError, EOFError...
+        # only saved epochs are lost by starting over; the file is kept aside in case someone wants to look at it
+        aside = path + ".corrupt"
+        os.replace(path, aside)
+        print(f"warning: resume file {path} is unreadable ({type(e).__name__}); moved it to {aside}, "
+              f"training from scratch", file=sys.stderr, flush=True)
+        return None
+    if not isinstance(state, dict) or state.get("meta") != json.dumps(meta, sort_keys=True):
+        return None  # a different run's state: start over rather than mix
+    return state
 
 
 def finetune(model, meta, epochs, recipe="finetune", seed=0, device="auto", data_root=None, download=False,
@@ -429,7 +443,13 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
     from .infer.errors import check_writable_file
     from .models import ARCHITECTURES
 
-    epochs = _whole(epochs, "epochs", 0 if init else 1)
+    epochs = check_whole(epochs, "epochs", 0 if init else 1)
+    seed = check_whole(seed, "seed", 0)
+    if batch_size is not None:
+        batch_size = check_whole(batch_size, "batch size", 1)
+    if lr is not None:
+        lr = _positive(lr, "learning rate")
+    download = check_flag(download, "download")
     if init is None:
         if model not in ARCHITECTURES:
             raise UserError(f"unknown model {model!r}; valid models: {', '.join(ARCHITECTURES)}")
@@ -447,10 +467,11 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
     print(f"val accuracy {100 * last['val_acc']:.2f} % after {epochs} epoch(s); wrote {path} (+ {os.path.basename(path)}.json)")
 
 
-def _whole(v, what, minimum):
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise UserError(f"{what} must be a whole number >= {minimum}, got {v!r}")
-    return v
+def _positive(v, what):
+    # Fire passes numbers as int/float and anything else as it came ('abc'); True is an int in Python
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise UserError(f"{what} must be a positive number, got {v!r}")
+    return float(v)
 
 
 def main():

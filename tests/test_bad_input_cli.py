@@ -1,0 +1,100 @@
+"""Bad input to the train and prune CLIs: one 'error:' line and exit 2, never a traceback, and nothing lost."""
+import shutil
+
+import pytest
+import torch
+
+from conftest import assert_clean_error, run_module
+from pruneflow.infer import checkpoint as ckpt_io
+from pruneflow.infer.errors import UserError
+from pruneflow.prune import prune
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--batch_size", 0], ["batch size", ">= 1", "got 0"]),
+    (["--batch_size", "abc"], ["batch size", "'abc'"]),
+    (["--batch_size", "True"], ["batch size", "got True"]),  # Fire passes a bool, and True is an int
+    (["--seed", "abc"], ["seed", "whole number", "'abc'"]),
+    (["--lr", "abc"], ["learning rate", "positive number", "'abc'"]),
+    (["--lr", -1], ["learning rate", "positive number", "-1"]),
+    (["--download", "maybe"], ["download", "true or false", "'maybe'"]),
+])
+def test_train_refuses_bad_flag_values(tmp_path, args, needles):
+    out = tmp_path / "d.safetensors"
+    assert_clean_error(run_module("pruneflow.train", out, "--epochs", 1, "--device", "cpu", *args), *needles)
+    assert not out.exists()
+
+
+def test_train_sets_a_corrupt_resume_file_aside_and_starts_over(dense_ckpt, tmp_path):
+    out = tmp_path / "t.safetensors"
+    resume = tmp_path / "t.safetensors.resume.pt"
+    # what a requeued run finds after a bad copy or a full disk: the start of a real state file
+    model, _ = ckpt_io.load(dense_ckpt)
+    torch.save(dict(epoch=1, history=[], model=model.state_dict()), resume)
+    resume.write_bytes(resume.read_bytes()[:1000])
+    p = run_module("pruneflow.train", out, "--epochs", 1, "--device", "cpu")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    warnings = [ln for ln in p.stderr.splitlines() if "warning:" in ln]
+    assert len(warnings) == 1 and str(resume) in warnings[0] and "unreadable" in warnings[0], p.stderr
+    assert "from scratch" in warnings[0]
+    assert out.exists() and not resume.exists()  # trained, and the finished run removed its state as usual
+    assert (tmp_path / "t.safetensors.resume.pt.corrupt").stat().st_size == 1000  # kept aside, not deleted
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["l1@depgraph", "--sparsity", 0.5, "--round_to", "abc"], ["round_to", "whole number >= 1", "'abc'"]),
+    (["l1@depgraph", "--sparsity", 0.5, "--round_to", 0], ["round_to", ">= 1", "got 0"]),
+    (["l1", "--sparsity", 0.5, "--dependency_aware", "maybe"], ["dependency_aware", "true or false"]),
+    (["l1", "--target_macs", "abc"], ["target_macs", "number > 1", "'abc'"]),
+])
+def test_prune_refuses_bad_flag_values(dense_ckpt, tmp_path, args, needles):
+    method, *flags = args
+    out = tmp_path / "p.safetensors"
+    assert_clean_error(run_module("pruneflow.prune", dense_ckpt, method, out, *flags), *needles)
+    assert not out.exists()
+
+
+def test_prune_accepts_flag_words_fire_passes_as_strings(dense_ckpt, tmp_path):
+    # Fire gives the string 'false' for --dependency_aware false (True/False only for --flag / --noflag)
+    out = tmp_path / "p.safetensors"
+    p = run_module("pruneflow.prune", dense_ckpt, "l1@depgraph", out, "--sparsity", 0.5, "--round_to", 4,
+                   "--dependency_aware", "false", "--print_model", "false")
+    assert p.returncode == 0, p.stderr
+    assert "before:" not in p.stdout and out.exists()
+    assert ckpt_io.load(out)[0].conv1.out_channels % 4 == 0
+
+
+def test_prune_refuses_to_exclude_every_layer(dense_ckpt, tmp_path):
+    out = tmp_path / "p.safetensors"
+    p = run_module("pruneflow.prune", dense_ckpt, "l1", out, "--sparsity", 0.5, "--exclude", "conv1,conv2,fc1,fc2")
+    assert_clean_error(p, "nothing left to prune", "Conv2d/Linear", "excluded")
+    assert not out.exists()
+    # the check sits in prune() itself, so the sweep's trials and the DepGraph backend (which would return the
+    # model unpruned) get it too
+    model, meta = ckpt_io.load(dense_ckpt)
+    with pytest.raises(UserError, match="nothing left to prune"):
+        prune(model, "l1@depgraph", 0.5, meta["input_shape"], op_types=("Linear",), exclude=("fc1", "fc2"))
+
+
+def test_prune_warns_when_mac_target_is_out_of_reach(dense_ckpt, tmp_path):
+    out = tmp_path / "p.safetensors"
+    p = run_module("pruneflow.prune", dense_ckpt, "l1", out, "--target_macs", 1000, "--noprint_model")
+    assert p.returncode == 0 and out.exists(), p.stderr  # the closest try is still written
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: MAC target not met"), p.stderr
+    assert "1000x" in lines[0] and f"{ckpt_io.load(out)[1]['mac_reduction']:.2f}x" in lines[0]
+    # a reachable target (SimpleCNN reaches 2.51x at sparsity ~0.38) says nothing
+    p = run_module("pruneflow.prune", dense_ckpt, "l1", out, "--target_macs", 2.5, "--noprint_model")
+    assert p.returncode == 0 and p.stderr.strip() == "", p.stderr
+
+
+def test_prune_refuses_to_overwrite_its_input(dense_ckpt, tmp_path):
+    ckpt = tmp_path / "dense.safetensors"
+    shutil.copy(dense_ckpt, ckpt)
+    original = ckpt.read_bytes()
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(ckpt)
+    for out in (ckpt, link):  # the same file under its own name or another
+        p = run_module("pruneflow.prune", ckpt, "l1", out, "--sparsity", 0.5)
+        assert_clean_error(p, str(out), "input checkpoint itself")
+    assert ckpt.read_bytes() == original

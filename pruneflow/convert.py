@@ -12,13 +12,13 @@ def cli(src, out, model, dataset="cifar10", stem="imagenet", method="none", spar
     """Convert a torch.save file (a whole nn.Module, as the seed saved, or a state_dict) to .safetensors.
 
     Args:
-      src: the pickle file (.pt / .pth).
+      src: the pickle file (.pt / .pth); a pruneflow .safetensors file is refused (it needs no conversion).
       out: the checkpoint to write (.safetensors).
       model: its architecture: simple_cnn | resnet18 | resnet34 | resnet50 | resnet101 | resnet152.
       dataset: what it was trained on (sets input shape and normalisation): digits | mnist | cifar10.
       stem: ResNet stem: imagenet (torchvision's) | cifar.
-      method: the pruning method that produced it, if any (recorded only).
-      sparsity: its pruning sparsity, if any (recorded only).
+      method: the pruning method that produced it, if any (recorded): none | level | l1 | l2 | fpgm | METHOD@depgraph.
+      sparsity: its pruning sparsity, if any (recorded): a fraction in [0, 1).
     """
     import torch
 
@@ -27,7 +27,9 @@ def cli(src, out, model, dataset="cifar10", stem="imagenet", method="none", spar
     from .train import model_meta
     from .data import dataset_info
 
+    recorded = pruning_meta(method, sparsity)  # fail before loading anything
     out = check_writable_file(out)
+    refuse_pruneflow_checkpoint(src)
     try:
         obj = torch.load(src, map_location="cpu", weights_only=False)  # trusted input, by this command's contract
     except FileNotFoundError:
@@ -37,15 +39,64 @@ def cli(src, out, model, dataset="cifar10", stem="imagenet", method="none", spar
     state = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{src} holds neither an nn.Module nor a state_dict of tensors")
-    meta = dict(model_meta(model, dataset, stem, dataset_info(dataset)["classes"]), method=method, sparsity=float(sparsity))
+    meta = dict(model_meta(model, dataset, stem, dataset_info(dataset)["classes"]), **recorded)
     net = ckpt_io.build_model(model, meta["num_classes"], meta["in_channels"], stem)
     try:
-        ckpt_io.resize_to(net, state)
-        net.load_state_dict(state, strict=True)
+        ckpt_io.load_tensors(net, state)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"{src} does not match architecture {model!r}: {str(e).splitlines()[0]}") from None
+    problem = ckpt_io.io_mismatch(net, meta)
+    if problem:  # e.g. a 1-channel digits model with the default --dataset cifar10
+        raise UserError(f"{src} does not fit --dataset {dataset}: {problem}; pass the data set it was trained on "
+                        f"with --dataset{datasets_for(net)}")
     ckpt_io.save(net, out, meta)
     print(f"wrote {out} ({ckpt_io.count_params(net):,} parameters)")
+
+
+def datasets_for(net):
+    """' (1 channel: digits, mnist)': the real data sets whose images the model's first convolution takes."""
+    import torch.nn as nn
+
+    from .infer.data import DATASETS, SYNTHETIC
+
+    channels = next((m.in_channels for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    names = [n for n, info in DATASETS.items() if n not in SYNTHETIC and info["shape"][0] == channels]
+    return f" ({channels} channel(s): {', '.join(names)})" if names else ""
+
+
+def pruning_meta(method, sparsity):
+    """The method and sparsity to record, checked: they label the checkpoint in every later table."""
+    try:
+        fraction = float(sparsity)
+    except (TypeError, ValueError):
+        raise UserError(f"--sparsity must be a number, got {sparsity!r}") from None
+    if not 0 <= fraction < 1:
+        raise UserError(f"--sparsity must be a fraction in [0, 1), got {sparsity!r}")
+    if method == "none":
+        return dict(method="none", sparsity=fraction)
+    from .prune import parse_method  # torch only; NNI is imported when pruning, not here
+
+    try:
+        parse_method(method)  # 'l1', 'taylor@depgraph', ...: recorded as given
+    except UserError as e:
+        raise UserError(f"--method: {e}; or none for an unpruned model") from None
+    return dict(method=str(method), sparsity=fraction)
+
+
+def refuse_pruneflow_checkpoint(src):
+    """A pruneflow .safetensors file needs no conversion, and converting it would replace its metadata
+    (dataset, method, accuracy, config) by this command's defaults. Other safetensors files convert."""
+    from safetensors import safe_open
+
+    from .infer.checkpoint import META_KEY
+
+    try:
+        with safe_open(src, framework="pt") as f:
+            if META_KEY not in (f.metadata() or {}):
+                return
+    except Exception:  # not safetensors (a pickle, as expected) or not there: torch.load says which
+        return
+    raise UserError(f"{src} already is a portable pruneflow checkpoint; nothing to convert (use it as it is)")
 
 
 def main():

@@ -28,6 +28,12 @@ from .infer.errors import UserError
 
 SCHEMA = 1
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+# What readers (the report, a resumed sweep) take from every trial, and in addition from every finished one; a
+# file lacking one was damaged or edited, and says so instead of failing with a KeyError deep in the report.
+TRIAL_ATTRS = ("arm", "method", "sparsity", "seed", "status")
+DONE_ATTRS = ("params", "macs", "mac_reduction", "train_acc", "val_acc", "latency_mean", "latency_std",
+              "latency_median", "checkpoint")
+TRIAL_TABLES = ("epochs", "latency", "widths")
 
 
 def _h5py():
@@ -172,27 +178,45 @@ def read_file_attrs(path):
     check_file(path)
     with _h5py().File(path, "r") as f:
         out = {k: _plain(v) for k, v in f.attrs.items()}
-        out["env"] = {k: _plain(v) for k, v in f["env"].attrs.items()}
-    out["config"] = json.loads(out.get("config") or "{}")
+        out["env"] = {k: _plain(v) for k, v in f["env"].attrs.items()} if "env" in f else {}
+    try:
+        out["config"] = json.loads(out.get("config") or "{}")
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its config attribute is not valid JSON ({e})") from None
+    if not isinstance(out["config"], dict):
+        raise UserError(f"{path}: its config attribute is not a JSON object")
     return out
 
 
 def read_trials(path):
     """Every trial record in one file as a dict (attrs + 'epochs' list, 'latency' list, 'widths' list)."""
     check_file(path)
-    rows = []
     with _h5py().File(path, "r") as f:
-        for tid, g in f["trials"].items():
-            r = {k: _plain(v) for k, v in g.attrs.items()}
-            r["id"] = tid
-            r["epochs"] = [{k: float(row[k]) for k in EPOCH_FIELDS} for row in g["epochs"][()]]
-            r["latency"] = [float(x) for x in g["latency"][()]]
-            r["latency_settings"] = {k: _plain(v) for k, v in g["latency"].attrs.items()}
-            r["latency_dense"] = [float(x) for x in g["latency_dense"][()]] if "latency_dense" in g else []
-            r["widths"] = [(_plain(a), _plain(b), int(c), int(d)) for a, b, c, d in g["widths"][()]]
-            r["file"] = os.path.basename(path)
-            rows.append(r)
-    return rows
+        return [_read_trial(path, tid, g) for tid, g in f["trials"].items()]
+
+
+def _read_trial(path, tid, g):
+    where = f"{path}: trial {tid}"
+    missing = [k for k in TRIAL_ATTRS if k not in g.attrs]
+    if not missing and _plain(g.attrs["status"]) == "done":
+        missing = [k for k in DONE_ATTRS if k not in g.attrs]
+    if missing:
+        raise UserError(f"{where} lacks attribute(s) {', '.join(missing)} (the file was damaged or edited)")
+    tables = [k for k in TRIAL_TABLES if k not in g]
+    if tables:
+        raise UserError(f"{where} lacks table(s) {', '.join(tables)} (the file was damaged or edited)")
+    try:
+        r = {k: _plain(v) for k, v in g.attrs.items()}
+        r["id"] = tid
+        r["epochs"] = [{k: float(row[k]) for k in EPOCH_FIELDS} for row in g["epochs"][()]]
+        r["latency"] = [float(x) for x in g["latency"][()]]
+        r["latency_settings"] = {k: _plain(v) for k, v in g["latency"].attrs.items()}
+        r["latency_dense"] = [float(x) for x in g["latency_dense"][()]] if "latency_dense" in g else []
+        r["widths"] = [(_plain(a), _plain(b), int(c), int(d)) for a, b, c, d in g["widths"][()]]
+    except (KeyError, ValueError, TypeError, OSError) as e:  # a table of the wrong shape or type, unreadable data
+        raise UserError(f"{where} could not be read ({type(e).__name__}: {e})") from None
+    r["file"] = os.path.basename(path)
+    return r
 
 
 def read_utilisation(path):

@@ -267,6 +267,35 @@ def test_bad_input_gives_one_clean_error_line(tmp_path, study):
     assert_clean_error(run_module("pruneflow.report", study, *out, "--only", "pie"), "pie", "pareto")
 
 
+def test_damaged_results_files_name_the_file_trial_and_missing_piece(study, tmp_path):
+    """A real shard with one piece deleted or garbled by hand: one line saying where and what, no KeyError."""
+    def edit(name, change):
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copy(study / "shard-0-of-1.h5", d / "shard-0-of-1.h5")
+        with h5py.File(d / "shard-0-of-1.h5", "r+") as f:
+            change(f)
+        return d
+
+    def drop_method(f):
+        del f["trials/l1-0.30-s0"].attrs["method"]
+
+    def garble_config(f):
+        f.attrs["config"] = "{not json"
+
+    def drop_epochs(f):
+        del f["trials/dense-s0/epochs"]
+
+    assert_clean_error(run_module("pruneflow.report", edit("method", drop_method)),
+                       "shard-0-of-1.h5", "trial l1-0.30-s0", "lacks attribute(s) method")
+    assert_clean_error(run_module("pruneflow.report", edit("config", garble_config)),
+                       "shard-0-of-1.h5", "config attribute is not valid JSON")
+    epochs = edit("epochs", drop_epochs)
+    assert_clean_error(run_module("pruneflow.report", epochs),
+                       "shard-0-of-1.h5", "trial dense-s0", "lacks table(s) epochs")
+    assert not (epochs / "report").exists()  # refused before writing anything
+
+
 def test_help_documents_every_flag():
     p = run_module("pruneflow.report", "--help")
     text = p.stdout + p.stderr

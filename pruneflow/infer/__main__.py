@@ -32,7 +32,8 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
       channels_last: auto (the NHWC memory format on CUDA and the CPU, NCHW on MPS: as a sweep's trials train
         and are timed, so both measure the same) | true | false.
       threads: torch CPU threads (default: torch's choice).
-      dataset: data set for accuracy (default: the checkpoint's own).
+      dataset: data set for accuracy (default: the checkpoint's own); its images must have the shape the
+        checkpoint's input_shape says.
       data_root: where mnist / cifar10 are staged (digits needs none).
       accuracy: measure test accuracy when the data set is available.
       paired: in directory mode, time each checkpoint alternately with the directory's dense one, call by call,
@@ -43,6 +44,7 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     import torch
 
     from . import checkpoint as ckpt_io
+    from .data import dataset_info
     from .device import resolve_device
 
     batch_size, warmup, trials = _positive(batch_size, "batch size"), _nonneg(warmup, "warmup"), _positive(trials, "trials")
@@ -65,6 +67,11 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     else:
         files = [path]
     metas = {f: ckpt_io.read_meta(f) for f in files}  # validate every file before spending time on any
+    if dataset is not None:
+        dataset_info(dataset)  # a data set named explicitly must exist; the error lists the valid names
+    if accuracy:
+        for f, meta in metas.items():
+            check_data_fits(f, meta, dataset)
     directory = os.path.isdir(path)
     words = {"auto": None, "true": True, "false": False}  # Fire passes True/False, but `true` as a string
     if isinstance(channels_last, str) and channels_last.lower() in words:
@@ -92,6 +99,25 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     os.replace(tmp, out)
     print(f"wrote {out}")
     return None
+
+
+def check_data_fits(path, meta, dataset=None):
+    """Refuse to score a model on images of another shape (a 1-channel digits model on CIFAR-10), which would
+    otherwise stop with a torch traceback after the timing. ``dataset``: the one named with --dataset, else the
+    checkpoint's own. Data sets unknown here are left to ``test_accuracy``, which notes there is no accuracy."""
+    from .data import DATASETS
+
+    name = dataset or meta["dataset"]
+    if name not in DATASETS:
+        return
+    shape, wanted = list(DATASETS[name]["shape"]), list(meta["input_shape"])
+    if shape == wanted:
+        return
+    if dataset is None:
+        raise UserError(f"{path} has inconsistent metadata: input_shape {wanted}, but its dataset {name} has "
+                        f"images of shape {shape}")
+    raise UserError(f"{path} takes images of shape {wanted} but {name} has {shape}; "
+                    "choose a data set of that shape with --dataset (or pass --noaccuracy)")
 
 
 def arm_of(meta):
@@ -133,6 +159,8 @@ def run_one(path, dev, settings, dataset, data_root, accuracy, references=None):
 
     model, meta = prepared(path, dev, settings)
     dtype = getattr(torch, settings["dtype"])
+    macs = macs_of(path, model.float(), meta, dev)  # first, as it also checks the model takes its input_shape
+    model.to(dtype=dtype)
     memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     x = torch.randn(settings["batch_size"], *meta["input_shape"], device=dev, dtype=dtype).contiguous(memory_format=memory_format)
     speedup, dense_samples = None, None
@@ -147,16 +175,32 @@ def run_one(path, dev, settings, dataset, data_root, accuracy, references=None):
         "file": os.path.basename(path), "arch": meta["arch"], "dataset": meta["dataset"],
         "method": meta.get("method", "none"), "sparsity": float(meta.get("sparsity", 0.0)),
         "arm": arm_of(meta),
-        "params": ckpt_io.count_params(model), "macs": ckpt_io.count_macs(model.float(), meta["input_shape"], dev),
+        "params": ckpt_io.count_params(model), "macs": macs,
         "latency": {**stats, "samples": samples}, "images_per_s": settings["batch_size"] / stats["median"],
         "accuracy": None, "speedup_vs_dense": speedup, "arch_key": same_arch_key(meta),
     }
     if dense_samples is not None:  # the dense checkpoint's samples, taken alternately with this one's
         row["latency_dense_samples"] = dense_samples
-    model.to(dtype=dtype)
     if accuracy:
         row["accuracy"] = test_accuracy(model, dataset or meta["dataset"], data_root, dev, dtype, settings, meta)
     return row
+
+
+def macs_of(path, model, meta, dev):
+    """The model's MACs per image, counted in one forward pass; a model that cannot take its declared
+    input_shape (an edited height or width) fails here with one line instead of a torch traceback."""
+    import torch
+
+    from . import checkpoint as ckpt_io
+
+    try:
+        return ckpt_io.count_macs(model, meta["input_shape"], dev)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{path}: the model does not take its declared input_shape {meta['input_shape']} "
+                        f"({first})") from None
 
 
 def test_accuracy(model, dataset, data_root, dev, dtype, settings, meta):
@@ -224,8 +268,12 @@ def print_single(r, dev, settings, accuracy=True):
 def print_table(rows, dev, settings):
     from .device import describe
 
-    how = ("side by side with the dense checkpoint" if settings.get("speedup") == "paired"
-           else "dense median / median")
+    blank = sum(r["speedup_vs_dense"] is None for r in rows)
+    if blank == len(rows):
+        how = "none (no dense checkpoint in the directory)"
+    else:
+        how = ("side by side with the dense checkpoint" if settings.get("speedup") == "paired"
+               else "dense median / median")
     print(f"device {dev} ({describe(dev)}), batch {settings['batch_size']}, {settings['dtype']}, "
           f"{'channels_last' if settings['channels_last'] else 'NCHW'}, "
           f"{settings['trials']} timed trials after {settings['warmup']} warm-up; speedup: {how}")
@@ -237,20 +285,27 @@ def print_table(rows, dev, settings):
         acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
         print(f"{r['arm']:<8} {r['method']:<8} {r['sparsity']:>8.2f} {r['params']:>12,} {r['macs']:>14,} "
               f"{1e3 * r['latency']['median']:>10.3f} {1e3 * r['latency']['p95']:>8.3f} {sp:>8} {acc:>7}  {r['file']}")
+    if 0 < blank < len(rows):
+        print(f"no speedup for {blank} checkpoint(s): no dense checkpoint of the same architecture and input shape "
+              "in the directory")
 
 
-def _positive(v, what):
+def _whole(v, what, least):
     try:
         iv = int(v)
     except (TypeError, ValueError):
         raise UserError(f"{what} must be a whole number, got {v!r}") from None
-    if iv < 1 or iv != v:
-        raise UserError(f"{what} must be a whole number >= 1, got {v!r}")
+    if iv < least or iv != v:
+        raise UserError(f"{what} must be a whole number >= {least}, got {v!r}")
     return iv
 
 
+def _positive(v, what):
+    return _whole(v, what, 1)
+
+
 def _nonneg(v, what):
-    return 0 if v == 0 else _positive(v, what)
+    return _whole(v, what, 0)
 
 
 def main():

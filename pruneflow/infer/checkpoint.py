@@ -22,7 +22,7 @@ REQUIRED = ("format", "arch", "num_classes", "in_channels", "stem", "input_shape
 
 def save(model, path, meta):
     """Write ``model`` and ``meta`` atomically (temp file + rename: a kill never leaves half a file)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as serialize
 
     from .. import __version__ as version  # pruneflow/__init__.py is dependency-free
 
@@ -33,8 +33,12 @@ def save(model, path, meta):
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
+    data = serialize(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
     try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        # Written with open(), not safetensors' save_file: that creates files mode 0600 whatever the umask,
+        # so nobody else could read checkpoints in a shared results directory.
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
@@ -78,7 +82,36 @@ def read_meta(path):
         raise UserError(f"{path} has incomplete pruneflow metadata (missing {', '.join(missing)})")
     if meta["format"] != FORMAT:
         raise UserError(f"{path} is in checkpoint format {meta['format']!r}; this pruneflow reads {FORMAT!r}")
+    problem = meta_problem(meta)
+    if problem:
+        raise UserError(f"{path} has invalid pruneflow metadata: {problem}")
     return meta
+
+
+def _whole(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def meta_problem(meta):
+    """What is wrong with the metadata a model is rebuilt and fed from, or None.
+
+    Checked on reading, because a hand-edited or foreign checkpoint would otherwise fail deep inside torch
+    (``randn(): argument 'size'``) instead of saying which field is wrong."""
+    for key in ("arch", "stem", "dataset"):
+        if not isinstance(meta[key], str):
+            return f"{key} must be a string, got {meta[key]!r}"
+    for key in ("num_classes", "in_channels"):
+        if not _whole(meta[key]):
+            return f"{key} must be a whole number >= 1, got {meta[key]!r}"
+    shape = meta["input_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_whole(n) for n in shape)):
+        return f"input_shape must be [channels, height, width] of whole numbers >= 1, got {shape!r}"
+    if shape[0] != meta["in_channels"]:
+        return f"input_shape {shape} has {shape[0]} channel(s) but in_channels is {meta['in_channels']}"
+    for key in ("mean", "std"):
+        if not (isinstance(meta[key], list) and all(isinstance(x, (int, float)) for x in meta[key])):
+            return f"{key} must be a list of numbers, got {meta[key]!r}"
+    return None
 
 
 def load(path, device="cpu"):
@@ -92,12 +125,46 @@ def load(path, device="cpu"):
         raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
     model = build_model(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"], stem=meta["stem"])
     try:
-        resize_to(model, tensors)
-        model.load_state_dict(tensors, strict=True)
+        load_tensors(model, tensors)
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path}: tensors do not match its declared architecture {meta['arch']!r} ({first})") from None
+    problem = io_mismatch(model, meta)
+    if problem:
+        raise UserError(f"{path}: its metadata contradicts its tensors: {problem}")
     return model.to(device).eval(), meta
+
+
+def load_tensors(model, tensors):
+    """Resize ``model`` to ``tensors`` and load them strictly; a ValueError names the first key or shape that
+    differs (PyTorch's own message starts with a line that names neither)."""
+    resize_to(model, tensors)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            more = f" and {len(keys) - 1} other(s)" if len(keys) > 1 else ""
+            raise ValueError(f"{what} {keys[0]}{more}")
+    for k, v in expected.items():
+        if tensors[k].shape != v.shape:
+            raise ValueError(f"size mismatch for {k}: {list(tensors[k].shape)} in the file, {list(v.shape)} expected")
+    model.load_state_dict(tensors, strict=True)
+
+
+def io_mismatch(model, meta):
+    """How the model's first convolution or its classifier contradicts ``meta`` (in_channels, num_classes),
+    or None: a model fed images of the wrong channel count fails only when run, in a torch traceback."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if convs and convs[0][1].in_channels != meta["in_channels"]:
+        name, conv = convs[0]
+        return (f"{name} takes {conv.in_channels} input channel(s), but in_channels is {meta['in_channels']} "
+                f"(input_shape {list(meta['input_shape'])}, dataset {meta['dataset']})")
+    if linears and linears[-1][1].out_features != meta["num_classes"]:
+        name, fc = linears[-1]
+        return f"{name} has {fc.out_features} outputs, but num_classes is {meta['num_classes']}"
+    return None
 
 
 def resize_to(model, tensors):

@@ -117,8 +117,9 @@ def test_summary_numbers_equal_the_hdf5_values(report, study):
     assert "### dense-s0" in text and "### l1-0.70-s0" in text and "Conv2d(1, 16" in text
 
 
-def test_files_without_paired_timing_fall_back_to_the_ratio_of_medians(study, tmp_path):
-    # results written before trials timed the dense model alongside: no speedup attr, no latency_dense
+def without_pairing(study, tmp_path):
+    """A copy of ``study`` as written before trials timed the dense model alongside: no speedup attr, no
+    latency_dense."""
     old = tmp_path / "quickstart"
     shutil.copytree(study, old, ignore=shutil.ignore_patterns("report", "checkpoints"))
     with h5py.File(old / "shard-0-of-1.h5", "r+") as f:
@@ -126,6 +127,11 @@ def test_files_without_paired_timing_fall_back_to_the_ratio_of_medians(study, tm
             del g.attrs["speedup"]
             if "latency_dense" in g:
                 del g["latency_dense"]
+    return old
+
+
+def test_files_without_paired_timing_fall_back_to_the_ratio_of_medians(study, tmp_path):
+    old = without_pairing(study, tmp_path)
     p = run_module("pruneflow.report", old, "--format", "png", "--noarch")
     assert p.returncode == 0, p.stdout + p.stderr
     rows, records = trial_rows((old / "report" / "summary.md").read_text()), {r["id"]: r for r in read_study(old)}
@@ -168,13 +174,7 @@ def test_figures_plot_the_latencies_measured_side_by_side(study, tmp_path):
         assert (pytest.approx(1 / r["speedup"]), pytest.approx(100 * r["val_acc"])) in points
     assert (1.0, pytest.approx(100 * next(r for r in records if r["arm"] == "dense")["val_acc"])) in points
     # files from before pairing: no dense line, and the Pareto axis falls back to absolute milliseconds
-    old = tmp_path / "quickstart"
-    shutil.copytree(study, old, ignore=shutil.ignore_patterns("report", "checkpoints"))
-    with h5py.File(old / "shard-0-of-1.h5", "r+") as f:
-        for g in f["trials"].values():
-            del g.attrs["speedup"]
-            if "latency_dense" in g:
-                del g["latency_dense"]
+    old = without_pairing(study, tmp_path)
     records, alongside, xlabel, points = plotted(old)
     assert alongside == [] and xlabel == "inference time per batch (ms, mean)"
     for r in records:

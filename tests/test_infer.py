@@ -249,3 +249,19 @@ def test_paired_timing_alternates_and_measures_the_ratio():
     assert all(not training and inference for _, training, inference in calls)  # eval mode, no autograd
     assert min(ref_samples) >= 0.004 and paired_speedup(samples, ref_samples) > 4
     assert paired_speedup([1.0, 2.0, 4.0], [2.0, 2.0, 4.0]) == 1.0  # median of 2, 1, 1
+
+
+def test_output_piped_into_head_stops_quietly(ckpt_dir):
+    # `infer DIR | head -1`: the reader leaves after one line; the writes after it fail with EPIPE
+    d, _ = ckpt_dir
+    p = subprocess.run(f"{sys.executable} -m pruneflow.infer --ckpt {d} --trials 1 --warmup 0 --noaccuracy | head -1",
+                       shell=True, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert p.stdout.startswith("device ") and p.stdout.count("\n") == 1
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
+def test_a_bare_number_is_a_file_name(tmp_path, monkeypatch):
+    from pruneflow.infer.errors import check_writable_dir, check_writable_file
+
+    monkeypatch.chdir(tmp_path)  # Fire gives `train 5` an int: the file ./5
+    assert check_writable_file(5) == str(tmp_path / "5") and check_writable_dir(7) == str(tmp_path / "7")

@@ -38,11 +38,21 @@ def run_cli(component, name=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # the reader went away (``... | head``): stop quietly, as command-line tools do. Python would print
+        # the error again when it flushes stdout at exit, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _path(path):
+    """Fire parses a bare number (``train 5``) to an int: as a path it is that name."""
+    return str(path) if isinstance(path, (int, float)) else os.fspath(path)
 
 
 def check_writable_file(path):
     """Fail early (before hours of work) if ``path`` cannot be created."""
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(_path(path))
     parent = os.path.dirname(path)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -55,7 +65,7 @@ def check_writable_file(path):
 
 
 def check_writable_dir(path):
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(_path(path))
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

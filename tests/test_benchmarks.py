@@ -3,6 +3,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, assert_clean_error
 from pruneflow.spec import grid, load_spec
 
@@ -109,3 +111,16 @@ def test_benchmarks_refuse_bad_settings_in_one_line_before_measuring():
                            timeout=120)
         assert_clean_error(p, needle)
         assert not any(w in p.stdout for w in ("img/s", "projected", "span", "s/step"))  # nothing measured first
+
+
+def test_nni_prune_time_benchmark_quick():
+    # both ways of each part run and agree (the script stops when groups or pruned models differ)
+    p = subprocess.run([sys.executable, "benchmarks/nni_prune_time.py", "--models", "resnet18", "--rounds", "1"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = {ln.split()[1]: [float(x) for x in ln.split()[2:]] for ln in p.stdout.splitlines() if ln.startswith("resnet18")}
+    assert sorted(rows) == ["grouping", "speedup"]
+    for nni, ours, ratio in rows.values():
+        assert nni > 0 and ours > 0 and ratio == pytest.approx(nni / ours, rel=0.1)  # printed to 2 decimals
+    assert_clean_error(subprocess.run([sys.executable, "benchmarks/nni_prune_time.py", "--models", "simple_cnn"],
+                                      capture_output=True, text=True, cwd=ROOT), "ResNets")

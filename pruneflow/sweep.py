@@ -33,6 +33,12 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     if dense and not train_only and not os.path.exists(dense):
         raise UserError(f"--dense {dense} does not exist (to train the dense model there first: the same command "
                         "with --train_only)")
+    if spec.train.checkpoint and not dense and not os.path.exists(spec.train.checkpoint):
+        raise UserError(f"train.checkpoint {spec.train.checkpoint} does not exist")
+    if spec.data.dataset in ("mnist", "cifar10") and not spec.data.download:
+        from .infer.data import load_split
+
+        load_split(spec.data.dataset, "test", spec.data.root)  # not staged: say so before writing anything
     config = resolved(spec)
     study_dir = check_writable_dir(os.path.join(out, spec.study))
     ckpt_dir = check_writable_dir(os.path.join(study_dir, "checkpoints"))

@@ -174,6 +174,8 @@ def test_two_sweeps_at_once_on_one_machine(tmp_path, dense_ckpt):
     (["--dense", "/nonexistent/dense.safetensors"], ["--dense /nonexistent/dense.safetensors does not exist"]),
     (["--resources.device", "mps"], ["device 'mps' is not available"]),  # never on Linux
     (["--noprogres"], ["unknown flag --progres: did you mean --progress (or --noprogress)?"]),
+    (["--data.dataset", "mnist", "--data.root", "/nonexistent/data"], ["mnist not found under /nonexistent/data"]),
+    (["--train.checkpoint", "/nonexistent/d.safetensors"], ["train.checkpoint /nonexistent/d.safetensors does not exist"]),
     (["--shards", "0/2"], ["unknown flag --shards: did you mean --shard?"]),
 ])
 def test_sweep_bad_input(tmp_path, args, needles):

@@ -16,8 +16,8 @@ import shlex
 
 from .figures import (atomic_write, fig_devices, fig_methods, fig_pareto, fig_size, fig_time, save_figure, slug)
 from .infer.errors import UserError, check_writable_dir
-from .study import (baseline, device_label, device_series, done, load_study, method_order, missing_parts,
-                    slower_than_dense, speedup)
+from .study import (baseline, device_label, device_series, done, load_study, method_order, missed_mac_targets,
+                    missing_parts, slower_than_dense, speedup)
 
 KINDS = ("time", "methods", "pareto", "size", "devices", "arch", "timeline", "summary")
 FORMATS = ("png", "pdf", "svg")
@@ -208,6 +208,7 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
             notes.append(f"trial {r['id']} failed: {str(r.get('error', ''))[:300]}")
     notes += study.notes
     notes += slower_than_dense(study.records)  # e.g. odd channel counts off the CPU's fast convolution paths
+    notes += missed_mac_targets(study.records)
     written, arch_lines = [], []
     series_by_model = {}
     for model in sorted({r.get("model") for r in study.records}, key=str):

@@ -324,6 +324,20 @@ def test_pruned_trials_slower_than_dense_are_noted_by_a_sign_test():
     assert slower_than_dense([dict(rec("g", 25), latency_dense=[])]) == []  # files from before paired timing
 
 
+def test_target_macs_trials_that_missed_their_target_are_noted():
+    from pruneflow.study import missed_mac_targets
+
+    def rec(tid, target, reached, sparsity=0.4):
+        return dict(id=tid, arm="pruned", status="done", target_mac_reduction=target, mac_reduction=reached,
+                    sparsity=sparsity)
+
+    notes = missed_mac_targets([rec("l1-x2.00-s0", 2.0, 2.09), rec("l1-x4.00-s0", 4.0, 4.05),
+                                rec("l1-0.50-s0", 0.0, 3.9), rec("l1-x100.00-s0", 100.0, 41.3, sparsity=0.986)])
+    # 2.09 is 4.5 % over (SimpleCNN's channel steps); 4.05 within 2 %; a sparsity trial has no target
+    assert notes == ["l1-x100.00-s0 reached 41.30x fewer MACs against its 100x target (sparsity 0.986, the closest try)",
+                     "l1-x2.00-s0 reached 2.09x fewer MACs against its 2x target (sparsity 0.400, the closest try)"]
+
+
 def test_missing_trials_are_attributed_to_missing_shards_first():
     from types import SimpleNamespace
 

@@ -25,20 +25,9 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     from .results import ResultStore, read_trials
     from .spec import grid, load_spec, parse_shard, resolved, shard_trials
 
-    from .infer.device import resolve_device
-
     spec, job_text = load_spec(job, overrides)
     i, n = parse_shard(shard)
-    resolve_device(spec.resources.device)  # 'cuda' on a node without one: one line now, not failed trials later
-    if dense and not train_only and not os.path.exists(dense):
-        raise UserError(f"--dense {dense} does not exist (to train the dense model there first: the same command "
-                        "with --train_only)")
-    if spec.train.checkpoint and not dense and not os.path.exists(spec.train.checkpoint):
-        raise UserError(f"train.checkpoint {spec.train.checkpoint} does not exist")
-    if spec.data.dataset in ("mnist", "cifar10") and not spec.data.download:
-        from .infer.data import load_split
-
-        load_split(spec.data.dataset, "test", spec.data.root)  # not staged: say so before writing anything
+    check_inputs(spec, dense, train_only)
     config = resolved(spec)
     study_dir = check_writable_dir(os.path.join(out, spec.study))
     ckpt_dir = check_writable_dir(os.path.join(study_dir, "checkpoints"))
@@ -64,6 +53,21 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     print_summary(records)
     failed = [r for r in records if r["status"] != "done"]
     return {"done": len(records) - len(failed), "failed": len(failed), "skipped": len(trials) - len(todo), "file": path}
+
+
+def check_inputs(spec, dense, train_only):
+    """What would fail later (in the dense training, or in every trial) fails now, before anything is written."""
+    from .infer.data import load_split
+    from .infer.device import resolve_device
+
+    resolve_device(spec.resources.device)  # 'cuda' on a node without one
+    if dense and not train_only and not os.path.exists(dense):
+        raise UserError(f"--dense {dense} does not exist (to train the dense model there first: the same command "
+                        "with --train_only)")
+    if spec.train.checkpoint and not dense and not os.path.exists(spec.train.checkpoint):
+        raise UserError(f"train.checkpoint {spec.train.checkpoint} does not exist")
+    if spec.data.dataset in ("mnist", "cifar10") and not spec.data.download:
+        load_split(spec.data.dataset, "test", spec.data.root)  # not staged: where it looked and how to stage it
 
 
 # Settings a re-run may change without mixing incomparable results into one file: which trials the grid

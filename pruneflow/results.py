@@ -91,6 +91,15 @@ class ResultStore:
             yield f
         _commit(tmp, self.path)
 
+    def update_settings(self, job_text, config):
+        """Record the job file and resolved settings of this run when they differ from the stored ones (a
+        re-run that grew the grid; the sweep refuses changes that would make the results incomparable)."""
+        with _h5py().File(self.path, "r") as f:
+            same = f.attrs.get("job") == job_text and json.loads(f.attrs.get("config") or "{}") == config
+        if not same:
+            with self._edit() as f:
+                f.attrs.update(job=job_text, config=json.dumps(config or {}, sort_keys=True), updated=_now())
+
     def add_utilisation(self, series, attrs):
         """Store one sweep run's utilisation samples (pruneflow.monitor) as /utilisation/run-<k>."""
         import numpy as np

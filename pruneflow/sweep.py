@@ -22,7 +22,7 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     """Run this node's shard of a study; returns {'done': n, 'failed': n, 'skipped': n, 'file': path}.
 
     ``train_only`` stops after the dense checkpoint exists (the pipeline's first Slurm job)."""
-    from .results import ResultStore, read_trials
+    from .results import ResultStore, read_trials, study_files
     from .spec import grid, load_spec, parse_shard, resolved, shard_trials
 
     spec, job_text = load_spec(job, overrides)
@@ -34,20 +34,26 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     dense_path = dense or spec.train.checkpoint or os.path.join(study_dir, "dense.safetensors")
     config["train"]["checkpoint"] = os.path.abspath(dense_path)
     if train_only:
-        ensure_dense(dense_path, spec, config, progress)
+        ensure_dense(dense_path, spec, config, progress, given=bool(dense))
         return {"done": 0, "failed": 0, "skipped": 0, "file": dense_path}
     trials = shard_trials(grid(spec), (i, n))
     env = describe_env(spec.resources.device)
     path = os.path.join(study_dir, f"shard-{i}-of-{n}.h5")
-    if os.path.exists(path):
-        check_same_settings(path, config)
+    # Every results file of the study, not just this shard's: a grown grid or another shard count moves trials
+    # between shards, and a trial done in any file is done (re-running it would duplicate its record and
+    # overwrite its checkpoint).
+    others = [p for p in study_files(study_dir) if os.path.abspath(p) != os.path.abspath(path)]
+    for p in ([path] if os.path.exists(path) else []) + others:
+        check_same_settings(p, config)
+    done_elsewhere = {r["id"] for p in others for r in read_trials(p) if r["status"] == "done"}
     with ResultStore(path, spec.study, job_text, config, f"{i}/{n}", env) as store:
-        done = store.done_ids()
+        store.update_settings(job_text, config)  # a grown grid: the file describes the latest run
+        done = store.done_ids() | done_elsewhere
         todo = [t for t in trials if t.id not in done]
         print(f"study {spec.study}: shard {i}/{n} has {len(trials)} trial(s), {len(done & {t.id for t in trials})} "
               f"already done; results -> {path}", flush=True)
         if todo:
-            ensure_dense(dense_path, spec, config, progress)
+            ensure_dense(dense_path, spec, config, progress, given=bool(dense))
             _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress)
         records = [r for r in read_trials(path) if r["id"] in {t.id for t in trials}]
     print_summary(records)
@@ -74,7 +80,7 @@ def check_inputs(spec, dense, train_only):
 # holds (adding sparsities or seeds to a study runs just the new ones), where things are, and how the machine
 # is used. Everything else (model, data set, epochs, recipes, pruning and timing settings) shapes every result.
 FREE_TO_CHANGE = ("prune.methods", "prune.sparsities", "prune.mac_targets", "seeds", "control", "retries",
-                  "train.checkpoint", "data.root", "data.download", "resources.", "performance.")
+                  "data.root", "data.download", "resources.", "performance.")
 
 
 def flat(d, prefix=""):
@@ -103,13 +109,30 @@ def check_same_settings(path, config):
                         "settings, or give the new ones their own --out (or study name)")
 
 
-def ensure_dense(dense_path, spec, config, progress):
-    """Train the dense model unless its checkpoint exists; concurrent shards wait for one trainer."""
+def check_dense(path, meta, spec, config, given):
+    """An existing dense checkpoint must be this study's model on this study's data; one this study trained
+    (not ``given`` by --dense or train.checkpoint) must also have its training settings: a re-run with
+    --train.epochs 4 used to reuse a 1-epoch dense model and record 4."""
+    want = {"arch": spec.model.arch, "dataset": spec.data.dataset}
+    if spec.model.arch != "simple_cnn":
+        want["stem"] = spec.model.stem
+    if not given:
+        want.update(epochs=spec.train.epochs, recipe=config["train"]["recipe"], seed=spec.seeds[0])
+    differ = [f"{k} {meta.get(k)!r} (the study: {v!r})" for k, v in want.items() if k in meta and meta[k] != v]
+    if differ:
+        fix = ("pass a dense checkpoint of this model and data set" if given else
+               "delete it to train a new one, or run with the settings it was trained with")
+        raise UserError(f"dense checkpoint {path} does not fit this study: {'; '.join(differ)}; {fix}")
+
+
+def ensure_dense(dense_path, spec, config, progress, given=False):
+    """Train the dense model unless its checkpoint exists (``given``: named by --dense, not trained by this
+    study); concurrent shards wait for one trainer."""
     from .infer.checkpoint import read_meta
     from .train import train_dense
 
     if os.path.exists(dense_path):
-        read_meta(dense_path)  # fail early on a corrupt or foreign file
+        check_dense(dense_path, read_meta(dense_path), spec, config, given or bool(spec.train.checkpoint))
         return
     if spec.train.checkpoint:
         raise UserError(f"train.checkpoint {dense_path} does not exist")

@@ -221,12 +221,57 @@ def test_resuming_with_settings_that_change_results_is_refused(tmp_path):
     grown["seeds"] = [0, 1]
     grown["resources"].update(device="cpu", trials_per_gpu="auto")
     grown["performance"]["compile"] = "reduce-overhead"
-    grown["train"]["checkpoint"] = "/elsewhere/dense.safetensors"
     check_same_settings(path, grown)  # nothing raised
     for section, key, value in (("finetune", "epochs", 7), ("latency", "batch_size", 1), ("data", "dataset", "mnist"),
-                                ("prune", "exclude", [])):
+                                ("prune", "exclude", []), ("train", "checkpoint", "/elsewhere/dense.safetensors")):
         changed = copy.deepcopy(config)
         changed[section][key] = value
         with pytest.raises(UserError) as e:
             check_same_settings(path, changed)
         assert f"{section}.{key} {config[section][key]!r} -> {value!r}" in str(e.value)
+
+
+def test_an_existing_dense_checkpoint_must_fit_the_study():
+    from pruneflow.infer.errors import UserError
+    from pruneflow.spec import load_spec, resolved
+    from pruneflow.sweep import check_dense
+
+    spec, _ = load_spec("jobs/quickstart.yaml")
+    config = resolved(spec)
+    own = dict(arch="simple_cnn", dataset="digits", stem="cifar", epochs=spec.train.epochs,
+               recipe=config["train"]["recipe"], seed=0)
+    check_dense("d", own, spec, config, given=False)  # trained by this study, as it asks
+    with pytest.raises(UserError, match=r"epochs 1 \(the study: 4\).*delete it to train a new one"):
+        check_dense("d", dict(own, epochs=1), spec, config, given=False)
+    check_dense("d", dict(own, epochs=1), spec, config, given=True)  # --dense: trained elsewhere, any way
+    with pytest.raises(UserError, match="arch 'resnet18' \\(the study: 'simple_cnn'\\)"):
+        check_dense("d", dict(own, arch="resnet18"), spec, config, given=True)
+    with pytest.raises(UserError, match="dataset 'mnist'"):
+        check_dense("d", dict(own, dataset="mnist"), spec, config, given=True)
+
+
+def test_a_regrown_or_resharded_study_runs_each_trial_once(tmp_path, dense_ckpt):
+    """Shards split the grid by position, so more sparsities or another shard count move trials between
+    shard files: a trial done in any of them is skipped."""
+    base = ["--prune.methods", "[l1]", "--nocontrol", "--finetune.epochs", "1", "--latency.trials", "3", "--noprogress",
+            "--dense", dense_ckpt]
+    for shard in ("0/2", "1/2"):
+        p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--shard", shard, *base,
+                       "--prune.sparsities", "[0.3, 0.7]")
+        assert p.returncode == 0, p.stderr
+    outs = []
+    for shard in ("0/3", "1/3", "2/3"):
+        p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--shard", shard, *base,
+                       "--prune.sparsities", "[0.3, 0.5, 0.7]")
+        assert p.returncode == 0, p.stderr
+        outs.append(p.stdout)
+    assert "0 done, 0 failed, 2 skipped" in outs[0] and "0 done, 0 failed, 1 skipped" in outs[1]
+    assert "1 done, 0 failed, 0 skipped" in outs[2]  # l1-0.50, the only new trial
+    study = tmp_path / "quickstart"
+    ids_per_file = [r["id"] for f in sorted(study.glob("shard-*.h5")) for r in read_trials(f)]
+    assert sorted(ids_per_file) == ["dense-s0", "l1-0.30-s0", "l1-0.50-s0", "l1-0.70-s0"]  # each once
+    with h5py.File(study / "shard-1-of-3.h5", "r") as f:  # the file describes the run that wrote it
+        assert '"sparsities": [0.3, 0.5, 0.7]' in f.attrs["config"]
+    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--shard", "0/4", *base,
+                   "--prune.sparsities", "[0.3, 0.5, 0.7, 0.9]", "--finetune.epochs", "3")  # its own file is new
+    assert_clean_error(p, "shard-0-of-2.h5 holds trials made with other settings: finetune.epochs 1 -> 3")

@@ -49,6 +49,8 @@ def sweep_device(r, env):
     if not dev:
         return None  # a failed trial: never timed
     kind = dev.split(":")[0]
+    if r.get("device_name"):  # the trial's own (a later run of the same file may have had other hardware)
+        return kind, str(r["device_name"])
     return kind, str(env.get("cpu") if kind == "cpu" else env.get("device_name") or kind)
 
 

@@ -87,7 +87,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     import torch
 
     from .infer import checkpoint as ckpt_io
-    from .infer.device import resolve_device
+    from .infer.device import describe, resolve_device
     from .infer.timing import keep_freed_memory, paired_speedup, summarize, time_forward, time_forward_paired
     from .prune import calibration_batches, parse_method, prune, prune_to_mac_reduction, pruned_meta
     from .train import evaluate, finetune, resolve_perf
@@ -170,7 +170,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
         train_acc=train_acc, val_acc=last["val_acc"], val_loss=last["val_loss"],
         latency_mean=timing["mean"], latency_std=timing["std"], latency_median=timing["median"], latency_p95=timing["p95"],
         speedup=speedup, latency_dense=dense_samples,
-        device=str(dev), checkpoint=os.path.relpath(path, os.path.dirname(ckpt_dir)), architecture=str(model),
+        device=str(dev), device_name=describe(dev), checkpoint=os.path.relpath(path, os.path.dirname(ckpt_dir)), architecture=str(model),
         epochs=[e for e in history if e["epoch"] > 0], latency=samples,
         latency_settings=dict(batch_size=lat["batch_size"], warmup=lat["warmup"], device=str(dev),
                               threads=lat["threads"], keep_freed_memory=bool(kept), channels_last=bool(channels_last)),

@@ -48,6 +48,9 @@ def test_quickstart_grid_completes_and_h5dump_reads_it(tmp_path, dense_ckpt):
     glibc = platform.libc_ver()[0] == "glibc"
     assert all(bool(r["latency_settings"]["keep_freed_memory"]) is glibc for r in records)
     assert all(bool(r["latency_settings"]["channels_last"]) for r in records)  # the CPU default layout
+    from pruneflow.infer.device import describe
+
+    assert {r["device_name"] for r in records} == {describe("cpu")}  # each trial's own hardware
     for r in records:
         if r["arm"] != "dense":
             pairs = [d / t for t, d in zip(r["latency"], r["latency_dense"])]

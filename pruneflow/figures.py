@@ -230,6 +230,21 @@ def fig_size(study, model, dataset, methods, key, records):
     return fig
 
 
+def _seeds_averaged(rows):
+    """One point per sparsity, the seeds' rows averaged (as the time and methods figures average them): mean
+    and std of the latency, and the speedup, measured side by side with the dense model (a sweep's trials;
+    pruneflow.infer by default), else the ratio of medians to the dense rows' (device JSONs written with
+    --nopaired or before pairing existed)."""
+    dense = [r["median"] for r in rows if r["arm"] == "dense"]
+    points = []
+    for s in sorted({r["sparsity"] for r in rows}):
+        group = [r for r in rows if r["sparsity"] == s]
+        speedups = [r.get("speedup") or (mean(dense) / r["median"] if dense else None) for r in group]
+        points.append(dict(sparsity=s, mean=mean([r["mean"] for r in group]), std=mean([r["std"] for r in group]),
+                           speedup=None if None in speedups else mean(speedups)))
+    return points
+
+
 def fig_devices(study, model, dataset, methods, series):
     import numpy as np
 
@@ -241,8 +256,7 @@ def fig_devices(study, model, dataset, methods, series):
         means = []
         for k, (label, rows) in enumerate(series):
             dense = [r for r in rows if r["arm"] == "dense"]
-            pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["sparsity"])
-            pts = dense[:1] + pts  # start each curve at the dense model (sparsity 0)
+            pts = _seeds_averaged(dense + [r for r in rows if r["method"] == m])  # from the dense model (sparsity 0)
             if not pts:
                 continue
             x = np.array([100 * r["sparsity"] for r in pts])
@@ -253,9 +267,7 @@ def fig_devices(study, model, dataset, methods, series):
             axes[0][j].plot(x, mean, "o-", color=color, label=label)
             axes[0][j].fill_between(x, np.maximum(mean - std, mean * 0.01), mean + std, color=color, alpha=0.15)
             if dense:
-                # measured side by side with the dense model (a sweep's trials; pruneflow.infer by default),
-                # else the ratio of medians (device JSONs written with --nopaired or before pairing existed)
-                axes[1][j].plot(x, [r.get("speedup") or dense[0]["median"] / r["median"] for r in pts], "o-", color=color)
+                axes[1][j].plot(x, [r["speedup"] for r in pts], "o-", color=color)
         axes[0][j].set_title(m, fontsize=10)
         log = bool(means) and max(means) / max(min(means), 1e-9) > 20  # an A100 and a laptop: orders of magnitude
         if log:
@@ -268,7 +280,7 @@ def fig_devices(study, model, dataset, methods, series):
             a.grid(alpha=0.3, which="both")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=1, fontsize=9)
-    fig.suptitle(f"{model} on {dataset}: the same checkpoints on {len(series)} devices")
+    fig.suptitle(f"{model} on {dataset}: the same checkpoints, {len(series)} timing series (sweep and device JSONs)")
     return fig
 
 

@@ -324,6 +324,21 @@ def test_pruned_trials_slower_than_dense_are_noted_by_a_sign_test():
     assert slower_than_dense([dict(rec("g", 25), latency_dense=[])]) == []  # files from before paired timing
 
 
+def test_devices_figure_averages_the_seeds_per_sparsity():
+    from pruneflow.figures import _seeds_averaged
+
+    def row(arm, sparsity, mean, median, speedup=None):
+        return dict(arm=arm, method="l1" if arm == "pruned" else "none", sparsity=sparsity, mean=mean, std=0.1 * mean,
+                    median=median, speedup=speedup)
+
+    paired = _seeds_averaged([row("dense", 0.0, 8.0, 8.0, 1.0), row("dense", 0.0, 12.0, 12.0, 1.0),
+                              row("pruned", 0.5, 4.0, 4.0, 2.0), row("pruned", 0.5, 2.0, 2.0, 4.0)])
+    assert paired == [dict(sparsity=0.0, mean=10.0, std=pytest.approx(1.0), speedup=1.0),
+                      dict(sparsity=0.5, mean=3.0, std=pytest.approx(0.3), speedup=3.0)]  # one point per sparsity
+    medians = _seeds_averaged([row("dense", 0.0, 8.0, 8.0), row("dense", 0.0, 12.0, 12.0), row("pruned", 0.5, 5.0, 5.0)])
+    assert medians[1]["speedup"] == pytest.approx(2.0)  # no paired speedups: the dense rows' mean median / its median
+
+
 def test_target_macs_trials_that_missed_their_target_are_noted():
     from pruneflow.study import missed_mac_targets
 

@@ -113,11 +113,16 @@ def check_dense(path, meta, spec, config, given):
     """An existing dense checkpoint must be this study's model on this study's data; one this study trained
     (not ``given`` by --dense or train.checkpoint) must also have its training settings: a re-run with
     --train.epochs 4 used to reuse a 1-epoch dense model and record 4."""
+    import json
+
+    from .train import get_recipe
+
     want = {"arch": spec.model.arch, "dataset": spec.data.dataset}
     if spec.model.arch != "simple_cnn":
         want["stem"] = spec.model.stem
-    if not given:
-        want.update(epochs=spec.train.epochs, recipe=config["train"]["recipe"], seed=spec.seeds[0])
+    if not given:  # the recipe as train_dense stored it: resolved, with the job's batch size and lr, via JSON
+        recipe = get_recipe(config["train"]["recipe"], batch_size=spec.train.batch_size, lr=spec.train.lr)
+        want.update(epochs=spec.train.epochs, recipe=json.loads(json.dumps(recipe)), seed=spec.seeds[0])
     differ = [f"{k} {meta.get(k)!r} (the study: {v!r})" for k, v in want.items() if k in meta and meta[k] != v]
     if differ:
         fix = ("pass a dense checkpoint of this model and data set" if given else

@@ -234,23 +234,29 @@ def test_resuming_with_settings_that_change_results_is_refused(tmp_path):
         assert f"{section}.{key} {config[section][key]!r} -> {value!r}" in str(e.value)
 
 
-def test_an_existing_dense_checkpoint_must_fit_the_study():
+def test_an_existing_dense_checkpoint_must_fit_the_study(dense_ckpt):
+    # dense_ckpt: train_dense's own checkpoint of a SimpleCNN on digits, 3 epochs, the mnist recipe, seed 0
+    from pruneflow.infer.checkpoint import read_meta
     from pruneflow.infer.errors import UserError
     from pruneflow.spec import load_spec, resolved
     from pruneflow.sweep import check_dense
 
-    spec, _ = load_spec("jobs/quickstart.yaml")
-    config = resolved(spec)
-    own = dict(arch="simple_cnn", dataset="digits", stem="cifar", epochs=spec.train.epochs,
-               recipe=config["train"]["recipe"], seed=0)
-    check_dense("d", own, spec, config, given=False)  # trained by this study, as it asks
-    with pytest.raises(UserError, match=r"epochs 1 \(the study: 4\).*delete it to train a new one"):
-        check_dense("d", dict(own, epochs=1), spec, config, given=False)
-    check_dense("d", dict(own, epochs=1), spec, config, given=True)  # --dense: trained elsewhere, any way
-    with pytest.raises(UserError, match="arch 'resnet18' \\(the study: 'simple_cnn'\\)"):
-        check_dense("d", dict(own, arch="resnet18"), spec, config, given=True)
-    with pytest.raises(UserError, match="dataset 'mnist'"):
-        check_dense("d", dict(own, dataset="mnist"), spec, config, given=True)
+    meta = read_meta(dense_ckpt)
+
+    def check(given=False, **overrides):
+        spec, _ = load_spec("jobs/quickstart.yaml", {"train.epochs": "3", **overrides})
+        check_dense("d", meta, spec, resolved(spec), given)
+
+    check()  # trained as this study asks
+    with pytest.raises(UserError, match=r"epochs 3 \(the study: 4\).*delete it to train a new one"):
+        check(**{"train.epochs": "4"})
+    with pytest.raises(UserError, match="recipe .*'lr': 1.0.*'lr': 0.5"):
+        check(**{"train.lr": "0.5"})
+    check(given=True, **{"train.epochs": "4"})  # --dense: trained elsewhere, any way
+    with pytest.raises(UserError, match="arch 'simple_cnn' \\(the study: 'resnet18'\\)"):
+        check(given=True, **{"model.arch": "resnet18"})
+    with pytest.raises(UserError, match="dataset 'digits'"):
+        check(given=True, **{"data.dataset": "synthetic-mnist"})
 
 
 def test_a_regrown_or_resharded_study_runs_each_trial_once(tmp_path, dense_ckpt):

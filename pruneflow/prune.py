@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .infer.checkpoint import count_macs, count_params, layer_widths
-from .infer.errors import UserError
+from .infer.errors import UserError, check_flag, check_whole
 
 NNI_PRUNERS = {"level": "LevelPruner", "l1": "L1NormPruner", "l2": "L2NormPruner", "fpgm": "FPGMPruner"}
 METHODS = tuple(NNI_PRUNERS)
@@ -72,24 +72,6 @@ def check_sparsity(sparsity):
     return s
 
 
-def check_whole(v, what, minimum):
-    """``v`` if it is a whole number >= ``minimum``. Fire passes flags as parsed ('abc' stays a string), and
-    True is an int in Python: both are refused here rather than crashing deep inside torch."""
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise UserError(f"{what} must be a whole number >= {minimum}, got {v!r}")
-    return v
-
-
-def check_flag(v, what):
-    """``v`` as a bool. Fire gives True/False for --flag/--noflag and --flag=True, but the string 'true' for
-    --flag=true: accept those words, refuse anything else (a typo would otherwise count as true)."""
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    raise UserError(f"{what} must be true or false (--{what} / --no{what}), got {v!r}")
-
-
 def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=(), dependency_aware=False,
           verbose=False, calibration=None, round_to=None, global_pruning=False):
     """Prune a copy of ``model``; ``sparsity`` is the fraction of each targeted layer removed.
@@ -115,11 +97,12 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
         candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         raise UserError(f"excluded layer(s) {unknown} not in the model; its prunable layers: {', '.join(candidates[:12])}"
                         + (" ..." if len(candidates) > 12 else ""))
-    targets = [n for n, t, _, _ in layer_widths(model) if t in op_types and n not in exclude]
+    widths = layer_widths(model)
+    targets = [n for n, t, _, _ in widths if t in op_types and n not in exclude]
     if not targets:  # NNI would fail with an IndexError, DepGraph return the model unpruned
         raise UserError(f"nothing left to prune: every {'/'.join(op_types)} layer is excluded ({', '.join(exclude)})")
     example = torch.rand(2, *input_shape)
-    before = {"params": count_params(model), "macs": count_macs(model, input_shape), "widths": layer_widths(model)}
+    before = {"params": count_params(model), "macs": count_macs(model, input_shape), "widths": widths}
     config = [{"op_types": list(op_types), "sparse_ratio": sparsity, "exclude_op_names": list(exclude)}]
     # DepGraph removes channels as it goes: no separate speed-up step
     seconds = {"seconds_import": 0.0, "seconds_grouping": 0.0, "seconds_masks": 0.0, "seconds_speedup": 0.0}
@@ -423,11 +406,10 @@ def cli(ckpt, method, out, sparsity=None, target_macs=None, op_types=None, exclu
         print(f"channels removed from pruned layers: {stats['channel_sparsity']:.1%}")
     else:
         print(f"unstructured: same shapes, {stats['weight_sparsity']:.1%} zeros in pruned layers, no speedup")
-    parts = [f"{k} {stats['seconds_' + k]:.1f} s" for k in ("import", "grouping", "masks", "speedup")
-             if stats["seconds_" + k] > 0]
-    print(f"pruning took {seconds:.1f} s" + (f" (NNI: {', '.join(parts)}"
-                                            + ("; the last try's" if target_macs is not None else "") + ")"
-                                            if backend == "nni" else ""))
+    parts = ", ".join(f"{k} {stats['seconds_' + k]:.1f} s" for k in ("import", "grouping", "masks", "speedup")
+                      if stats["seconds_" + k] > 0)
+    last = "; the last try's" if target_macs is not None else ""
+    print(f"pruning took {seconds:.1f} s" + (f" (NNI: {parts}{last})" if backend == "nni" else ""))
     print(format_widths(stats))
     if print_model:
         print("\nbefore:\n" + str(model) + "\n\nafter:\n" + str(pruned))

@@ -329,9 +329,9 @@ def validate(spec, check_backends=True):
     for t in grid(spec):  # ids keep two decimals: 0.5 and 0.501 would share one record and one checkpoint
         other = seen.setdefault(t.id, t)
         if other is not t:
-            what = ("sparsities", other.sparsity, t.sparsity) if not t.target else ("MAC targets", other.target, t.target)
-            raise UserError(f"prune.{what[0].replace(' ', '_').lower()} {what[1]:g} and {what[2]:g} would both be "
-                            f"trial {t.id}: trial ids keep two decimals; make them differ there")
+            key, a, b = ("mac_targets", other.target, t.target) if t.target else ("sparsities", other.sparsity, t.sparsity)
+            raise UserError(f"prune.{key} {a:g} and {b:g} would both be trial {t.id}: trial ids keep two decimals; "
+                            "make them differ there")
     return spec
 
 

@@ -17,7 +17,7 @@ import sys
 
 import submitit
 
-from .infer.errors import UserError
+from .infer.errors import UserError, check_whole
 
 
 def _finished(result):
@@ -110,12 +110,9 @@ def submit(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, me
 
     if cluster not in ("slurm", "local"):
         raise UserError(f"--cluster must be slurm or local, got {cluster!r}")
-    if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
-        raise UserError(f"--nodes must be a whole number >= 1, got {nodes!r}")
-    for name, v, least in (("gpus-per-node", gpus_per_node, 0), ("cpus-per-task", cpus_per_task or 1, 1),
-                           ("signal-delay-s", signal_delay_s, 1)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < least:
-            raise UserError(f"--{name} must be a whole number >= {least}, got {v!r}")
+    for name, v, least in (("nodes", nodes, 1), ("gpus-per-node", gpus_per_node, 0),
+                           ("cpus-per-task", cpus_per_task or 1, 1), ("signal-delay-s", signal_delay_s, 1)):
+        check_whole(v, f"--{name}", least)
     # Slurm's --mem: a whole number with an optional unit K, M, G or T (MB without one)
     if mem is not None and not re.fullmatch(r"[1-9][0-9]*[KMGT]?", str(mem).upper()):
         raise UserError(f"--mem must be a size such as 64G, 8000M or 8000 (MB), got {mem!r}")

@@ -256,6 +256,13 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
         remote = ray.remote(max_retries=0)(run_trial).options(**plan["options"])
         attempts = {t.id: 0 for t in todo}
         pending = {}
+        counts = {"done": 0, "failed": 0}
+
+        def keep(t, record):
+            record.update(attempts=attempts[t.id], trials_per_device=plan["per_device"])
+            record.pop("traceback", None)
+            store.add(record)
+            counts[record["status"] if record["status"] == "done" else "failed"] += 1
 
         def submit(t):
             attempts[t.id] += 1
@@ -263,7 +270,6 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
 
         for t in todo:
             submit(t)
-        counts = {"done": 0, "failed": 0}
         bar = tqdm(total=len(todo), unit="trial", disable=not progress, dynamic_ncols=True)
         try:
             while pending:
@@ -282,10 +288,7 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
                     bar.write(f"trial {t.id} failed ({record['error'][:200]}); retrying ({attempts[t.id]}/{spec.retries})")
                     submit(t)
                     continue
-                record.update(attempts=attempts[t.id], trials_per_device=plan["per_device"])
-                record.pop("traceback", None)
-                store.add(record)
-                counts[record["status"] if record["status"] == "done" else "failed"] += 1
+                keep(t, record)
                 if record["status"] != "done":
                     bar.write(f"trial {t.id} failed: {record['error'][:300]}")
                 bar.update(1)
@@ -298,10 +301,7 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
                     except Exception:
                         continue
                     if record["status"] == "done":
-                        record.update(attempts=attempts[pending[ref].id], trials_per_device=plan["per_device"])
-                        record.pop("traceback", None)
-                        store.add(record)
-                        counts["done"] += 1
+                        keep(pending[ref], record)
             bar.set_postfix(done=counts["done"], failed=counts["failed"], running=0)
             bar.close()
             sampler.stop()  # before writing: the series is complete
@@ -446,17 +446,18 @@ def check_flags(overrides):
     --noprogres becomes progres=False): name the flag it was probably meant to be."""
     import dataclasses
     import difflib
+    import inspect
 
     from .spec import StudySpec
 
     keys = {f.name for f in dataclasses.fields(StudySpec)}
-    flags = ("shard", "out", "dense", "progress", "train_only")
+    flags = {name: p.default for name, p in inspect.signature(cli).parameters.items() if name not in ("job", "overrides")}
     for key in overrides:
         name = key.replace("-", "_")
         if "." not in name and name not in keys:
             hint = difflib.get_close_matches(name, flags, n=1)
             if hint:
-                negated = f" (or --no{hint[0]})" if hint[0] in ("progress", "train_only") else ""
+                negated = f" (or --no{hint[0]})" if isinstance(flags[hint[0]], bool) else ""
                 raise UserError(f"unknown flag --{key}: did you mean --{hint[0]}{negated}?")
 
 

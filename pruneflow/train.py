@@ -13,8 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .infer.errors import UserError
-from .prune import apply_masks, check_flag, check_whole
+from .infer.errors import UserError, check_flag, check_whole
+from .prune import apply_masks
 
 # The seed's recipes. lr is per batch of `batch_size` images; milestones are fractions of the epochs.
 RECIPES = {

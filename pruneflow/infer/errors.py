@@ -29,6 +29,24 @@ def exit_on_user_error(fn, *args, **kwargs):
         sys.exit(EXIT_USER_ERROR)
 
 
+def check_whole(v, what, minimum):
+    """``v`` if it is a whole number >= ``minimum``. Fire passes flags as parsed ('abc' stays a string), and
+    True is an int in Python: both are refused here rather than crashing deep inside torch."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise UserError(f"{what} must be a whole number >= {minimum}, got {v!r}")
+    return v
+
+
+def check_flag(v, what):
+    """``v`` as a bool. Fire gives True/False for --flag/--noflag and --flag=True, but the string 'true' for
+    --flag=true: accept those words, refuse anything else (a typo would otherwise count as true)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    raise UserError(f"{what} must be true or false (--{what} / --no{what}), got {v!r}")
+
+
 def run_cli(component, name=None):
     """Run a Fire CLI; turn UserError (and Ctrl-C) into one line on stderr and a non-zero exit."""
     import fire

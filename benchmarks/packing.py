@@ -12,6 +12,12 @@ work  = the sum of the trials' wall times at K = 1 (each trial alone on the devi
 ideal = work / K (a lower bound: no trial can finish before its own work, shared or not);
 span  = first trial start to last trial end (what packing controls); wall = the whole sweep call (Ray start-up,
         the auto probe and the HDF5 writes included).
+busy  = on a GPU, the seconds the GPU was busy during the K = 1 span (NVML utilisation, sampled by the sweep
+        every 0.5 s, integrated): without NVIDIA MPS the kernels of different processes take turns, so no K can
+        pack the study into less than this; bound = max(ideal, busy), and span/bound says how much of what is
+        left packing could still win. Once one trial alone keeps the GPU busy, ideal (work / K) is out of reach.
+A second table gives each stage's mean seconds per trial at each K (pruneflow.trial's stage clock; 'other' is
+the rest of a trial's wall time): which stages packing stretches.
 On a CPU, K trials at a time take K cores (one torch thread each) and K is capped at the cores the job has, as
 the sweep itself does; larger K are skipped.
 """
@@ -31,7 +37,7 @@ from pruneflow.infer import checkpoint as ckpt_io
 from pruneflow.infer.device import resolve_device
 from pruneflow.infer.errors import exit_on_user_error
 from pruneflow.models import build_model
-from pruneflow.results import read_trials
+from pruneflow.results import read_trials, read_utilisation
 from pruneflow.sweep import run_sweep
 from pruneflow.train import model_meta, resolve_perf
 
@@ -77,6 +83,31 @@ def run_at(job, dense, out, k, on_gpu, cores):
     return wall, records
 
 
+STAGES = ("load", "prune", "finetune", "evaluate", "time", "save")
+
+
+def busy_seconds(series, start, end, column="gpu0_util_percent"):
+    """Seconds the device was busy between ``start`` and ``end`` (unix s): each utilisation sample (percent over
+    the interval before it) times the part of that interval inside the span. None without such samples."""
+    if column not in series or len(series["time"]) < 2:
+        return None
+    t, u = series["time"], series[column]
+    busy = 0.0
+    for t0, t1, util in zip(t[:-1], t[1:], u[1:]):
+        overlap = min(t1, end) - max(t0, start)
+        if overlap > 0:
+            busy += overlap * util / 100.0
+    return busy
+
+
+def stage_means(records):
+    """{stage: mean seconds per trial}, with 'other' the rest of each trial's wall time."""
+    n = len(records)
+    means = {s: sum(float(r.get(f"seconds_{s}") or 0.0) for r in records) / n for s in STAGES}
+    means["other"] = sum(float(r["wall_s"]) for r in records) / n - sum(means.values())
+    return means
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -97,34 +128,50 @@ def main():
     sparsities = [0.5] if args.quick else [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
     epochs = args.epochs or (1 if on_gpu or args.quick else 2)
     ks = [k if k == "auto" else int(k) for k in args.ks.split(",")]
-    head = f"{'K':>5} {'per dev':>7} {'wall s':>8} {'span s':>8} {'ideal s':>8} {'span/ideal':>10} {'vs K=1':>7}"
+    head = (f"{'K':>5} {'per dev':>7} {'wall s':>8} {'span s':>8} {'ideal s':>8} {'span/ideal':>10} {'vs K=1':>7}"
+            + (f" {'bound s':>8} {'span/bound':>10}" if on_gpu else ""))
     resolve_perf(dict(compile=args.compile), dev)  # a bad mode fails now, in one line
     print_header(dev, f"{arch} on {dataset}, {len(sparsities) + 2} trials, {epochs} fine-tune epoch(s), "
                       f"{cores} core(s)" + (f", compile {args.compile}" if args.compile else ""), head)
     with tempfile.TemporaryDirectory(prefix="pf-packing-") as tmp:
         job, dense = make_study(tmp, arch, dataset, sparsities, epochs, str(dev), args.compile)
-        work = span1 = None
+        work = span1 = busy = None
+        stages = {}
         for k in ks:
             if not on_gpu and k != "auto" and k > cores:
                 print(f"{k:>5} {'':>7} skipped: more trials than the {cores} core(s)")
                 continue
-            wall, records = run_at(job, dense, os.path.join(tmp, f"k{k}"), k, on_gpu, cores)
+            out = os.path.join(tmp, f"k{k}")
+            wall, records = run_at(job, dense, out, k, on_gpu, cores)
+            results = os.path.join(out, "packing", "shard-0-of-1.h5")
             if args.keep:  # e.g. for `python -m pruneflow.report` (its timeline shows the packing)
                 os.makedirs(os.path.join(args.keep, f"k{k}", "packing"), exist_ok=True)
-                shutil.copy(os.path.join(tmp, f"k{k}", "packing", "shard-0-of-1.h5"),
-                            os.path.join(args.keep, f"k{k}", "packing"))
-                shutil.copy(os.path.join(tmp, f"k{k}.log"), os.path.join(args.keep, f"k{k}.log"))
-            span = max(r["ended_at"] for r in records) - min(r["started_at"] for r in records)
+                shutil.copy(results, os.path.join(args.keep, f"k{k}", "packing"))
+                shutil.copy(out + ".log", os.path.join(args.keep, f"k{k}.log"))
+            start, end = min(r["started_at"] for r in records), max(r["ended_at"] for r in records)
+            span = end - start
             per_device = int(records[0]["trials_per_device"])
+            stages[f"K={k}" + (f" ({per_device})" if k == "auto" else "")] = stage_means(records)
             if work is None and k == 1:
                 work, span1 = sum(r["wall_s"] for r in records), span
+                runs = read_utilisation(results) if on_gpu else []
+                busy = busy_seconds(runs[-1]["series"], start, end) if runs else None
             if work is None:  # no K = 1 first (a short run comparing K's only): spans, no ideal
                 print(f"{str(k):>5} {per_device:>7} {wall:>8.1f} {span:>8.1f} {'-':>8} {'-':>10} {'-':>7}", flush=True)
                 continue
             ideal = work / per_device
-            print(f"{str(k):>5} {per_device:>7} {wall:>8.1f} {span:>8.1f} {ideal:>8.1f} {span / ideal:>10.2f} "
-                  f"{span1 / span:>7.2f}", flush=True)
-
+            row = (f"{str(k):>5} {per_device:>7} {wall:>8.1f} {span:>8.1f} {ideal:>8.1f} {span / ideal:>10.2f} "
+                   f"{span1 / span:>7.2f}")
+            if on_gpu:
+                bound = max(ideal, busy or 0.0)
+                row += f" {bound:>8.1f} {span / bound:>10.2f}" if busy is not None else f" {'-':>8} {'-':>10}"
+            print(row, flush=True)
+        if busy is not None:
+            print(f"GPU busy during the K = 1 span: {busy:.1f} s of {span1:.1f} s ({100 * busy / span1:.0f} %)")
+        if stages:
+            print(f"\nmean seconds per trial by stage\n{'':>10} " + " ".join(f"{s:>8}" for s in (*STAGES, "other")))
+            for k, means in stages.items():
+                print(f"{k:>10} " + " ".join(f"{means[s]:>8.2f}" for s in (*STAGES, "other")), flush=True)
 
 if __name__ == "__main__":
     exit_on_user_error(main)  # bad settings: one line, exit 2

@@ -1,4 +1,5 @@
 """Packing trials onto devices (fixed K and auto), utilisation sampling, and the packing benchmark."""
+import os
 import subprocess
 import sys
 
@@ -125,3 +126,46 @@ def test_packing_benchmark_quick():
     assert rows["1"][1] == "1" and float(rows["1"][5]) == pytest.approx(1.0, abs=0.05)
     cores = len(__import__("os").sched_getaffinity(0))
     assert int(rows["auto"][1]) == cores  # CPU auto: one trial per core, one thread each
+    stages = {ln.split()[0]: ln.split()[-7:] for ln in p.stdout.splitlines() if ln.split() and ln.split()[0].startswith("K=")}
+    assert len(stages) == 2 and all(float(v) >= 0 for v in stages["K=1"][:-1]), p.stdout  # 'other' may round < 0
+
+
+def packing_benchmark():
+    import importlib.util
+
+    benchmarks = os.path.join(ROOT, "benchmarks")
+    spec = importlib.util.spec_from_file_location("packing_benchmark", os.path.join(benchmarks, "packing.py"))
+    sys.path.insert(0, benchmarks)  # its `from _common import ...`
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(benchmarks)
+    return module
+
+
+def test_busy_seconds_integrates_utilisation_inside_the_span_only():
+    busy_seconds = packing_benchmark().busy_seconds
+    # samples every 0.5 s: each is the utilisation over the half second before it
+    series = dict(time=torch.arange(0, 5.01, 0.5).double().numpy(),
+                  gpu0_util_percent=torch.tensor([0, 100, 100, 50, 50, 0, 0, 100, 100, 100, 100]).double().numpy())
+    assert busy_seconds(series, 0.0, 5.0) == pytest.approx(0.5 * (1 + 1 + 0.5 + 0.5 + 1 + 1 + 1 + 1))
+    assert busy_seconds(series, 0.25, 1.0) == pytest.approx(0.25 + 0.5)  # partial first interval
+    assert busy_seconds(series, 2.0, 3.0) == 0.0  # the samples at 2.5 and 3.0 read idle
+    assert busy_seconds(dict(time=series["time"], cpu_percent=series["gpu0_util_percent"]), 0, 5) is None
+
+
+def test_busy_seconds_of_a_real_h200_sweep_is_additive_and_below_its_span():
+    # the utilisation an H200 recorded while 8 ResNet-18 trials ran one at a time (docs/data/README.md)
+    bench = packing_benchmark()
+    path = os.path.join(ROOT, "docs", "data", "h200-packing-k1", "shard-0-of-1.h5")
+    records = read_trials(path)
+    series = read_utilisation(path)[-1]["series"]
+    start, end = min(r["started_at"] for r in records), max(r["ended_at"] for r in records)
+    whole = bench.busy_seconds(series, start, end)
+    middle = (start + end) / 2
+    assert 0 < whole < end - start
+    assert bench.busy_seconds(series, start, middle) + bench.busy_seconds(series, middle, end) == pytest.approx(whole)
+    means = bench.stage_means(records)
+    assert sum(means.values()) == pytest.approx(sum(r["wall_s"] for r in records) / len(records))
+    assert means["finetune"] > means["save"]

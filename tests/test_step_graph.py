@@ -46,11 +46,11 @@ def assert_same_state(a, b, rtol=1e-4, atol=1e-5):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def train_epochs(model, mode, masks=None, epochs=2, recipe="cifar_resnet"):
+def train_epochs(model, mode, masks=None, epochs=2, recipe="cifar_resnet", amp_dtype=None):
     opt, _ = make_optimizer(model, get_recipe(recipe), 10, capturable=mode is not None)
-    step_model, graph = steps_for(model, opt, mode, masks=masks)
+    step_model, graph = steps_for(model, opt, mode, masks=masks, amp_dtype=amp_dtype)
     batches = cifar_batches()
-    return [train_one_epoch(model, batches, opt, masks, step_model=step_model, graph=graph)
+    return [train_one_epoch(model, batches, opt, masks, step_model=step_model, graph=graph, amp_dtype=amp_dtype)
             for _ in range(epochs)], graph
 
 
@@ -69,6 +69,20 @@ def test_recorded_steps_train_as_eager_steps(same_kernels):
     assert (recorded.fc.weight[keep == 0] == 0).all()
     for (loss, acc), (graph_loss, graph_acc) in zip(history, graph_history):
         assert graph_loss == pytest.approx(loss, rel=1e-4) and graph_acc == pytest.approx(acc, abs=1e-9)
+
+
+@cuda
+def test_bf16_autocast_inside_the_recorded_step_trains_as_eager_bf16(same_kernels):
+    # bf16 autocast recorded in the step (the fastest ResNet rows in docs/benchmarks.md, run 5): the casts of the
+    # weights must be recorded, not cached from the capture, or every replay would compute with stale weights
+    eager = resnet18()
+    recorded = copy.deepcopy(eager)
+    history, _ = train_epochs(eager, None, amp_dtype=torch.bfloat16)
+    graph_history, graph = train_epochs(recorded, "cudagraphs", amp_dtype=torch.bfloat16)
+    assert graph.captures == 1 and not graph.failed
+    assert_same_state(eager, recorded, rtol=1e-3, atol=1e-4)
+    for (loss, _), (graph_loss, _) in zip(history, graph_history):
+        assert graph_loss == pytest.approx(loss, rel=1e-3)
 
 
 @cuda

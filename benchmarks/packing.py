@@ -5,6 +5,7 @@
     python benchmarks/packing.py --quick           # CI-sized (CPU, 3 trials)
     python benchmarks/packing.py --device cuda --ks 8,auto   # K's against each other only (no K = 1: no ideal)
     python benchmarks/packing.py --device cuda --compile cudagraphs   # each training step one CUDA graph
+    python benchmarks/packing.py --analyse docs/data/h200-packing-k1 docs/data/h200-packing-k8   # kept results
 
 Each K runs the real sweep (pruneflow.sweep.run_sweep: Ray, HDF5, checkpoints) from the same random-init dense
 checkpoint: dense + control + DepGraph-L1 at 6 sparsities = 8 trials.
@@ -108,6 +109,24 @@ def stage_means(records):
     return means
 
 
+def analyse(paths):
+    """Span, work, GPU-busy seconds and stage means of kept packing results (folders or .h5 files), no sweep run."""
+    import glob
+
+    print(f"{'results':<40} {'per dev':>7} {'span s':>8} {'work s':>8} {'busy s':>8}  stage means (s per trial)")
+    for path in paths:
+        files = [path] if path.endswith(".h5") else glob.glob(os.path.join(path, "**", "shard-*.h5"), recursive=True)
+        if not os.path.exists(path) or len(files) != 1:
+            raise SystemExit(f"{path}: expected one results file, found {len(files)}")
+        records, runs = read_trials(files[0]), read_utilisation(files[0])
+        start, end = min(r["started_at"] for r in records), max(r["ended_at"] for r in records)
+        busy = busy_seconds(runs[-1]["series"], start, end) if runs else None
+        means = stage_means(records)
+        print(f"{path:<40} {int(records[0]['trials_per_device']):>7} {end - start:>8.1f} "
+              f"{sum(r['wall_s'] for r in records):>8.1f} {'-' if busy is None else f'{busy:.1f}':>8}  "
+              + " ".join(f"{k} {v:.2f}" for k, v in means.items()))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -119,7 +138,11 @@ def main():
     ap.add_argument("--keep", default=None, help="copy each K's results file and sweep log into this folder")
     ap.add_argument("--compile", default=None, metavar="MODE",
                     help="performance.compile for the trials, e.g. cudagraphs (default: the job default, eager)")
+    ap.add_argument("--analyse", nargs="+", metavar="RESULTS", default=None,
+                    help="only read kept results (--keep's k<K> folders or their .h5 files) and print their figures")
     args = ap.parse_args()
+    if args.analyse:
+        return analyse(args.analyse)
     dev = resolve_device(args.device)
     on_gpu = dev.type == "cuda"
     cores = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or len(os.sched_getaffinity(0))

@@ -169,3 +169,20 @@ def test_busy_seconds_of_a_real_h200_sweep_is_additive_and_below_its_span():
     means = bench.stage_means(records)
     assert sum(means.values()) == pytest.approx(sum(r["wall_s"] for r in records) / len(records))
     assert means["finetune"] > means["save"]
+
+
+def test_packing_benchmark_analyses_kept_results_without_a_sweep():
+    kept = os.path.join("docs", "data", "h200-packing-k8")
+    p = subprocess.run([sys.executable, "benchmarks/packing.py", "--analyse", kept], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    row = next(ln.split() for ln in p.stdout.splitlines() if ln.startswith(kept))
+    path = os.path.join(ROOT, kept, "shard-0-of-1.h5")
+    records = read_trials(path)
+    start, end = min(r["started_at"] for r in records), max(r["ended_at"] for r in records)
+    busy = packing_benchmark().busy_seconds(read_utilisation(path)[-1]["series"], start, end)
+    assert row[1] == "8" and float(row[2]) == pytest.approx(end - start, abs=0.05)
+    assert float(row[4]) == pytest.approx(busy, abs=0.05)
+    missing = subprocess.run([sys.executable, "benchmarks/packing.py", "--analyse", "no-such-folder"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert missing.returncode != 0 and "no-such-folder" in missing.stderr and "Traceback" not in missing.stderr

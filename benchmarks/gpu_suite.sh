@@ -2,8 +2,8 @@
 # The benchmarks on one GPU, as quoted in docs/benchmarks.md:   bash benchmarks/gpu_suite.sh OUTDIR [STEP ...]
 # Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine (up to 32 min
 # in all: name a few STEPs to fit a shorter lease); every step's output is kept in OUTDIR/<step>.txt,
-# On a machine without Ray/Torch-Pruning/Fire, carry the wheels that benchmarks/device_wheels.sh fetches.
 # and the packing study's results files in OUTDIR/packing-study.
+# On a machine without Ray/Torch-Pruning/Fire, carry the wheels that benchmarks/device_wheels.sh fetches.
 set -u
 out=${1:-results/gpu-suite}
 py=${PYTHON:-python3}

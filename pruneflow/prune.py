@@ -366,7 +366,7 @@ def cli(ckpt, method, out, sparsity=None, target_macs=None, op_types=None, exclu
       verbose: show NNI's own output.
     """
     from .infer.checkpoint import load, save
-    from .infer.errors import check_writable_file
+    from .infer.errors import check_not_input, check_writable_file
     from .models import default_prune_targets
 
     criterion, backend = parse_method(method)
@@ -380,7 +380,7 @@ def cli(ckpt, method, out, sparsity=None, target_macs=None, op_types=None, exclu
     if dependency_aware is not None:
         dependency_aware = check_flag(dependency_aware, "dependency_aware")
     out = check_writable_file(out)
-    _check_not_input(ckpt, out)
+    check_not_input(ckpt, out, "pruned model")
     model, meta = load(ckpt)
     default_ops, default_exclude = default_prune_targets(meta["arch"])
     if dependency_aware is None:
@@ -426,13 +426,6 @@ def _mac_target(v):
         return float(v)
     except (TypeError, ValueError):
         raise UserError(f"target_macs must be a number > 1 (e.g. 2 for half the MACs), got {v!r}") from None
-
-
-def _check_not_input(ckpt, out):
-    # writing over the input would replace the dense checkpoint (hours of training) with its pruned copy
-    ckpt = str(ckpt)
-    if os.path.exists(ckpt) and os.path.exists(out) and os.path.samefile(ckpt, out):
-        raise UserError(f"--out {out} is the input checkpoint itself; write the pruned model to another file")
 
 
 def main():

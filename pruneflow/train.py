@@ -440,7 +440,7 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
       lr: override the recipe's learning rate.
     """
     from .infer import checkpoint as ckpt_io
-    from .infer.errors import check_writable_file
+    from .infer.errors import check_not_input, check_writable_file
     from .models import ARCHITECTURES
 
     epochs = check_whole(epochs, "epochs", 0 if init else 1)
@@ -457,6 +457,7 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
                                     batch_size=batch_size, lr=lr)
     else:
         path = check_writable_file(out)
+        check_not_input(init, path, "fine-tuned model")
         net, meta = ckpt_io.load(init)
         history = finetune(net, meta, epochs, recipe or "finetune", seed, device, data_root, download, True,
                            batch_size, lr)

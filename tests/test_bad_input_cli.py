@@ -98,3 +98,12 @@ def test_prune_refuses_to_overwrite_its_input(dense_ckpt, tmp_path):
         p = run_module("pruneflow.prune", ckpt, "l1", out, "--sparsity", 0.5)
         assert_clean_error(p, str(out), "input checkpoint itself")
     assert ckpt.read_bytes() == original
+
+
+def test_finetune_refuses_to_overwrite_its_input(dense_ckpt, tmp_path):
+    ckpt = tmp_path / "pruned.safetensors"
+    shutil.copy(dense_ckpt, ckpt)
+    original = ckpt.read_bytes()
+    p = run_module("pruneflow.train", "--init", ckpt, "--out", ckpt, "--epochs", 1)
+    assert_clean_error(p, str(ckpt), "input checkpoint itself")
+    assert ckpt.read_bytes() == original

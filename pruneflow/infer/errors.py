@@ -82,6 +82,14 @@ def check_writable_file(path):
     return path
 
 
+def check_not_input(src, out, what):
+    """Refuse to write ``what`` over its own input checkpoint: the input (a dense model: hours of training) would
+    be gone, replaced by what was made of it."""
+    src, out = str(src), str(out)
+    if os.path.exists(src) and os.path.exists(out) and os.path.samefile(src, out):
+        raise UserError(f"--out {out} is the input checkpoint itself; write the {what} to another file")
+
+
 def check_writable_dir(path):
     path = os.path.abspath(_path(path))
     try:

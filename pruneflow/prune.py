@@ -12,7 +12,6 @@ import contextlib
 import copy
 import io
 import logging
-import os
 import sys
 import time
 import warnings

@@ -8,12 +8,11 @@ order swapped every round (medians over the rounds):
 - grouping: NNI's ``auto_set_denpendency_group_ids`` (traces the model twice, each time with TorchScript's
   trace check) against ``pruneflow.prune.dependency_groups`` (one unchecked trace); the groups must be equal.
 - speed-up: ``ModelSpeedup`` as NNI runs it (formatting every mask's sparsity into log messages even when the
-  logger drops them) against the same with that formatting skipped (``_unlogged_mask_stats``); the pruned
+  logger drops them) against the same with that formatting skipped (``pruneflow.prune.speed_up``); the pruned
   models must be equal.
 """
 
 import argparse
-import contextlib
 import copy
 import statistics
 import time
@@ -24,7 +23,7 @@ from _common import print_header
 
 from pruneflow.infer.errors import UserError, exit_on_user_error
 from pruneflow.models import build_model
-from pruneflow.prune import _quiet, _silent_logger, _unlogged_mask_stats, dependency_groups
+from pruneflow.prune import _quiet, dependency_groups, speed_up
 
 
 def seconds(fn):
@@ -40,15 +39,6 @@ def same_groups(a, b):
         return [(c["op_names"], ids.setdefault(c.get("dependency_group_id"), len(ids)),
                  c.get("internal_metric_block")) for c in config]
     return shape(a) == shape(b)
-
-
-def speedup(model, example, masks, skip_stats):
-    from nni.compression.speedup import ModelSpeedup
-
-    graph = torch.fx.symbolic_trace(model)
-    with _unlogged_mask_stats(False) if skip_stats else contextlib.nullcontext():
-        ModelSpeedup(model, example, masks, graph_module=graph, logger=_silent_logger(False)).speedup_model()
-    return model
 
 
 def one_round(arch, sparsity, swap):
@@ -70,8 +60,9 @@ def one_round(arch, sparsity, swap):
     _, masks = pruner.compress()
     pruner.unwrap_model()
     models = {}
-    for name, skip in ((("pruneflow", True), ("nni", False))[::-1] if swap else (("pruneflow", True), ("nni", False))):
-        times[f"speedup {name}"], models[name] = seconds(lambda: speedup(copy.deepcopy(model), example, masks, skip))
+    for name, stats in ((("pruneflow", False), ("nni", True))[::-1] if swap else (("pruneflow", False), ("nni", True))):
+        times[f"speedup {name}"], models[name] = seconds(
+            lambda: speed_up(copy.deepcopy(model), example, masks, mask_stats=stats))
     a, b = models["nni"].state_dict(), models["pruneflow"].state_dict()
     if list(a) != list(b) or not all(torch.equal(a[k], b[k]) for k in a):
         raise SystemExit(f"{arch}: the speed-up without mask statistics gave another model")

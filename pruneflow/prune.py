@@ -21,9 +21,12 @@ import torch.nn as nn
 
 from .infer.checkpoint import count_macs, count_params, layer_widths
 from .infer.errors import UserError, check_flag, check_whole
+from .spec import MAC_TOLERANCE, misses_mac_target
 
 NNI_PRUNERS = {"level": "LevelPruner", "l1": "L1NormPruner", "l2": "L2NormPruner", "fpgm": "FPGMPruner"}
 METHODS = tuple(NNI_PRUNERS)
+# The parts of an NNI pruning that prune() times (stats["seconds_<part>"]; 0 where a part does not run)
+NNI_PARTS = ("import", "grouping", "masks", "speedup")
 STRUCTURED = ("l1", "l2", "fpgm")
 OP_TYPES = ("Conv2d", "Linear")
 # backend -> methods. A method label is "l1" (NNI, the default) or "l1@depgraph".
@@ -104,7 +107,7 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
     before = {"params": count_params(model), "macs": count_macs(model, input_shape), "widths": widths}
     config = [{"op_types": list(op_types), "sparse_ratio": sparsity, "exclude_op_names": list(exclude)}]
     # DepGraph removes channels as it goes: no separate speed-up step
-    seconds = {"seconds_import": 0.0, "seconds_grouping": 0.0, "seconds_masks": 0.0, "seconds_speedup": 0.0}
+    seconds = dict.fromkeys((f"seconds_{part}" for part in NNI_PARTS), 0.0)
     if backend == "depgraph":
         from .depgraph import prune_depgraph
 
@@ -132,7 +135,7 @@ def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbo
     """NNI 3.0: masks from the pruner, then ModelSpeedup (structured) or masks written into weights (level).
     Returns the seconds of each part: importing NNI (first call in a process), the dependency grouping, the
     masks, ModelSpeedup (0 for level)."""
-    seconds = dict.fromkeys(("seconds_import", "seconds_grouping", "seconds_masks", "seconds_speedup"), 0.0)
+    seconds = dict.fromkeys((f"seconds_{part}" for part in NNI_PARTS), 0.0)
     t0 = time.perf_counter()
     with _quiet(verbose):
         from nni.compression import pruning as nni_pruning
@@ -148,13 +151,8 @@ def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbo
         pruner.unwrap_model()
         seconds["seconds_masks"] = time.perf_counter() - t0
         if method in STRUCTURED:
-            from nni.compression.speedup import ModelSpeedup
-
-            # NNI's own tracer crashes on torch >= 2.2; a torch.fx trace of the model works.
             t0 = time.perf_counter()
-            graph = torch.fx.symbolic_trace(model)
-            with _unlogged_mask_stats(verbose):
-                ModelSpeedup(model, example, masks, graph_module=graph, logger=_silent_logger(verbose)).speedup_model()
+            speed_up(model, example, masks, verbose)
             seconds["seconds_speedup"] = time.perf_counter() - t0
             return seconds
         else:
@@ -167,6 +165,18 @@ def _prune_nni(model, method, sparsity, example, config, dependency_aware, verbo
                         if tensor is not None:  # NNI lists a mask for 'bias' even when the layer has none
                             tensor.mul_(mask.to(tensor.dtype))
             return seconds
+
+
+def speed_up(model, example, masks, verbose=False, mask_stats=False):
+    """NNI's ModelSpeedup: remove the masked channels from ``model`` in place. NNI's own tracer crashes on
+    torch >= 2.2; a torch.fx trace of the model works. ``mask_stats``: let ModelSpeedup format every mask's
+    sparsity into its log lines even when nobody reads them (NNI's way; pruneflow skips it unless ``verbose``)."""
+    from nni.compression.speedup import ModelSpeedup
+
+    graph = torch.fx.symbolic_trace(model)
+    with _unlogged_mask_stats(verbose or mask_stats):
+        ModelSpeedup(model, example, masks, graph_module=graph, logger=_silent_logger(verbose)).speedup_model()
+    return model
 
 
 def dependency_groups(model, config, example):
@@ -202,10 +212,6 @@ def dependency_groups(model, config, example):
                 sub["internal_metric_block"] = int(group.dependency[name])
             out.append({"op_names": [name], **sub})
     return out
-
-
-# How close to a MAC target counts as reaching it (relative): prune_to_mac_reduction stops there, the CLI warns past it
-MAC_TOLERANCE = 0.02
 
 
 def prune_to_mac_reduction(model, method, target, input_shape, tolerance=MAC_TOLERANCE, max_steps=16, **kwargs):
@@ -405,15 +411,14 @@ def cli(ckpt, method, out, sparsity=None, target_macs=None, op_types=None, exclu
         print(f"channels removed from pruned layers: {stats['channel_sparsity']:.1%}")
     else:
         print(f"unstructured: same shapes, {stats['weight_sparsity']:.1%} zeros in pruned layers, no speedup")
-    parts = ", ".join(f"{k} {stats['seconds_' + k]:.1f} s" for k in ("import", "grouping", "masks", "speedup")
-                      if stats["seconds_" + k] > 0)
+    parts = ", ".join(f"{k} {stats['seconds_' + k]:.1f} s" for k in NNI_PARTS if stats["seconds_" + k] > 0)
     last = "; the last try's" if target_macs is not None else ""
     print(f"pruning took {seconds:.1f} s" + (f" (NNI: {parts}{last})" if backend == "nni" else ""))
     print(format_widths(stats))
     if print_model:
         print("\nbefore:\n" + str(model) + "\n\nafter:\n" + str(pruned))
     print(f"wrote {out}")
-    if target_macs is not None and abs(stats["mac_reduction"] / target_macs - 1) > MAC_TOLERANCE:
+    if target_macs is not None and misses_mac_target(stats["mac_reduction"], target_macs):
         # the closest try is kept (a model at the method's limit is still worth having), but say it missed
         print(f"warning: MAC target not met: asked for {target_macs:g}x fewer MACs (within {MAC_TOLERANCE:.0%}), "
               f"the closest try (sparsity {stats['sparsity']:.3f}) has {stats['mac_reduction']:.2f}x fewer; "

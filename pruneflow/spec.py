@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 
 from .infer.errors import UserError
 
+# How close to a prune.mac_targets entry counts as reaching it (relative): target-MACs pruning stops there, and
+# the prune command and the report name a model past it (channel counts come in steps; a method can stop short)
+MAC_TOLERANCE = 0.02
+
+
+def misses_mac_target(mac_reduction, target, tolerance=MAC_TOLERANCE):
+    return abs(mac_reduction / target - 1) > tolerance
+
 SCHEMA_VERSION = 1
 
 

@@ -10,6 +10,7 @@ import re
 import types
 
 from .infer.errors import UserError
+from .spec import MAC_TOLERANCE, misses_mac_target
 
 DEVICE_SCHEMA = "pruneflow-device/1"
 
@@ -159,14 +160,14 @@ def slower_than_dense(records, share=0.8, min_pairs=10):
     return notes
 
 
-def missed_mac_targets(records, tolerance=0.02):
-    """Notes for target-MACs trials whose pruned model missed the target by more than ``tolerance`` (relative;
-    pruneflow.prune.MAC_TOLERANCE): channel counts come in steps, and a method can stop short of a large target.
+def missed_mac_targets(records, tolerance=MAC_TOLERANCE):
+    """Notes for target-MACs trials whose pruned model missed the target by more than ``tolerance`` (relative):
+    channel counts come in steps, and a method can stop short of a large target.
     Such a trial is still the closest its method got, so it stays, named."""
     notes = []
     for r in sorted(done(records, arm="pruned"), key=lambda r: r["id"]):
         target = r.get("target_mac_reduction") or 0
-        if target and abs(r["mac_reduction"] / target - 1) > tolerance:
+        if target and misses_mac_target(r["mac_reduction"], target, tolerance):
             notes.append(f"{r['id']} reached {r['mac_reduction']:.2f}x fewer MACs against its {target:g}x target "
                          f"(sparsity {r['sparsity']:.3f}, the closest try)")
     return notes

@@ -134,6 +134,7 @@ def ensure_dense(dense_path, spec, config, progress, given=False):
     """Train the dense model unless its checkpoint exists (``given``: named by --dense, not trained by this
     study); concurrent shards wait for one trainer."""
     from .infer.checkpoint import read_meta
+    from .isolated import run_isolated
     from .train import train_dense
 
     if os.path.exists(dense_path):
@@ -147,10 +148,12 @@ def ensure_dense(dense_path, spec, config, progress, given=False):
             return
         print(f"training the dense {spec.model.arch} on {spec.data.dataset} for {spec.train.epochs} epoch(s) "
               f"-> {dense_path}", flush=True)
-        train_dense(spec.model.arch, spec.data.dataset, dense_path, spec.train.epochs, config["train"]["recipe"],
-                    spec.model.stem, seed=spec.seeds[0], device=spec.resources.device, data_root=spec.data.root,
-                    download=spec.data.download, progress=progress, batch_size=spec.train.batch_size, lr=spec.train.lr,
-                    config=config, perf=config["performance"])
+        # in a process of its own: whatever the training held on the GPU is released before trials are packed
+        run_isolated(train_dense, "dense training", arch=spec.model.arch, dataset=spec.data.dataset, out=dense_path,
+                     epochs=spec.train.epochs, recipe=config["train"]["recipe"], stem=spec.model.stem,
+                     seed=spec.seeds[0], device=spec.resources.device, data_root=spec.data.root,
+                     download=spec.data.download, progress=progress, batch_size=spec.train.batch_size,
+                     lr=spec.train.lr, config=config, perf=config["performance"])
 
 
 def slot_counts(device="auto"):

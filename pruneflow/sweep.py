@@ -217,6 +217,10 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None):
                 k = choose_trials_per_gpu(m["footprint_bytes"], m["total_bytes"], max(1, cpus // gpus))
                 note = (f"auto packing: one trial occupies {m['footprint_bytes'] / 2**30:.2f} GiB of "
                         f"{m['total_bytes'] / 2**30:.1f} GiB -> {k} trial(s) per GPU")
+                if m.get("reused_from"):
+                    note += f" (measured by an earlier sweep of this study, {m['reused_from']}; delete it to measure again)"
+                elif m.get("probe_s") is not None:
+                    note += f" (the probe took {m['probe_s']:.0f} s)"
         # CPU work per trial is light next to its GPU work, so Ray's CPU count is not the packing limit.
         return dict(options=dict(num_gpus=1.0 / k, num_cpus=0), slots=gpus * k, per_device=k, threads=threads,
                     device=device, note=note)
@@ -234,6 +238,59 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None):
                 device=device, note="")
 
 
+PROBE_FILE = "packing-probe.json"
+
+
+def probe_key(config, dense_path, gpu):
+    """What one trial's GPU footprint depends on: the GPU (name, memory), torch and pruneflow, the dense model's
+    checkpoint (its size stands for its shapes) and the study's model, data, fine-tune and performance settings."""
+    import hashlib
+    import json
+
+    import torch
+
+    from . import __version__
+
+    parts = dict(gpu=gpu, torch=torch.__version__, pruneflow=__version__, dense_bytes=os.path.getsize(dense_path),
+                 **{k: config.get(k) for k in ("model", "data", "finetune", "performance")})
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def remembered(probe, path, key):
+    """``probe`` whose measurement is kept in ``path`` (JSON, one entry per key) and reused by later sweeps of the
+    study with the same key. A shard requeued at its time limit, or started after another, then packs at once:
+    with a compile mode the probe compiles the dense model first (ResNet-101 with reduce-overhead: about a
+    minute on an H200, docs/benchmarks.md)."""
+    import json
+
+    def probe_once(device):
+        try:
+            with open(path) as f:
+                entries = json.load(f)
+        except (OSError, ValueError):  # absent or unreadable: measure (and write it anew)
+            entries = {}
+        entries = entries if isinstance(entries, dict) else {}
+        try:
+            entry = entries[key]
+            return dict(footprint_bytes=int(entry["footprint_bytes"]), total_bytes=int(entry["total_bytes"]),
+                        reused_from=path)
+        except (KeyError, TypeError, ValueError):  # not measured with these settings (or garbled): measure
+            pass
+        t0 = time.perf_counter()
+        m = dict(probe(device), probe_s=time.perf_counter() - t0)
+        entries[key] = dict(m, measured=time.strftime("%Y-%m-%d %H:%M:%S"))
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:  # atomically: shards of a study may write at once (the loser's entry is measured again later)
+            with open(tmp, "w") as f:
+                json.dump(entries, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as e:  # reuse is a saving, never a reason to fail
+            print(f"note: could not keep the memory probe's result in {path} ({e.strerror})", file=sys.stderr)
+        return m
+
+    return probe_once
+
+
 def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
     import ray
     from tqdm import tqdm
@@ -249,6 +306,12 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
             config_gpu = dict(config, resources=dict(config["resources"], device=device))
             return ray.get(ray.remote(probe_memory).options(num_gpus=1, num_cpus=0).remote(config_gpu, dense_path))
 
+        if gpus and spec.resources.trials_per_gpu == "auto":
+            import torch
+
+            gpu = [torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory]
+            probe = remembered(probe, os.path.join(os.path.dirname(ckpt_dir), PROBE_FILE),
+                               probe_key(config, dense_path, gpu))
         plan = plan_packing(spec, cpus, gpus, probe, mps=not gpus and mps_available(), n_trials=len(todo))
         config = dict(config, resources=dict(config["resources"], device=plan["device"]))
         threads = plan["threads"]

@@ -1,4 +1,5 @@
 """Packing trials onto devices (fixed K and auto), utilisation sampling, and the packing benchmark."""
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import torch
 from conftest import ROOT, assert_clean_error, run_module
 from pruneflow.results import read_trials, read_utilisation
 from pruneflow.spec import StudySpec, load_spec
-from pruneflow.sweep import AUTO_MEMORY_SHARE, choose_trials_per_gpu, plan_packing
+from pruneflow.sweep import AUTO_MEMORY_SHARE, choose_trials_per_gpu, plan_packing, probe_key, remembered
 
 GiB = 2**30
 
@@ -186,3 +187,40 @@ def test_packing_benchmark_analyses_kept_results_without_a_sweep():
     missing = subprocess.run([sys.executable, "benchmarks/packing.py", "--analyse", "no-such-folder"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert missing.returncode != 0 and "no-such-folder" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_probe_is_measured_once_per_study_and_settings(tmp_path):
+    # a requeued or later shard of the same study on the same kind of GPU packs without probing again
+    calls = []
+
+    def probe(device):
+        calls.append(device)
+        return dict(footprint_bytes=3 * GiB, total_bytes=24 * GiB, max_allocated_bytes=GiB)
+
+    path = str(tmp_path / "packing-probe.json")
+    first = remembered(probe, path, "key-a")("cuda")
+    assert calls == ["cuda"] and first["footprint_bytes"] == 3 * GiB and first["probe_s"] >= 0
+    again = remembered(probe, path, "key-a")("cuda")
+    assert calls == ["cuda"] and again == dict(footprint_bytes=3 * GiB, total_bytes=24 * GiB, reused_from=path)
+    plan = plan_packing(spec_with(trials_per_gpu="auto"), cpus=16, gpus=1, probe=remembered(probe, path, "key-a"))
+    assert plan["per_device"] == int(24 * AUTO_MEMORY_SHARE // 3) and "earlier sweep of this study" in plan["note"]
+    remembered(probe, path, "key-b")("cuda")  # other settings: measured, and both kept
+    assert len(calls) == 2 and set(json.load(open(path))) == {"key-a", "key-b"}
+    (tmp_path / "packing-probe.json").write_text('{"key-a": {"footprint_bytes": "garbled"')  # a torn copy
+    assert "reused_from" not in remembered(probe, path, "key-a")("cuda") and len(calls) == 3
+    assert json.load(open(path))["key-a"]["footprint_bytes"] == 3 * GiB  # written anew
+
+
+def test_the_probe_is_measured_again_when_what_it_depends_on_changes(tmp_path):
+    dense = tmp_path / "dense.safetensors"
+    dense.write_bytes(b"x" * 1000)
+    config = dict(model=dict(arch="resnet18"), data=dict(dataset="cifar10"), finetune=dict(epochs=1, batch_size=64),
+                  performance=dict(compile="cudagraphs"), resources=dict(trials_per_gpu="auto"))
+    gpu = ["NVIDIA H200", 150_000_000_000]
+    key = probe_key(config, str(dense), gpu)
+    assert probe_key(dict(config, resources=dict(trials_per_gpu=8)), str(dense), gpu) == key  # not a footprint input
+    assert probe_key(dict(config, performance=dict(compile="reduce-overhead")), str(dense), gpu) != key
+    assert probe_key(dict(config, finetune=dict(epochs=1, batch_size=512)), str(dense), gpu) != key
+    assert probe_key(config, str(dense), ["NVIDIA A100-SXM4-40GB", 42_000_000_000]) != key
+    dense.write_bytes(b"x" * 900)  # another dense model (other widths)
+    assert probe_key(config, str(dense), gpu) != key

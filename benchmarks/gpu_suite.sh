@@ -42,10 +42,15 @@ step packing-graph 270 "$py" benchmarks/packing.py --device cuda --compile cudag
 step projection 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda  # the job's compile
 step projection-bf16 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda --precision bf16
 step latency 60 "$py" benchmarks/latency.py --device cuda
+# a user's first sweep: dense training in its own process (the driver must hold no GPU memory), the auto-packing
+# probe measured once and reused by the grown study (benchmarks/sweep_auto_check.sh)
+step sweep-auto 200 bash benchmarks/sweep_auto_check.sh "$out/sweep-auto"
 # Only when named: packing under NVIDIA MPS (a job-private daemon), whose kernels from several processes run
 # side by side instead of time-sliced: the lever the packing target (span <= 1.1 x ideal) points to.
 if [[ "$steps" == *" packing-mps "* ]]; then
-    export CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d) CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)
+    CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d)
+    CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)
+    export CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
     nvidia-cuda-mps-control -d && step packing-mps 240 "$py" benchmarks/packing.py --device cuda --ks 1,4,8
     echo quit | nvidia-cuda-mps-control
 fi

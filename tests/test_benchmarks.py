@@ -124,3 +124,11 @@ def test_nni_prune_time_benchmark_quick():
         assert nni > 0 and ours > 0 and ratio == pytest.approx(nni / ours, rel=0.1)  # printed to 2 decimals
     assert_clean_error(subprocess.run([sys.executable, "benchmarks/nni_prune_time.py", "--models", "simple_cnn"],
                                       capture_output=True, text=True, cwd=ROOT), "ResNets")
+
+
+@pytest.mark.parametrize("script", ["gpu_suite.sh", "device_wheels.sh", "sweep_auto_check.sh"])
+def test_gpu_session_scripts_pass_bash_n_and_shellcheck(script):
+    # they run only where a GPU is lent (minutes, at most once a session): a slip must show here, not there
+    for cmd in (["bash", "-n", f"benchmarks/{script}"], ["shellcheck", f"benchmarks/{script}"]):
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr

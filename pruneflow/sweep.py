@@ -223,7 +223,7 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None):
                     note += f" (the probe took {m['probe_s']:.0f} s)"
         # CPU work per trial is light next to its GPU work, so Ray's CPU count is not the packing limit.
         return dict(options=dict(num_gpus=1.0 / k, num_cpus=0), slots=gpus * k, per_device=k, threads=threads,
-                    device=device, note=note)
+                    device=device, note=note, max_calls=gpu_worker_max_calls(gpus))
     threads = trial_threads(res.threads_per_trial, cpus, n_trials or cpus)
     slots = max(1, cpus // threads)
     if res.device == "mps" or (res.device == "auto" and mps):
@@ -232,10 +232,29 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None):
         k = MPS_AUTO_TRIALS if res.trials_per_gpu == "auto" else res.trials_per_gpu
         slots = max(1, min(k, slots))
         return dict(options=dict(num_gpus=0, num_cpus=threads), slots=slots, per_device=slots, threads=threads,
-                    device="mps", note="")
+                    device="mps", note="", max_calls=0)
     device = "cpu" if res.device == "auto" else res.device
     return dict(options=dict(num_gpus=0, num_cpus=threads), slots=slots, per_device=slots, threads=threads,
-                device=device, note="")
+                device=device, note="", max_calls=0)
+
+
+def gpu_worker_max_calls(gpus):
+    """Trials per Ray worker process on a node with ``gpus`` GPUs (0: no limit, workers are reused).
+
+    Ray points each task at its GPU through CUDA_VISIBLE_DEVICES, set again for every task, but a process reads it
+    once, when CUDA starts: a reused worker would run its next trial on its first trial's GPU whatever Ray
+    assigned, piling trials onto one GPU of a multi-GPU node. Ray makes GPU functions single-use for this reason
+    (ray-project/ray#29624), but only when num_gpus is given to ray.remote itself, not through .options() as K
+    is. On one GPU every task gets the same one, and reuse saves each trial a process start (imports, CUDA
+    context, cuDNN's autotuning of shapes it has seen)."""
+    return 1 if gpus > 1 else 0
+
+
+def remote_for(fn, plan):
+    """``fn`` as a Ray remote function with a plan's resources and worker reuse (plan_packing)."""
+    import ray
+
+    return ray.remote(max_retries=0, max_calls=plan["max_calls"])(fn).options(**plan["options"])
 
 
 PROBE_FILE = "packing-probe.json"
@@ -304,7 +323,9 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
     with local_ray(cpus, gpus), UtilisationSampler(spec.resources.sample_interval_s) as sampler:
         def probe(device):
             config_gpu = dict(config, resources=dict(config["resources"], device=device))
-            return ray.get(ray.remote(probe_memory).options(num_gpus=1, num_cpus=0).remote(config_gpu, dense_path))
+            # single-use worker: its process, CUDA context and cached memory are gone before trials are packed
+            return ray.get(ray.remote(max_calls=1)(probe_memory).options(num_gpus=1, num_cpus=0)
+                           .remote(config_gpu, dense_path))
 
         if gpus and spec.resources.trials_per_gpu == "auto":
             import torch
@@ -319,7 +340,7 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
             print(plan["note"], flush=True)
         print(f"running {len(todo)} trial(s): {plan['slots']} at a time on {gpus} GPU(s) / {cpus} CPU(s), "
               f"{threads} thread(s) each", flush=True)
-        remote = ray.remote(max_retries=0)(run_trial).options(**plan["options"])
+        remote = remote_for(run_trial, plan)
         attempts = {t.id: 0 for t in todo}
         pending = {}
         counts = {"done": 0, "failed": 0}

@@ -224,3 +224,27 @@ def test_the_probe_is_measured_again_when_what_it_depends_on_changes(tmp_path):
     assert probe_key(config, str(dense), ["NVIDIA A100-SXM4-40GB", 42_000_000_000]) != key
     dense.write_bytes(b"x" * 900)  # another dense model (other widths)
     assert probe_key(config, str(dense), gpu) != key
+
+
+def test_each_trial_worker_keeps_to_the_gpu_ray_gave_it_on_multi_gpu_nodes():
+    # Real Ray with two logical GPUs (no CUDA needed: Ray only sets CUDA_VISIBLE_DEVICES per task). A process
+    # reads that variable once, when CUDA starts; a worker reused for a task on the other GPU would run it on
+    # its first GPU. K=2 on 2 GPUs: every worker process must only ever have been given one GPU.
+    from pruneflow.sweep import local_ray, remote_for
+
+    def which_gpu():
+        import time
+
+        time.sleep(0.2)  # overlap the tasks, so that several workers exist and could be swapped around
+        return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    plan = plan_packing(spec_with(trials_per_gpu=2), cpus=2, gpus=2)
+    assert plan["max_calls"] == 1 and plan_packing(spec_with(trials_per_gpu=2), cpus=2, gpus=1)["max_calls"] == 0
+    with local_ray(2, 2):
+        import ray
+
+        seen = {}
+        for pid, gpu in ray.get([remote_for(which_gpu, plan).remote() for _ in range(12)]):
+            seen.setdefault(pid, set()).add(gpu)
+    assert {g for gpus in seen.values() for g in gpus} == {"0", "1"}  # both GPUs were used
+    assert all(len(gpus) == 1 for gpus in seen.values()), seen

@@ -282,6 +282,12 @@ def validate(spec, check_backends=True):
         one_of(spec.train.recipe, tuple(RECIPES), "train.recipe")
     one_of(spec.finetune.recipe, tuple(RECIPES), "finetune.recipe")
     one_of(spec.resources.device.split(":")[0], ("auto", "cpu", "cuda", "mps"), "resources.device")
+    if spec.resources.device.startswith("cuda:"):
+        # Ray gives each trial one GPU of those the sweep can see, always 'cuda' (cuda:0) inside the trial
+        n = spec.resources.device.split(":", 1)[1]
+        raise UserError(f"resources.device {spec.resources.device!r}: a sweep spreads its trials over every GPU it "
+                        f"can see; to use only GPU {n}, run it with CUDA_VISIBLE_DEVICES={n} and device: cuda "
+                        "(under Slurm, --gpus chooses the GPUs)")
     one_of(spec.performance.loader, LOADERS, "performance.loader")
     one_of(spec.performance.precision, PRECISIONS, "performance.precision")
     if not isinstance(spec.performance.compile, bool):

@@ -56,20 +56,23 @@ class StepGraph:
             torch.cuda.current_stream(x.device).wait_stream(side)
             return None
         lrs = tuple(g["lr"] for g in self.opt.param_groups)
-        if self.graph is None or lrs != self.lrs or self.static[0].shape != x.shape:
-            try:
-                self._capture(x, y)
-            except Exception as e:
-                self.failed = True
-                self.graph = self.static = None
-                first = (str(e).strip().splitlines() or [""])[0][:200]
-                print(f"warning: recording the training step as a CUDA graph failed ({type(e).__name__}: {first}); "
-                      "training without it", file=sys.stderr, flush=True)
-                return self._eager(x, y)
-            self.lrs = lrs
-        self.static[0].copy_(x)
-        self.static[1].copy_(y)
-        self.graph.replay()
+        # the batch's device made current: capture and replay use the current device's streams, and a step on
+        # cuda:1 recorded on a cuda:0 stream would record nothing (every replay a silent no-op)
+        with torch.cuda.device(x.device):
+            if self.graph is None or lrs != self.lrs or self.static[0].shape != x.shape:
+                try:
+                    self._capture(x, y)
+                except Exception as e:
+                    self.failed = True
+                    self.graph = self.static = None
+                    first = (str(e).strip().splitlines() or [""])[0][:200]
+                    print(f"warning: recording the training step as a CUDA graph failed ({type(e).__name__}: "
+                          f"{first}); training without it", file=sys.stderr, flush=True)
+                    return self._eager(x, y)
+                self.lrs = lrs
+            self.static[0].copy_(x)
+            self.static[1].copy_(y)
+            self.graph.replay()
         return None
 
     def _eager(self, x, y):
@@ -81,8 +84,10 @@ class StepGraph:
         self.static = (torch.empty_like(x), torch.empty_like(y))
         self.opt.zero_grad(set_to_none=True)  # so the recorded backward allocates its gradients in the graph's pool
         graph = torch.cuda.CUDAGraph()
-        # thread_local: a CUDA call from another thread (the sweep's monitor) does not break this capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # thread_local: a CUDA call from another thread (the sweep's monitor) does not break this capture. The
+        # stream is the batch's device's own: torch.cuda.graph's default is one stream per process, made on
+        # whichever device was current at its first capture.
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(x.device), capture_error_mode="thread_local"):
             self.step(*self.static, self.sums)
         self.graph = graph
         self.captures += 1

@@ -27,6 +27,9 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
 
     spec, job_text = load_spec(job, overrides)
     i, n = parse_shard(shard)
+    # ops MPS lacks run on the CPU instead of failing, in the dense training's process and Ray's workers alike
+    # (both inherit it); set before either starts
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     check_inputs(spec, dense, train_only)
     config = resolved(spec)
     study_dir = check_writable_dir(os.path.join(out, spec.study))
@@ -227,12 +230,13 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None):
     threads = trial_threads(res.threads_per_trial, cpus, n_trials or cpus)
     slots = max(1, cpus // threads)
     if res.device == "mps" or (res.device == "auto" and mps):
-        # Apple silicon: Ray has no notion of the MPS device, so K is a cap on concurrent trials (each still
-        # holds its CPU threads). Unified memory is shared with the CPU: no probe, a modest default.
+        # Apple silicon: Ray has no notion of the MPS device, so K is a cap on concurrent trials, enforced by
+        # each trial asking for its share of the CPUs (asking for its threads alone, as on CPU nodes, let Ray run
+        # one per core). Unified memory is shared with the CPU: no probe, a modest default.
         k = MPS_AUTO_TRIALS if res.trials_per_gpu == "auto" else res.trials_per_gpu
         slots = max(1, min(k, slots))
-        return dict(options=dict(num_gpus=0, num_cpus=threads), slots=slots, per_device=slots, threads=threads,
-                    device="mps", note="", max_calls=0)
+        return dict(options=dict(num_gpus=0, num_cpus=cpus / slots), slots=slots, per_device=slots,
+                    threads=threads, device="mps", note="", max_calls=0)
     device = "cpu" if res.device == "auto" else res.device
     return dict(options=dict(num_gpus=0, num_cpus=threads), slots=slots, per_device=slots, threads=threads,
                 device=device, note="", max_calls=0)
@@ -318,8 +322,6 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
     from .trial import probe_memory, run_trial
 
     cpus, gpus = slot_counts(spec.resources.device)
-    # ops MPS lacks run on the CPU instead of failing; set before Ray starts, so its workers inherit it
-    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     with local_ray(cpus, gpus), UtilisationSampler(spec.resources.sample_interval_s) as sampler:
         def probe(device):
             config_gpu = dict(config, resources=dict(config["resources"], device=device))

@@ -4,6 +4,7 @@
 trains a dense model; ``--init CKPT`` fine-tunes an existing (pruned) checkpoint instead.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -199,6 +200,14 @@ def make_optimizer(model, recipe, epochs, capturable=False):
     return opt, sched
 
 
+def autocast(device_type, amp_dtype, cache_enabled=True):
+    """torch.autocast to ``amp_dtype``, or nothing when None: torch before 2.5 refuses to create an autocast
+    context for 'mps' at all, even a disabled one, and pyproject allows torch 2.2 (the last for Intel Macs)."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=amp_dtype, cache_enabled=cache_enabled)
+
+
 def train_step(forward, opt, x, y, sums, masks=None, amp_dtype=None):
     """One optimiser step on the batch (x, y), gradients None or zero on entry: ``forward`` (the model or what
     step_model_for made of it) and the loss under autocast when ``amp_dtype``, backward, ``opt.step()``,
@@ -207,8 +216,7 @@ def train_step(forward, opt, x, y, sums, masks=None, amp_dtype=None):
 
     Autocast's weight cache is off, as torch asks of autocast regions it records in CUDA graphs
     (make_graphed_callables refuses the cache); each weight is cast once per forward here, so it saves nothing."""
-    with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None,
-                        cache_enabled=False):
+    with autocast(x.device.type, amp_dtype, cache_enabled=False):
         out = forward(x)
         loss = F.cross_entropy(out, y)
     loss.backward()
@@ -270,7 +278,7 @@ def evaluate(model, batches, amp_dtype=None, forward=None):
     total_loss = correct = 0
     seen = 0
     for x, y in batches:
-        with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with autocast(x.device.type, amp_dtype):
             out = (forward or model)(x)
         total_loss = total_loss + F.cross_entropy(out.float(), y, reduction="sum")  # summed on the device
         correct = correct + (out.argmax(1) == y).sum()

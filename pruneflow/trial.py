@@ -140,6 +140,8 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     # glibc's malloc in the steady state pruneflow.infer times too (a dense trial trains nothing to set it)
     kept = dev.type == "cpu" and keep_freed_memory()
     channels_last = resolve_perf(config.get("performance"), dev)["channels_last"]  # finetune's layout, timed so
+    if channels_last:  # an input in the model's layout, as pruneflow.infer times it (else the first layer converts)
+        x = x.contiguous(memory_format=torch.channels_last)
     if trial.arm == "dense":
         samples, dense_samples, speedup = time_forward(model.to(dev), x, lat["warmup"], lat["trials"]), [], 1.0
     else:

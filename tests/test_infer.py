@@ -178,6 +178,19 @@ def test_single_file_prints_the_essentials(ckpt_dir):
     assert p.returncode == 0 and "test accuracy: not measured (--noaccuracy)" in p.stdout, p.stdout + p.stderr
 
 
+def test_device_indices_are_checked_not_crashed_on():
+    from pruneflow.infer.device import resolve_device
+    from pruneflow.infer.errors import UserError
+
+    assert resolve_device("cpu:0") == torch.device("cpu:0")
+    for bad in ("cpu:x", "cpu:-1", "cpu:"):
+        with pytest.raises(UserError, match="a device index is a whole number"):
+            resolve_device(bad)
+    if torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"this machine has \d+ CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
 def test_mps_path_uses_documented_api(monkeypatch):
     from pruneflow.infer import device as devmod
     from pruneflow.infer.errors import UserError

@@ -65,10 +65,32 @@ def test_auto_threads_share_the_cores_among_the_trials_to_run(cpus, n_trials, sl
 
 def test_plan_on_apple_silicon_uses_mps_and_caps_trials():
     auto = plan_packing(spec_with(device="auto", trials_per_gpu="auto"), cpus=10, gpus=0, mps=True)
-    assert auto["device"] == "mps" and auto["slots"] == 2 and auto["options"] == dict(num_gpus=0, num_cpus=1)
+    assert auto["device"] == "mps" and auto["slots"] == 2 and auto["options"] == dict(num_gpus=0, num_cpus=5)
     assert plan_packing(spec_with(device="mps", trials_per_gpu=8), cpus=4, gpus=0)["slots"] == 4  # cores cap
     assert plan_packing(spec_with(device="auto"), cpus=4, gpus=0, mps=False)["device"] == "cpu"
     assert plan_packing(spec_with(device="cpu"), cpus=4, gpus=0, mps=True)["device"] == "cpu"  # asked for
+
+
+def test_ray_runs_no_more_mps_trials_at_once_than_the_plan_allows():
+    # Ray knows nothing of the MPS device: the cap must come from the CPUs each trial asks for. Real Ray, 4
+    # logical CPUs, K = 2: never more than 2 tasks running (asking for 1 CPU each, 4 ran).
+    from pruneflow.sweep import local_ray, remote_for
+
+    def occupy():
+        import time
+
+        t0 = time.time()
+        time.sleep(1.5)  # long enough for Ray to start more workers, were it allowed to
+        return t0, time.time()
+
+    plan = plan_packing(spec_with(device="mps", trials_per_gpu=2), cpus=4, gpus=0)
+    assert plan["slots"] == 2
+    with local_ray(4, 0):
+        import ray
+
+        spans = ray.get([remote_for(occupy, plan).remote() for _ in range(6)])
+    most = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert 1 <= most <= 2, spans
 
 
 def test_job_file_trials_per_gpu(tmp_path):

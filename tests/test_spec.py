@@ -51,6 +51,7 @@ def test_overrides_from_command_line():
     ("seeds: [0, 1, 0]\n", "seeds lists 0 more than once"),
     ("train:\n  lr: -1\n", "train.lr must be > 0, got -1"),
     ("finetune:\n  lr: 0\n", "finetune.lr must be > 0, got 0"),
+    ("resources:\n  device: cuda:1\n", "to use only GPU 1, run it with CUDA_VISIBLE_DEVICES=1 and device: cuda"),
 ])
 def test_bad_job_files(tmp_path, text, needle):
     job = tmp_path / "bad.yaml"

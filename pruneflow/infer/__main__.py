@@ -82,6 +82,13 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
         raise UserError(f"--channels_last must be auto, true or false, got {channels_last!r}")
     settings = dict(batch_size=batch_size, warmup=warmup, trials=trials, dtype=dtype, channels_last=channels_last,
                     keep_freed_memory=bool(kept))
+    if dev.type == "cuda":
+        # the kernels a sweep's trials are timed with (pruneflow.train.resolve_perf sets both, with the default
+        # precision, in the process that then times): cuDNN's autotuned convolutions and TF32 matrix products
+        torch.backends.cudnn.benchmark = True
+        if dtype == "float32":
+            torch.set_float32_matmul_precision("high")
+        settings.update(cudnn_benchmark=True, tf32_matmul=dtype == "float32")
     if directory:
         settings["speedup"] = "paired" if paired else "medians"
     references = dense_references(metas, dev, settings) if directory and paired else {}

@@ -31,9 +31,11 @@ def resolve_device(name="auto"):
         return torch.device(have[0])
     if kind not in have:
         raise UserError(f"device {name!r} is not available on this machine; available: {', '.join(have)}")
-    if kind == "cuda" and ":" in name:
-        index = int(name.split(":")[1])
-        if index >= torch.cuda.device_count():
+    if ":" in name:
+        index = name.split(":", 1)[1]
+        if not index.isdigit():
+            raise UserError(f"unknown device {name!r}; a device index is a whole number, e.g. cuda:1")
+        if kind == "cuda" and int(index) >= torch.cuda.device_count():
             raise UserError(f"device {name!r} is not available; this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 

@@ -30,6 +30,9 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     # ops MPS lacks run on the CPU instead of failing, in the dense training's process and Ray's workers alike
     # (both inherit it); set before either starts
     os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+    # GPU indices counted by PCI bus, as nvidia-smi and NVML (the utilisation sampler) count them: CUDA's own
+    # default puts the fastest GPU first, so on a node with mixed GPUs the sampler would watch the wrong ones
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     check_inputs(spec, dense, train_only)
     config = resolved(spec)
     study_dir = check_writable_dir(os.path.join(out, spec.study))

@@ -59,6 +59,10 @@ def run_isolated(fn, what, **kwargs):
 
 def _child(send, fn, kwargs):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent too, which stops this process
+    # Slurm's warning before a time limit (sbatch --signal, submitit's USR2) may reach every process of the job:
+    # the parent acts on it (requeue); here it would kill the training outright, as trial workers ignore it too
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
         result = ("ok", fn(**kwargs))
     except UserError as e:

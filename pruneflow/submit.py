@@ -148,7 +148,7 @@ def submit(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, me
     if cluster == "local":
         return run_local(folder, job, out, overrides, nodes, study_dir, minutes)
     ids = {}
-    train_ex = slurm_executor(folder, python, params, steps[0][1])
+    train_ex = slurm_executor(folder, python, train_params(params), steps[0][1])
     ids["train"] = train_ex.submit(TrainStep(job, out, overrides)).job_id
     sweep_ex = slurm_executor(folder, python, params, steps[1][1], dependency=f"afterok:{ids['train']}",
                               array_parallelism=nodes)
@@ -170,6 +170,12 @@ def submit(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, me
     return ids
 
 
+def train_params(params):
+    """The dense-training job's resources: the shards' but at most one GPU (it trains one model on one GPU; more
+    would sit idle through the whole training, and every requeue)."""
+    return dict(params, gpus_per_node=min(params["gpus_per_node"], 1)) if params.get("gpus_per_node") else params
+
+
 def slurm_executor(folder, python, params, name, dependency=None, array_parallelism=None):
     ex = submitit.SlurmExecutor(folder=folder, python=python, max_num_timeout=20)
     extra = dict(params, job_name=name)
@@ -185,7 +191,7 @@ def print_dry_run(folder, python, params, steps, nodes, study):
     from submitit.slurm.slurm import _make_sbatch_string
 
     for step, name, dependency in steps:
-        p = dict(params, job_name=name)
+        p = dict(train_params(params) if step == "train" else params, job_name=name)
         if step == "report":
             p.pop("gpus_per_node", None)
         if dependency:
@@ -198,14 +204,25 @@ def print_dry_run(folder, python, params, steps, nodes, study):
     return {}
 
 
-def run_local(folder, job, out, overrides, nodes, study_dir, minutes):
-    """No Slurm: the same three steps through submitit's local executor, one after another."""
+def local_executor(folder, minutes):
+    """submitit's local executor with this process's GPUs. On its own it sets CUDA_VISIBLE_DEVICES to the GPUs
+    asked of it (none here), which hid every GPU from the pipeline: a GPU workstation trained and swept on its
+    CPU without a word. A setup line gives each step the caller's setting instead."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    setup = f"export CUDA_VISIBLE_DEVICES={shlex.quote(visible)}" if visible is not None else "unset CUDA_VISIBLE_DEVICES"
     ex = submitit.LocalExecutor(folder=folder)
-    ex.update_parameters(timeout_min=minutes)
+    ex.update_parameters(timeout_min=minutes, setup=[setup])
+    return ex
+
+
+def run_local(folder, job, out, overrides, nodes, study_dir, minutes):
+    """No Slurm: the same three steps through submitit's local executor, one after another, and the shards one
+    after another too (each sweep uses every core and GPU of this machine)."""
+    ex = local_executor(folder, minutes)
     ids = {"train": ex.submit(TrainStep(job, out, overrides))}
     ids["train"].result()
-    shards = [ex.submit(SweepShard(job, f"{i}/{nodes}", out, overrides)) for i in range(nodes)]
-    for s in shards:
+    for i in range(nodes):
+        s = ex.submit(SweepShard(job, f"{i}/{nodes}", out, overrides))
         try:
             s.result()
         except Exception as e:  # the report still runs, as afterany does on Slurm
@@ -225,7 +242,8 @@ def cli(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, mem=N
       job: the study's job file (jobs/*.yaml).
       partition: Slurm partition (checked against sinfo).
       nodes: number of sweep shards, one node (array task) each.
-      gpus_per_node: GPUs per shard (trials are packed resources.trials_per_gpu per GPU).
+      gpus_per_node: GPUs per shard (trials are packed resources.trials_per_gpu per GPU); the dense training
+        job takes one of them at most.
       cpus_per_task: CPUs per job.
       mem: memory per job, Slurm syntax (e.g. 64G).
       time: time limit per job, Slurm syntax (e.g. 04:00:00); on timeout jobs requeue and resume.

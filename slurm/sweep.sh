@@ -62,7 +62,8 @@ requeue() {
 }
 trap requeue USR1
 
-"${python[@]}" -u -m pruneflow.sweep "$job" --shard "$shard" --out "$out" --noprogress "${extra[@]}" &
+# ${extra[@]+...}: bash <= 4.3 (RHEL 7 nodes) calls an empty array unbound under set -u
+"${python[@]}" -u -m pruneflow.sweep "$job" --shard "$shard" --out "$out" --noprogress ${extra[@]+"${extra[@]}"} &
 child=$!
 # `wait` returns early when the USR1 trap fires; the trap then takes over.
 wait "$child"

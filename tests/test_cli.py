@@ -1,4 +1,5 @@
 """The command-line entry points as a user runs them: happy paths and one-line errors for bad input."""
+import os
 import re
 
 import pytest
@@ -81,3 +82,20 @@ def test_help_documents_every_parameter():
         text = p.stdout + p.stderr
         for f in flags:  # required arguments are listed as positionals (OUT), flags as --name
             assert f in text or f"\n    {f.lstrip('-').upper()}\n" in text, (module, f)
+
+
+@pytest.mark.parametrize("visible", ["7,5", None])
+def test_local_pipeline_steps_see_the_callers_gpus(tmp_path, monkeypatch, visible):
+    # submit --cluster local: submitit's local executor sets CUDA_VISIBLE_DEVICES to the GPUs asked of it (none),
+    # which hid a workstation's GPUs from every step; each step must see what the caller sees (here, real
+    # submitit jobs reading the variable in their own process)
+    import functools
+
+    from pruneflow.submit import local_executor
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    job = local_executor(str(tmp_path / "%j"), minutes=2).submit(functools.partial(os.getenv, "CUDA_VISIBLE_DEVICES"))
+    assert job.result() == visible

@@ -83,6 +83,9 @@ def test_stopping_the_sweep_during_dense_training_stops_the_training(tmp_path, s
         time.sleep(0.1)
     trainers = children(proc.pid)
     assert resume.exists() and len(trainers) == 1, proc.communicate()  # one epoch done, in a child process
+    os.kill(trainers[0], signal.SIGUSR2)  # Slurm's time-limit warning to every process: the parent's to act on
+    time.sleep(0.5)
+    assert proc.poll() is None and os.path.exists(f"/proc/{trainers[0]}")  # still training
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == status and says in err and "Traceback" not in err, err

@@ -270,3 +270,15 @@ def test_each_trial_worker_keeps_to_the_gpu_ray_gave_it_on_multi_gpu_nodes():
             seen.setdefault(pid, set()).add(gpu)
     assert {g for gpus in seen.values() for g in gpus} == {"0", "1"}  # both GPUs were used
     assert all(len(gpus) == 1 for gpus in seen.values()), seen
+
+
+def test_cpus_are_slurms_number_but_never_more_than_this_process_may_run_on(monkeypatch):
+    from pruneflow.sweep import slot_counts
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert slot_counts("cpu") == (1, 0)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(cores + 6))  # inherited from a larger allocation
+    assert slot_counts("cpu") == (cores, 0)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert slot_counts("cpu") == (cores, 0)

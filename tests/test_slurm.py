@@ -1,5 +1,6 @@
 """pruneflow on a real Slurm (slurm/local/start.sh): the submitit pipeline, sbatch scripts, requeue on timeout."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,12 +117,17 @@ def test_forced_timeout_requeues_and_resumes(tmp_path):
 
 def test_dry_run_shows_what_would_be_asked(tmp_path):
     p = run_module("pruneflow.submit", "jobs/quickstart.yaml", "--partition", "a100", "--nodes", 3,
-                   "--gpus-per-node", 1, "--cpus-per-task", 2, "--mem", "8G", "--time", "02:00:00", "--dry-run",
+                   "--gpus-per-node", 4, "--cpus-per-task", 2, "--mem", "8G", "--time", "02:00:00", "--dry-run",
                    "--out", tmp_path)
     assert p.returncode == 0, p.stderr
     for s in ("--partition=a100", "--array=0-2%3", "--dependency='afterok:", "--dependency='afterany:",
-              "--gpus-per-node=1", "--cpus-per-task=2", "--mem=8G", "--time=120", "--signal=USR2@90"):
+              "--cpus-per-task=2", "--mem=8G", "--time=120", "--signal=USR2@90"):
         assert s in p.stdout, s
+    jobs = dict(re.findall(r"# ---- (\w+) job of study .*?\n(.*?)(?=# ---- |\Z)", p.stdout, re.S))
+    assert set(jobs) == {"train", "sweep", "report"}
+    assert "--gpus-per-node=4" in jobs["sweep"]  # each shard packs trials onto its 4 GPUs
+    assert "--gpus-per-node=1" in jobs["train"]  # one model trains on one GPU: 3 would sit idle
+    assert "--gpus-per-node" not in jobs["report"]
     assert not (tmp_path / "quickstart" / "slurm").exists()  # nothing was submitted
 
 

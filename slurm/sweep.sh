@@ -15,6 +15,8 @@
 #   PRUNEFLOW_VENV       virtualenv to run in (default: the python3 on PATH)
 #   PRUNEFLOW_CONTAINER  Apptainer image: run inside it with `apptainer exec --nv IMAGE python`
 #   PRUNEFLOW_ARGS       extra sweep flags, e.g. "--finetune.epochs 1"
+#   PRUNEFLOW_SHARDS     shard count (default: the array's size); to re-run some tasks of an 8-task array:
+#                        PRUNEFLOW_SHARDS=8 sbatch --array=3,5 slurm/sweep.sh JOB (finished trials are skipped)
 #
 # Timeouts: Slurm sends SIGUSR1 120 s before the limit (--signal=B:USR1@120, to this batch shell). The
 # shell stops the sweep with SIGTERM (finished trials are already in the HDF5 file), requeues this task,
@@ -36,7 +38,18 @@ set -euo pipefail
 
 job=${PRUNEFLOW_JOB:-${1:-jobs/quickstart.yaml}}
 out=${PRUNEFLOW_OUT:-results}
-shard="${SLURM_ARRAY_TASK_ID:-0}/${SLURM_ARRAY_TASK_COUNT:-1}"
+index=${SLURM_ARRAY_TASK_ID:-0}
+shards=${PRUNEFLOW_SHARDS:-${SLURM_ARRAY_TASK_COUNT:-1}}
+if ! [[ "$shards" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: PRUNEFLOW_SHARDS must be a whole number >= 1, got '${shards}'" >&2
+    exit 2
+fi
+if (( index >= shards )); then
+    echo "error: array task ${index} is not one of ${shards} shard(s) (--array must count from 0; to re-run some" \
+         "tasks of a larger array, give its size: PRUNEFLOW_SHARDS=8 sbatch --array=3,5 slurm/sweep.sh JOB)" >&2
+    exit 2
+fi
+shard="${index}/${shards}"
 set -f  # split PRUNEFLOW_ARGS into flags without expanding globs such as [0.5]
 # shellcheck disable=SC2206  # PRUNEFLOW_ARGS is a list of flags: split it on purpose
 extra=(${PRUNEFLOW_ARGS:-})

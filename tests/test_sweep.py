@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ROOT, assert_clean_error, run_module
 from pruneflow.results import read_study, read_trials
+from pruneflow.spec import grid, load_spec, shard_trials
 
 # A quickstart-shaped grid, small enough for CI: dense + control + 3 methods x 2 sparsities.
 SMALL = ["--prune.sparsities", "[0.3, 0.7]", "--finetune.epochs", "1", "--latency.trials", "5", "--noprogress"]
@@ -284,3 +285,22 @@ def test_a_regrown_or_resharded_study_runs_each_trial_once(tmp_path, dense_ckpt)
     p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--shard", "0/4", *base,
                    "--prune.sparsities", "[0.3, 0.5, 0.7, 0.9]", "--finetune.epochs", "3")  # its own file is new
     assert_clean_error(p, "shard-0-of-2.h5 holds trials made with other settings: finetune.epochs 1 -> 3")
+
+
+def test_sweep_sh_reruns_chosen_tasks_of_a_larger_array(tmp_path, dense_ckpt):
+    # `PRUNEFLOW_SHARDS=2 sbatch --array=1 slurm/sweep.sh JOB` re-runs shard 1 of 2 (Slurm then says the array
+    # has 1 task, numbered 1); run here as that task, without Slurm
+    env = dict(os.environ, PRUNEFLOW_VENV=os.path.dirname(os.path.dirname(sys.executable)), PRUNEFLOW_OUT=str(tmp_path),
+               SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_TASK_COUNT="1",
+               PRUNEFLOW_ARGS=f"--prune.methods [l1] --prune.sparsities [0.5] --finetune.epochs 1 --latency.trials 3 "
+                              f"--dense {dense_ckpt}")
+    bad = subprocess.run(["bash", "slurm/sweep.sh", "jobs/quickstart.yaml"], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=60)
+    assert bad.returncode == 2 and "array task 1 is not one of 1 shard(s)" in bad.stderr and "PRUNEFLOW_SHARDS=8" in bad.stderr
+    p = subprocess.run(["bash", "slurm/sweep.sh", "jobs/quickstart.yaml"], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(env, PRUNEFLOW_SHARDS="2"), timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert os.listdir(tmp_path / "quickstart").count("shard-1-of-2.h5") == 1
+    spec, _ = load_spec("jobs/quickstart.yaml", {"prune.methods": ["l1"], "prune.sparsities": [0.5]})
+    assert ids(read_trials(tmp_path / "quickstart" / "shard-1-of-2.h5")) == sorted(
+        t.id for t in shard_trials(grid(spec), "1/2"))

@@ -39,7 +39,7 @@ from pruneflow.infer.device import resolve_device
 from pruneflow.infer.errors import exit_on_user_error
 from pruneflow.models import build_model
 from pruneflow.results import read_trials, read_utilisation
-from pruneflow.sweep import run_sweep
+from pruneflow.sweep import run_sweep, slot_counts
 from pruneflow.train import model_meta, resolve_perf
 
 
@@ -109,6 +109,14 @@ def stage_means(records):
     return means
 
 
+def span_and_busy(records, results):
+    """(first trial start, last trial end, GPU-busy seconds in between or None) of one sweep's trials and its
+    results file (the utilisation series of its last run)."""
+    start, end = min(r["started_at"] for r in records), max(r["ended_at"] for r in records)
+    runs = read_utilisation(results)
+    return start, end, busy_seconds(runs[-1]["series"], start, end) if runs else None
+
+
 def analyse(paths):
     """Span, work, GPU-busy seconds and stage means of kept packing results (folders or .h5 files), no sweep run."""
     import glob
@@ -118,9 +126,8 @@ def analyse(paths):
         files = [path] if path.endswith(".h5") else glob.glob(os.path.join(path, "**", "shard-*.h5"), recursive=True)
         if not os.path.exists(path) or len(files) != 1:
             raise SystemExit(f"{path}: expected one results file, found {len(files)}")
-        records, runs = read_trials(files[0]), read_utilisation(files[0])
-        start, end = min(r["started_at"] for r in records), max(r["ended_at"] for r in records)
-        busy = busy_seconds(runs[-1]["series"], start, end) if runs else None
+        records = read_trials(files[0])
+        start, end, busy = span_and_busy(records, files[0])
         means = stage_means(records)
         print(f"{path:<40} {int(records[0]['trials_per_device']):>7} {end - start:>8.1f} "
               f"{sum(r['wall_s'] for r in records):>8.1f} {'-' if busy is None else f'{busy:.1f}':>8}  "
@@ -145,7 +152,7 @@ def main():
         return analyse(args.analyse)
     dev = resolve_device(args.device)
     on_gpu = dev.type == "cuda"
-    cores = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or len(os.sched_getaffinity(0))
+    cores = slot_counts("cpu")[0]  # as the sweep counts them
     arch = args.arch or ("resnet18" if on_gpu else "simple_cnn")
     dataset = args.dataset or ("synthetic-cifar10" if on_gpu else "digits")
     sparsities = [0.5] if args.quick else [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
@@ -171,14 +178,12 @@ def main():
                 os.makedirs(os.path.join(args.keep, f"k{k}", "packing"), exist_ok=True)
                 shutil.copy(results, os.path.join(args.keep, f"k{k}", "packing"))
                 shutil.copy(out + ".log", os.path.join(args.keep, f"k{k}.log"))
-            start, end = min(r["started_at"] for r in records), max(r["ended_at"] for r in records)
+            start, end, run_busy = span_and_busy(records, results)
             span = end - start
             per_device = int(records[0]["trials_per_device"])
             stages[f"K={k}" + (f" ({per_device})" if k == "auto" else "")] = stage_means(records)
             if work is None and k == 1:
-                work, span1 = sum(r["wall_s"] for r in records), span
-                runs = read_utilisation(results) if on_gpu else []
-                busy = busy_seconds(runs[-1]["series"], start, end) if runs else None
+                work, span1, busy = sum(r["wall_s"] for r in records), span, run_busy if on_gpu else None
             if work is None:  # no K = 1 first (a short run comparing K's only): spans, no ideal
                 print(f"{str(k):>5} {per_device:>7} {wall:>8.1f} {span:>8.1f} {'-':>8} {'-':>10} {'-':>7}", flush=True)
                 continue

@@ -148,16 +148,15 @@ def submit(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, me
     if cluster == "local":
         return run_local(folder, job, out, overrides, nodes, study_dir, minutes)
     ids = {}
-    train_ex = slurm_executor(folder, python, train_params(params), steps[0][1])
+    train_ex = slurm_executor(folder, python, step_params(params, "train"), steps[0][1])
     ids["train"] = train_ex.submit(TrainStep(job, out, overrides)).job_id
-    sweep_ex = slurm_executor(folder, python, params, steps[1][1], dependency=f"afterok:{ids['train']}",
-                              array_parallelism=nodes)
+    sweep_ex = slurm_executor(folder, python, step_params(params, "sweep"), steps[1][1],
+                              dependency=f"afterok:{ids['train']}", array_parallelism=nodes)
     with sweep_ex.batch():
         shards = [sweep_ex.submit(SweepShard(job, f"{i}/{nodes}", out, overrides)) for i in range(nodes)]
     ids["sweep"] = shards[0].job_id.split("_")[0]
-    report_params = dict(params, gpus_per_node=None)
-    report_params = {k: v for k, v in report_params.items() if v is not None}
-    report_ex = slurm_executor(folder, python, report_params, steps[2][1], dependency=f"afterany:{ids['sweep']}")
+    report_ex = slurm_executor(folder, python, step_params(params, "report"), steps[2][1],
+                               dependency=f"afterany:{ids['sweep']}")
     ids["report"] = report_ex.submit(ReportStep(study_dir)).job_id
     logs = os.path.join(study_dir, "slurm")
     if not os.path.relpath(logs).startswith(".."):
@@ -170,10 +169,14 @@ def submit(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, me
     return ids
 
 
-def train_params(params):
-    """The dense-training job's resources: the shards' but at most one GPU (it trains one model on one GPU; more
-    would sit idle through the whole training, and every requeue)."""
-    return dict(params, gpus_per_node=min(params["gpus_per_node"], 1)) if params.get("gpus_per_node") else params
+def step_params(params, step):
+    """One job's resources from the shards' (``params``): the dense training takes at most one GPU (it trains one
+    model on one GPU; more would sit idle through the whole training, and every requeue), the report none."""
+    if step == "report":
+        return {k: v for k, v in params.items() if k != "gpus_per_node"}
+    if step == "train" and params.get("gpus_per_node"):
+        return dict(params, gpus_per_node=min(params["gpus_per_node"], 1))
+    return params
 
 
 def slurm_executor(folder, python, params, name, dependency=None, array_parallelism=None):
@@ -191,9 +194,7 @@ def print_dry_run(folder, python, params, steps, nodes, study):
     from submitit.slurm.slurm import _make_sbatch_string
 
     for step, name, dependency in steps:
-        p = dict(train_params(params) if step == "train" else params, job_name=name)
-        if step == "report":
-            p.pop("gpus_per_node", None)
+        p = dict(step_params(params, step), job_name=name)
         if dependency:
             p["dependency"] = dependency
         if step == "sweep":

@@ -206,11 +206,12 @@ def trial_threads(requested, cpus, n_trials):
 
 
 def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None):
-    """Ray resources per trial and trials at a time: {options, slots, per_device, threads, device, note}.
+    """Ray resources per trial and trials at a time: {options, slots, per_device, threads, device, note,
+    max_calls (trials per worker process, see gpu_worker_max_calls)}.
 
     GPU: K trials share each GPU (num_gpus = 1/K); ``trials_per_gpu: auto`` takes K from ``probe(device)`` (the
-    memory one trial occupies, see trial.probe_memory). CPU: trials x threads never exceed the CPUs this job
-    was given (Slurm's SLURM_CPUS_PER_TASK, else the process's affinity), whatever the job file asks. ``mps``:
+    memory one trial occupies, see trial.probe_memory). CPU: trials x threads never exceed ``cpus``, the CPUs
+    this job was given (slot_counts), whatever the job file asks. ``mps``:
     an Apple-silicon GPU is usable (device 'auto' then means 'mps'). ``n_trials``: how many trials are to run
     (threads_per_trial 'auto'; default: as many as the cores)."""
     res = spec.resources

@@ -6,12 +6,12 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
+from conftest import ROOT
 from pruneflow.infer.errors import UserError
 from pruneflow.isolated import run_isolated
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pid_and(value):
@@ -54,19 +54,8 @@ def test_a_killed_child_is_named_not_waited_for():
 
 
 def children(pid):
-    """Processes whose parent is ``pid`` and that run a spawned function (not multiprocessing's resource tracker)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) != pid:
-                    continue
-            with open(f"/proc/{entry}/cmdline") as f:
-                if "spawn_main" in f.read():
-                    found.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
+    """Processes started by ``pid`` that run a spawned function (not multiprocessing's resource tracker)."""
+    return [c.pid for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline())]
 
 
 @pytest.mark.parametrize("sig, status, says", [(signal.SIGTERM, 143, "stopped by signal 15"),

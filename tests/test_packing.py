@@ -282,3 +282,29 @@ def test_cpus_are_slurms_number_but_never_more_than_this_process_may_run_on(monk
     assert slot_counts("cpu") == (cores, 0)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     assert slot_counts("cpu") == (cores, 0)
+
+
+@pytest.mark.parametrize("environ, device, hides", [
+    ({"SLURM_JOB_ID": "7"}, "auto", True),  # a CPU job on a node whose GPUs it can see
+    ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "0"}, "auto", True),
+    ({"SLURM_JOB_ID": "7"}, "cuda", False),  # the job file asked for the GPUs
+    ({"SLURM_JOB_ID": "7"}, "cpu", False),
+    ({}, "auto", False),  # not a Slurm job: a workstation uses its GPUs
+    ({"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "2"}, "auto", False),  # Slurm gave GPU 2
+    ({"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": ""}, "auto", False),  # already hidden
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "1"}, "auto", False),  # given, named by a site's own prolog
+    ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "2"}, "auto", False),
+])
+def test_a_slurm_job_given_no_gpus_runs_on_the_cpu(environ, device, hides, tmp_path, capsys):
+    from pruneflow.sweep import keep_to_slurm_gpus
+
+    (tmp_path / "nvidia0").touch()  # this "node" has a GPU: the note names it
+    before = dict(environ)
+    assert keep_to_slurm_gpus(device, environ, gpu_files=str(tmp_path / "nvidia[0-9]*")) is hides
+    assert environ == (dict(before, CUDA_VISIBLE_DEVICES="") if hides else before)
+    note = capsys.readouterr().err
+    assert ("Slurm gave job 7 no GPUs" in note) is hides and ("resources.device: cuda" in note) is hides
+    # a node without GPUs: hidden all the same, but nothing to say
+    if hides:
+        assert keep_to_slurm_gpus(device, dict(before), gpu_files=str(tmp_path / "none[0-9]*")) is True
+        assert capsys.readouterr().err == ""

@@ -104,7 +104,7 @@ def python_command(container):
 
 def submit(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, mem=None, time="04:00:00",
            account=None, qos=None, container=None, cluster="slurm", out="results", signal_delay_s=90,
-           dry_run=False, **overrides):
+           dry_run=False, report_partition=None, **overrides):
     """Submit (or print) the pipeline. Returns a dict of job ids (empty for a dry run)."""
     from .spec import load_spec
 
@@ -126,20 +126,22 @@ def submit(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, me
     if cluster == "slurm" and not dry_run:
         if shutil.which("sbatch") is None:
             raise UserError("Slurm not found (no sbatch on PATH); run the same pipeline on this machine with --cluster local")
-    if cluster == "slurm" and partition is not None and shutil.which("sinfo"):
+    named = [(flag, p) for flag, p in (("--partition", partition), ("--report-partition", report_partition)) if p]
+    if cluster == "slurm" and named and shutil.which("sinfo"):
         try:
             known = slurm_partitions()
         except UserError as e:
             if not dry_run:
                 raise
             known = None  # a dry run prints the scripts anyway (e.g. prepared while the controller is down)
-            print(f"warning: partition {partition!r} not checked: {e}", file=sys.stderr)
-        if known is not None and partition not in known:
-            raise UserError(f"unknown partition {partition!r}; this cluster has: {', '.join(known)}")
+            print(f"warning: partition {', '.join(p for _, p in named)!r} not checked: {e}", file=sys.stderr)
+        for flag, p in named:
+            if known is not None and p not in known:
+                raise UserError(f"unknown partition {p!r} ({flag}); this cluster has: {', '.join(known)}")
     folder = os.path.join(study_dir, "slurm", "%j")
     params = dict(partition=partition, time=minutes, nodes=1, ntasks_per_node=1, cpus_per_task=cpus_per_task,
                   gpus_per_node=gpus_per_node or None, mem=mem, account=account, qos=qos,
-                  signal_delay_s=int(signal_delay_s))
+                  signal_delay_s=int(signal_delay_s), report_partition=report_partition)
     params = {k: v for k, v in params.items() if v is not None}
     steps = [("train", f"pf-train-{spec.study}", None), ("sweep", f"pf-sweep-{spec.study}", "afterok:<train job>"),
              ("report", f"pf-report-{spec.study}", "afterany:<sweep array>")]
@@ -169,13 +171,36 @@ def submit(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, me
     return ids
 
 
+# The report job reads the shards' HDF5 files and draws figures: no GPU, one process, minutes. Asking for a
+# shard's CPUs, memory and time would keep it queued behind the shards' kind of node for nothing.
+REPORT_LIMITS = dict(cpus_per_task=2, time=30, mem_mb=8192)
+
+
+def mem_mb(mem):
+    """Slurm's --mem (a whole number, unit K, M, G or T, MB without one) in MB."""
+    text = str(mem).upper()
+    scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 ** 2}.get(text[-1])
+    return int(text) if scale is None else int(text[:-1]) * scale
+
+
 def step_params(params, step):
     """One job's resources from the shards' (``params``): the dense training takes at most one GPU (it trains one
-    model on one GPU; more would sit idle through the whole training, and every requeue), the report none."""
+    model on one GPU; more would sit idle through the whole training, and every requeue); the report no GPU, at
+    most REPORT_LIMITS' CPUs, minutes and memory, on ``report_partition`` where one is given."""
+    params = dict(params)
+    report_partition = params.pop("report_partition", None)
     if step == "report":
-        return {k: v for k, v in params.items() if k != "gpus_per_node"}
+        params.pop("gpus_per_node", None)
+        if report_partition:
+            params["partition"] = report_partition
+        params["time"] = min(params["time"], REPORT_LIMITS["time"])
+        params["cpus_per_task"] = min(params.get("cpus_per_task", 1), REPORT_LIMITS["cpus_per_task"])
+        if "mem" in params and mem_mb(params["mem"]) > REPORT_LIMITS["mem_mb"]:
+            params["mem"] = f"{REPORT_LIMITS['mem_mb']}M"
+        # Slurm's warning comes signal_delay_s before the end: keep it inside a shortened limit
+        params["signal_delay_s"] = min(params["signal_delay_s"], params["time"] * 60 // 2)
     if step == "train" and params.get("gpus_per_node"):
-        return dict(params, gpus_per_node=min(params["gpus_per_node"], 1))
+        params["gpus_per_node"] = min(params["gpus_per_node"], 1)
     return params
 
 
@@ -236,7 +261,7 @@ def run_local(folder, job, out, overrides, nodes, study_dir, minutes):
 
 def cli(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, mem=None, time="04:00:00",
         account=None, qos=None, container=None, cluster="slurm", out="results", signal_delay_s=90,
-        dry_run=False, **overrides):
+        dry_run=False, report_partition=None, **overrides):
     """Submit a whole study to Slurm: dense training -> NODES sweep shards (afterok) -> report (afterany).
 
     Args:
@@ -255,10 +280,12 @@ def cli(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, mem=N
       out: results root; logs go to OUT/<study>/slurm/.
       signal_delay_s: seconds before the time limit at which Slurm signals the job to checkpoint.
       dry_run: print the sbatch scripts instead of submitting.
+      report_partition: partition of the report job (default: --partition); it needs no GPU, at most 2 CPUs,
+        8G and 30 minutes of the shards' request.
       overrides: any job-file setting as a dotted flag, as for pruneflow.sweep.
     """
     submit(job, partition, nodes, gpus_per_node, cpus_per_task, mem, time, account, qos, container, cluster, out,
-           signal_delay_s, dry_run, **overrides)
+           signal_delay_s, dry_run, report_partition, **overrides)
 
 
 def main():

@@ -130,6 +130,16 @@ def test_dry_run_shows_what_would_be_asked(tmp_path):
     assert "--gpus-per-node=1" in jobs["train"]  # one model trains on one GPU: 3 would sit idle
     assert "--gpus-per-node" not in jobs["report"]
     assert not (tmp_path / "quickstart" / "slurm").exists()  # nothing was submitted
+    # the report draws figures: a shard's node, memory and time would only keep it queued
+    p = run_module("pruneflow.submit", "jobs/quickstart.yaml", "--partition", "a100", "--gpus-per-node", 4,
+                   "--cpus-per-task", 32, "--mem", "1T", "--time", "1-00:00:00", "--report-partition", "debug",
+                   "--dry-run", "--out", tmp_path)
+    assert p.returncode == 0, p.stderr
+    jobs = dict(re.findall(r"# ---- (\w+) job of study .*?\n(.*?)(?=# ---- |\Z)", p.stdout, re.S))
+    for s in ("--partition=a100", "--cpus-per-task=32", "--mem=1T", "--time=1440"):
+        assert s in jobs["sweep"] and s in jobs["train"], s
+    for s in ("--partition=debug", "--cpus-per-task=2", "--mem=8192M", "--time=30", "--signal=USR2@90"):
+        assert s in jobs["report"], s
 
 
 def test_dry_run_without_a_controller_still_prints(tmp_path):
@@ -147,6 +157,7 @@ def test_dry_run_without_a_controller_still_prints(tmp_path):
 
 @pytest.mark.parametrize("args, needles", [
     (["--partition", "nosuch"], ["unknown partition 'nosuch'", "debug"]),
+    (["--partition", "debug", "--report-partition", "nosuch"], ["unknown partition 'nosuch' (--report-partition)"]),
     (["--nodes", 0], ["--nodes"]),
     (["--time", "1:xx"], ["not a Slurm time"]),
     (["--prune.sparsites", "[0.5]"], ["did you mean 'sparsities'"]),

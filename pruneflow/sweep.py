@@ -206,6 +206,68 @@ def slot_counts(device="auto"):
     return cpus, gpus
 
 
+def job_memory(environ=os.environ, cgroup_root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup"):
+    """(bytes, where the limit comes from): the host memory this job may use, the least of the machine's RAM,
+    Slurm's grant (SLURM_MEM_PER_NODE, or SLURM_MEM_PER_CPU x the job's CPUs on this node) and the memory limit of
+    this process's cgroup or a parent's (Slurm's task/cgroup, a container)."""
+    import psutil
+
+    limits = [(psutil.virtual_memory().total, "the machine's RAM")]
+    per_node, per_cpu = environ.get("SLURM_MEM_PER_NODE", ""), environ.get("SLURM_MEM_PER_CPU", "")
+    cpus = environ.get("SLURM_CPUS_ON_NODE") or environ.get("SLURM_CPUS_PER_TASK") or "1"
+    if per_node.isdigit() and int(per_node) > 0:  # MB; --mem=0 means the whole node
+        limits.append((int(per_node) * 2**20, "Slurm's --mem"))
+    elif per_cpu.isdigit() and int(per_cpu) > 0 and cpus.isdigit():
+        limits.append((int(per_cpu) * int(cpus) * 2**20, "Slurm's --mem-per-cpu x CPUs"))
+    cgroup = cgroup_memory_limit(cgroup_root, proc_cgroup)
+    if cgroup is not None:
+        limits.append((cgroup, "the cgroup's memory limit"))
+    return min(limits)
+
+
+def cgroup_memory_limit(root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup"):
+    """The lowest memory limit on this process's cgroup and its parents (v2 memory.max, v1
+    memory.limit_in_bytes); None where none is set (or cgroups cannot be read)."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = os.path.join(root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for i in range(len(parts), -1, -1):  # a parent's limit binds its children too
+            try:
+                with open(os.path.join(base, *parts[:i], name)) as f:
+                    value = f.read().strip()
+            except OSError:
+                continue
+            if value.isdigit() and int(value) < 2**60:  # 'max' (v2) and v1's huge number: no limit
+                found.append(int(value))
+    return min(found) if found else None
+
+
+def trials_in_memory(per_trial, memory, devices=1):
+    """How many trials at a time the job's host memory holds (``memory``: job_memory's (bytes, source)), per
+    device when ``devices`` GPUs share it, with a note; (None, '') when no per-trial size is set."""
+    if per_trial is None:
+        return None, ""
+    from .spec import size_bytes
+
+    each = size_bytes(per_trial, "resources.memory_per_trial")
+    fit = max(1, memory[0] // (each * max(1, devices)))
+    note = (f"memory: at most {fit} trial(s) at a time{' per GPU' if devices else ''} at {per_trial} each "
+            f"(resources.memory_per_trial) in {memory[0] / 2**30:.1f} GiB, {memory[1]}")
+    return int(fit), note
+
+
 # Auto packing: the share of a GPU's memory trials may fill (the rest absorbs fragmentation and the peaks
 # of stages the probe does not run), and the most trials one GPU takes whatever their size.
 AUTO_MEMORY_SHARE = 0.85
@@ -229,7 +291,7 @@ def trial_threads(requested, cpus, n_trials):
     return max(1, min(int(requested), cpus))
 
 
-def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None):
+def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None, memory=None):
     """Ray resources per trial and trials at a time: {options, slots, per_device, threads, device, note,
     max_calls (trials per worker process, see gpu_worker_max_calls)}.
 
@@ -237,8 +299,11 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None):
     memory one trial occupies, see trial.probe_memory). CPU: trials x threads never exceed ``cpus``, the CPUs
     this job was given (slot_counts), whatever the job file asks. ``mps``:
     an Apple-silicon GPU is usable (device 'auto' then means 'mps'). ``n_trials``: how many trials are to run
-    (threads_per_trial 'auto'; default: as many as the cores)."""
+    (threads_per_trial 'auto'; default: as many as the cores). ``memory``: the job's host memory (job_memory),
+    which bounds the trials at a time when ``resources.memory_per_trial`` is set."""
     res = spec.resources
+    if res.memory_per_trial is not None and memory is None:
+        memory = job_memory()
     if gpus:
         threads = 1 if res.threads_per_trial == "auto" else res.threads_per_trial
         note = ""
@@ -257,22 +322,39 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None):
                     note += f" (measured by an earlier sweep of this study, {m['reused_from']}; delete it to measure again)"
                 elif m.get("probe_s") is not None:
                     note += f" (the probe took {m['probe_s']:.0f} s)"
+        fit, memory_note = trials_in_memory(res.memory_per_trial, memory, gpus)
+        if fit is not None and fit < k:
+            k, note = fit, "\n".join(n for n in (note, memory_note) if n)
         # CPU work per trial is light next to its GPU work, so Ray's CPU count is not the packing limit.
         return dict(options=dict(num_gpus=1.0 / k, num_cpus=0), slots=gpus * k, per_device=k, threads=threads,
                     device=device, note=note, max_calls=gpu_worker_max_calls(gpus))
     threads = trial_threads(res.threads_per_trial, cpus, n_trials or cpus)
     slots = max(1, cpus // threads)
+    fit, memory_note = trials_in_memory(res.memory_per_trial, memory, 0)
+    note = ""
+    if fit is not None and fit < slots:
+        slots, note = fit, memory_note
     if res.device == "mps" or (res.device == "auto" and mps):
         # Apple silicon: Ray has no notion of the MPS device, so K is a cap on concurrent trials, enforced by
         # each trial asking for its share of the CPUs (asking for its threads alone, as on CPU nodes, let Ray run
         # one per core). Unified memory is shared with the CPU: no probe, a modest default.
         k = MPS_AUTO_TRIALS if res.trials_per_gpu == "auto" else res.trials_per_gpu
         slots = max(1, min(k, slots))
-        return dict(options=dict(num_gpus=0, num_cpus=cpus / slots), slots=slots, per_device=slots,
-                    threads=threads, device="mps", note="", max_calls=0)
+        return dict(options=dict(num_gpus=0, num_cpus=cpu_share(cpus, slots)), slots=slots, per_device=slots,
+                    threads=threads, device="mps", note=note, max_calls=0)
     device = "cpu" if res.device == "auto" else res.device
-    return dict(options=dict(num_gpus=0, num_cpus=threads), slots=slots, per_device=slots, threads=threads,
-                device=device, note="", max_calls=0)
+    # each trial asks Ray for its threads; fewer at a time (memory) ask for a larger share, holding the rest back
+    num_cpus = threads if slots == cpus // threads else cpu_share(cpus, slots)
+    return dict(options=dict(num_gpus=0, num_cpus=num_cpus), slots=slots, per_device=slots, threads=threads,
+                device=device, note=note, max_calls=0)
+
+
+def cpu_share(cpus, slots):
+    """Ray CPUs per trial so that ``slots`` of them fit in ``cpus``: rounded down to Ray's 4 decimals, where
+    8/3 rounded up would leave room for only two."""
+    import math
+
+    return math.floor(cpus / slots * 10**4) / 10**4
 
 
 def gpu_worker_max_calls(gpus):
@@ -404,8 +486,10 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
                 try:
                     record = ray.get(ready[0])
                 except Exception as e:  # the worker died (OOM, segfault): same treatment as a raised error
+                    hint = ("" if spec.resources.memory_per_trial else " (if the node ran out of memory: "
+                            "resources.memory_per_trial runs fewer trials at a time)")
                     record = dict(id=t.id, arm=t.arm, method=t.method, sparsity=t.sparsity, seed=t.seed,
-                                  status="failed", error=f"worker died: {type(e).__name__}: {str(e)[:500]}")
+                                  status="failed", error=f"worker died{hint}: {type(e).__name__}: {str(e)[:500]}")
                 if record["status"] != "done" and attempts[t.id] <= spec.retries:
                     bar.write(f"trial {t.id} failed ({record['error'][:200]}); retrying ({attempts[t.id]}/{spec.retries})")
                     submit(t)

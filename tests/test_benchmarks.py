@@ -132,3 +132,18 @@ def test_gpu_session_scripts_pass_bash_n_and_shellcheck(script):
     for cmd in (["bash", "-n", f"benchmarks/{script}"], ["shellcheck", f"benchmarks/{script}"]):
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_trial_memory_benchmark_quick():
+    p = subprocess.run([sys.executable, "benchmarks/trial_memory.py", "--quick", "--steps", "2"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("simple_cnn")]
+    stages = [(r[2], " ".join(r[3:-1])) for r in rows]
+    assert stages == [("pruned", "imports"), ("pruned", "model"), ("pruned", "prune (NNI)"),
+                      ("pruned", "2 fine-tune steps"), ("control", "imports"), ("control", "model"),
+                      ("control", "2 fine-tune steps")]
+    for arm in ("pruned", "control"):  # a peak only grows, and torch alone is hundreds of MB
+        peaks = [float(r[-1]) for r in rows if r[2] == arm]
+        assert peaks == sorted(peaks) and peaks[0] > 100
+    assert "resources.memory_per_trial:" in p.stdout

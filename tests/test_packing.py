@@ -308,3 +308,68 @@ def test_a_slurm_job_given_no_gpus_runs_on_the_cpu(environ, device, hides, tmp_p
     if hides:
         assert keep_to_slurm_gpus(device, dict(before), gpu_files=str(tmp_path / "none[0-9]*")) is True
         assert capsys.readouterr().err == ""
+
+
+def test_memory_per_trial_bounds_the_trials_at_a_time():
+    """CPU: 8 cores would run 8 one-thread trials; 10 GiB holds two of 4G, each then asking Ray for 4 CPUs. GPU:
+    2 GPUs x K=8 would run 16; 12 GiB holds four of 3G, 2 per GPU. Unset, nothing changes."""
+    spec, _ = load_spec("jobs/quickstart.yaml", {"resources.memory_per_trial": "4G"})
+    plan = plan_packing(spec, cpus=8, gpus=0, memory=(10 * 2**30, "Slurm's --mem"))
+    assert plan["slots"] == 2 and plan["options"]["num_cpus"] == 4 and plan["threads"] == 1
+    assert "at most 2 trial(s) at a time at 4G each" in plan["note"] and "10.0 GiB, Slurm's --mem" in plan["note"]
+    roomy = plan_packing(spec, cpus=8, gpus=0, memory=(64 * 2**30, "the machine's RAM"))
+    assert roomy["slots"] == 8 and roomy["options"]["num_cpus"] == 1 and roomy["note"] == ""
+    spec, _ = load_spec("jobs/quickstart.yaml", {"resources.memory_per_trial": "3G", "resources.trials_per_gpu": 8})
+    gpu = plan_packing(spec, cpus=32, gpus=2, memory=(12 * 2**30, "the cgroup's memory limit"))
+    assert gpu["per_device"] == 2 and gpu["slots"] == 4 and gpu["options"]["num_gpus"] == 0.5
+    assert "per GPU" in gpu["note"]
+    tight = plan_packing(spec, cpus=32, gpus=2, memory=(2 * 2**30, "Slurm's --mem"))
+    assert tight["per_device"] == 1  # never fewer than one: the trial itself says if it does not fit
+    spec, _ = load_spec("jobs/quickstart.yaml", {"resources.trials_per_gpu": 8})
+    assert plan_packing(spec, cpus=32, gpus=2, memory=(2 * 2**30, "x"))["per_device"] == 8
+
+
+def test_job_memory_is_the_least_of_ram_slurm_and_cgroups(tmp_path):
+    import psutil
+
+    from pruneflow.sweep import cgroup_memory_limit, job_memory
+
+    ram = psutil.virtual_memory().total
+    none = tmp_path / "none"
+    assert job_memory({}, proc_cgroup=str(none)) == (ram, "the machine's RAM")
+    assert job_memory({"SLURM_MEM_PER_NODE": "100"}, proc_cgroup=str(none)) == (100 * 2**20, "Slurm's --mem")
+    assert job_memory({"SLURM_MEM_PER_NODE": "0"}, proc_cgroup=str(none))[0] == ram  # --mem=0: the whole node
+    per_cpu = {"SLURM_MEM_PER_CPU": "1024", "SLURM_CPUS_ON_NODE": "3"}
+    assert job_memory(per_cpu, proc_cgroup=str(none)) == (3 * 2**30, "Slurm's --mem-per-cpu x CPUs")
+    # cgroup v2: the job's own memory.max and a tighter parent's; 'max' is no limit
+    job = tmp_path / "v2" / "system.slice" / "slurmstepd.scope" / "job_7"
+    job.mkdir(parents=True)
+    (job / "memory.max").write_text("max\n")
+    (job.parent / "memory.max").write_text(f"{5 * 2**30}\n")
+    (tmp_path / "self-v2").write_text("0::/system.slice/slurmstepd.scope/job_7\n")
+    assert cgroup_memory_limit(str(tmp_path / "v2"), str(tmp_path / "self-v2")) == 5 * 2**30
+    assert job_memory({}, str(tmp_path / "v2"), str(tmp_path / "self-v2")) == (5 * 2**30, "the cgroup's memory limit")
+    # cgroup v1: memory.limit_in_bytes, whose 'unlimited' is a huge number
+    v1 = tmp_path / "v1" / "memory" / "slurm" / "uid_0" / "job_7"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{2 * 2**30}\n")
+    (v1.parent / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (tmp_path / "self-v1").write_text("12:cpu,cpuacct:/slurm/uid_0/job_7\n4:memory:/slurm/uid_0/job_7\n")
+    assert cgroup_memory_limit(str(tmp_path / "v1"), str(tmp_path / "self-v1")) == 2 * 2**30
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cgroup_memory_limit(str(tmp_path / "v1"), str(tmp_path / "self-v1")) is None
+    assert 0 < job_memory()[0] <= ram  # this machine, as it is
+
+
+def test_sweep_runs_no_more_trials_at_once_than_memory_per_trial_allows(tmp_path, dense_ckpt):
+    """Two cores would run two trials at once; Slurm's --mem of 3000M holds one of 2G: they run one at a time,
+    and the sweep says why."""
+    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--dense", dense_ckpt,
+                   "--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.5]", "--finetune.epochs", "1",
+                   "--latency.trials", "3", "--resources.memory_per_trial", "2G", "--noprogress",
+                   env={"SLURM_MEM_PER_NODE": "3000", "SLURM_CPUS_PER_TASK": "2"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "at most 1 trial(s) at a time at 2G each (resources.memory_per_trial) in 2.9 GiB, Slurm's --mem" in p.stdout
+    assert "1 at a time on 0 GPU(s) / 2 CPU(s), 1 thread(s) each" in p.stdout
+    spans = sorted((r["started_at"], r["ended_at"]) for r in read_trials(tmp_path / "quickstart" / "shard-0-of-1.h5"))
+    assert len(spans) == 3 and all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))

@@ -171,17 +171,19 @@ def test_submit_bad_input(tmp_path, args, needles):
     assert_clean_error(run_module("pruneflow.submit", "jobs/quickstart.yaml", "--out", tmp_path, *args), *needles)
 
 
-def test_a_job_given_no_gpus_keeps_off_the_nodes_gpus(tmp_path):
-    """Slurm's own environment decides: a job without GPUs hides them (device auto), one with a GPU keeps its own."""
-    probe = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); from pruneflow.sweep import keep_to_slurm_gpus; "
+def test_slurms_environment_gives_the_sweep_its_gpus_and_memory(tmp_path):
+    """Slurm's own environment decides: a job without GPUs hides them (device auto), one with a GPU keeps its own;
+    a job's --mem is the memory its trials are packed into (resources.memory_per_trial)."""
+    probe = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); "
+             "from pruneflow.sweep import job_memory, keep_to_slurm_gpus; "
              f"hid = keep_to_slurm_gpus('auto', gpu_files={str(tmp_path / 'nvidia[0-9]*')!r}); "
-             "print(hid, repr(os.environ.get('CUDA_VISIBLE_DEVICES')))")
+             "print(hid, repr(os.environ.get('CUDA_VISIBLE_DEVICES')), job_memory()[0])")
     ids = {}
-    for name, extra in (("none", ["-p", "debug"]), ("one", ["-p", "a100", "--gres=gpu:1"])):
+    for name, extra in (("none", ["-p", "debug", "--mem=300M"]), ("one", ["-p", "a100", "--gres=gpu:1", "--mem=200M"])):
         p = subprocess.run(["sbatch", "--parsable", *extra, "-o", str(tmp_path / f"{name}.out"),
                             "--wrap", f"{sys.executable} -c {shlex.quote(probe)}"], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
         ids[name] = p.stdout.strip().split(";")[0]
     wait_for(list(ids.values()), timeout=120)
-    assert (tmp_path / "none.out").read_text().split() == ["True", "''"]
-    assert (tmp_path / "one.out").read_text().split() == ["False", "'0'"]
+    assert (tmp_path / "none.out").read_text().split() == ["True", "''", str(300 * 2**20)]
+    assert (tmp_path / "one.out").read_text().split() == ["False", "'0'", str(200 * 2**20)]

@@ -73,11 +73,13 @@ def test_resnet_structured_shrinks_and_round_trips(tmp_path, arch, stem, method,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
-def test_resnet101_prunes_and_round_trips(tmp_path, stem):
+def test_resnet101_prunes_and_round_trips(tmp_path):
+    # the seed study's model (ImageNet stem); the CIFAR stem differs in its first layers only, which the ResNet-18
+    # tests above cover with both stems (a CIFAR-stem ResNet-101 here took another 88 s of CI)
     torch.manual_seed(0)
+    stem = "imagenet"
     model = build_model("resnet101", 10, 3, stem).eval()
-    method, sparsity = ("l1", 0.7) if stem == "cifar" else ("l2", 0.3)
+    method, sparsity = "l1", 0.7
     pruned, stats = prune(model, method, sparsity, (3, 32, 32), ("Conv2d",), ("fc",), dependency_aware=True)
     assert stats["params"] < stats["params_dense"] and stats["macs"] < stats["macs_dense"]
     path = tmp_path / "p.safetensors"

@@ -350,8 +350,8 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None, memory=
 
 
 def cpu_share(cpus, slots):
-    """Ray CPUs per trial so that ``slots`` of them fit in ``cpus``: rounded down to Ray's 4 decimals, where
-    8/3 rounded up would leave room for only two."""
+    """Ray CPUs per trial so that ``slots`` of them fit in ``cpus``: Ray keeps resource amounts to 4 decimals,
+    and rounded down, ``slots`` shares never add up to more than ``cpus`` (8/3 would be 2.6667)."""
     import math
 
     return math.floor(cpus / slots * 10**4) / 10**4

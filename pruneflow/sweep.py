@@ -33,7 +33,9 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     # GPU indices counted by PCI bus, as nvidia-smi and NVML (the utilisation sampler) count them: CUDA's own
     # default puts the fastest GPU first, so on a node with mixed GPUs the sampler would watch the wrong ones
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    keep_to_slurm_gpus(spec.resources.device)
+    from .infer.device import keep_to_slurm_gpus
+
+    keep_to_slurm_gpus(spec.resources.device)  # a Slurm job given no GPUs leaves the node's GPUs alone
     check_inputs(spec, dense, train_only)
     config = resolved(spec)
     study_dir = check_writable_dir(os.path.join(out, spec.study))
@@ -161,29 +163,6 @@ def ensure_dense(dense_path, spec, config, progress, given=False):
                      seed=spec.seeds[0], device=spec.resources.device, data_root=spec.data.root,
                      download=spec.data.download, progress=progress, batch_size=spec.train.batch_size,
                      lr=spec.train.lr, config=config, perf=config["performance"])
-
-
-def keep_to_slurm_gpus(device, environ=os.environ, gpu_files="/dev/nvidia[0-9]*"):
-    """Inside a Slurm job given no GPUs, device 'auto' means the CPU even where GPUs can be seen; returns True when
-    it hid them (CUDA_VISIBLE_DEVICES="", inherited by the dense training's process and Ray's workers).
-
-    Slurm names a job's GPUs (CUDA_VISIBLE_DEVICES, SLURM_JOB_GPUS) only when it gave it some. A cluster that does
-    not fence devices (cgroup ConstrainDevices=no) lets every job see every GPU of the node, and a CPU job of
-    ours would have run on GPUs Slurm gave to another job. Call before anything starts CUDA. A job file's explicit
-    ``device: cuda`` is obeyed: clusters that hand out whole GPU nodes without GRES leave no trace in the job."""
-    if "SLURM_JOB_ID" not in environ or str(device).lower() != "auto" or "CUDA_VISIBLE_DEVICES" in environ:
-        return False  # not a Slurm job, the job file chose, or Slurm (or the user) already said which GPUs
-    given = any(environ.get(v) for v in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"))
-    if given or environ.get("SLURM_GPUS_ON_NODE", "0") not in ("", "0"):
-        return False
-    environ["CUDA_VISIBLE_DEVICES"] = ""
-    import glob
-
-    if glob.glob(gpu_files):
-        print(f"note: Slurm gave job {environ['SLURM_JOB_ID']} no GPUs, so it runs on the CPU, leaving this node's "
-              "GPUs to the jobs they were given to (ask Slurm for GPUs, e.g. --gpus-per-node 1; or write "
-              "resources.device: cuda to use the visible ones anyway)", file=sys.stderr, flush=True)
-    return True
 
 
 def slot_counts(device="auto"):

@@ -451,9 +451,9 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
     from .infer.errors import check_not_input, check_writable_file
     from .models import ARCHITECTURES
 
-    from .sweep import keep_to_slurm_gpus
+    from .infer.device import keep_to_slurm_gpus
 
-    keep_to_slurm_gpus(device)  # a CPU job on a GPU node trains on the CPU (see there)
+    keep_to_slurm_gpus(device, override="pass --device cuda")  # a Slurm job given no GPUs trains on the CPU
     epochs = check_whole(epochs, "epochs", 0 if init else 1)
     seed = check_whole(seed, "seed", 0)
     if batch_size is not None:

@@ -296,7 +296,7 @@ def test_cpus_are_slurms_number_but_never_more_than_this_process_may_run_on(monk
     ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "2"}, "auto", False),
 ])
 def test_a_slurm_job_given_no_gpus_runs_on_the_cpu(environ, device, hides, tmp_path, capsys):
-    from pruneflow.sweep import keep_to_slurm_gpus
+    from pruneflow.infer.device import keep_to_slurm_gpus
 
     (tmp_path / "nvidia0").touch()  # this "node" has a GPU: the note names it
     before = dict(environ)
@@ -373,3 +373,19 @@ def test_sweep_runs_no_more_trials_at_once_than_memory_per_trial_allows(tmp_path
     assert "1 at a time on 0 GPU(s) / 2 CPU(s), 1 thread(s) each" in p.stdout
     spans = sorted((r["started_at"], r["ended_at"]) for r in read_trials(tmp_path / "quickstart" / "shard-0-of-1.h5"))
     assert len(spans) == 3 and all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+
+
+
+def test_train_and_infer_in_a_slurm_job_given_no_gpus_keep_off_the_gpus(tmp_path, dense_ckpt):
+    """The other two commands that pick a device: inside a Slurm job given no GPUs (SLURM_JOB_ID alone), 'auto'
+    leaves them hidden from CUDA (CUDA_VISIBLE_DEVICES empty) while they run; outside one, nothing changes."""
+    script = ("import os, sys; from pruneflow.infer.__main__ import infer; from pruneflow.train import cli; "
+              f"infer({str(dense_ckpt)!r}, trials=2, warmup=1); print('infer', repr(os.environ.get('CUDA_VISIBLE_DEVICES'))); "
+              "os.environ.pop('CUDA_VISIBLE_DEVICES', None); "
+              f"cli({str(tmp_path / 'd.safetensors')!r}, epochs=1); print('train', repr(os.environ.get('CUDA_VISIBLE_DEVICES')))")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")}
+    for extra, seen in (({"SLURM_JOB_ID": "7"}, "''"), ({}, "None")):
+        p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                           env=dict(env, **extra), timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert f"infer {seen}" in p.stdout and f"train {seen}" in p.stdout, p.stdout

@@ -175,7 +175,7 @@ def test_slurms_environment_gives_the_sweep_its_gpus_and_memory(tmp_path):
     """Slurm's own environment decides: a job without GPUs hides them (device auto), one with a GPU keeps its own;
     a job's --mem is the memory its trials are packed into (resources.memory_per_trial)."""
     probe = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); "
-             "from pruneflow.sweep import job_memory, keep_to_slurm_gpus; "
+             "from pruneflow.infer.device import keep_to_slurm_gpus; from pruneflow.sweep import job_memory; "
              f"hid = keep_to_slurm_gpus('auto', gpu_files={str(tmp_path / 'nvidia[0-9]*')!r}); "
              "print(hid, repr(os.environ.get('CUDA_VISIBLE_DEVICES')), job_memory()[0])")
     ids = {}

@@ -45,8 +45,9 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
 
     from . import checkpoint as ckpt_io
     from .data import dataset_info
-    from .device import resolve_device
+    from .device import keep_to_slurm_gpus, resolve_device
 
+    keep_to_slurm_gpus(device, override="pass --device cuda")  # in a Slurm job given no GPUs, auto times the CPU
     batch_size, warmup, trials = _positive(batch_size, "batch size"), _nonneg(warmup, "warmup"), _positive(trials, "trials")
     if str(dtype) not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")

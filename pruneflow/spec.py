@@ -93,9 +93,10 @@ class ResourcesSpec:
     threads_per_trial: typing.Union[int, str] = 1
     sample_interval_s: float = 1.0  # utilisation sampling (CPU, RAM, GPU, GPU memory) into the results; 0: off
     # Host memory one trial may peak at (8G, 7500M): no more trials run at once than fit in the job's memory
-    # (Slurm's --mem, the cgroup's limit, the machine's RAM). Off by default. A ResNet-101 trial on the CPU peaks
-    # at 2.1 GiB (ImageNet stem) and 5.3 GiB (CIFAR stem) at batch 64 (benchmarks/trial_memory.py), more than one
-    # trial per core fits on nodes with a few GB per core: the OOM killer then fails trials.
+    # (Slurm's --mem, the cgroup's limit, the machine's RAM). auto (CPU nodes): the sweep first runs one trial
+    # alone (the largest pruned one) and measures its peak, plus 15 %. Off by default. A ResNet-101 trial on
+    # the CPU peaks at 2.1 GiB (ImageNet stem) and 5.3 GiB (CIFAR stem) at batch 64 (benchmarks/trial_memory.py),
+    # more than one trial per core fits on nodes with a few GB per core: the OOM killer then fails trials.
     memory_per_trial: typing.Optional[str] = None
 
 
@@ -208,7 +209,7 @@ def size_bytes(text, what):
     """'8G', '7500M', '1.5T' (K, M, G, T: powers of 1024) -> bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])i?B?\s*", str(text), re.I)
     if not m or float(m.group(1)) <= 0:
-        raise UserError(f"{what} must be a size with a unit, such as 8G or 7500M, got {text!r}")
+        raise UserError(f"{what} must be a size with a unit, such as 8G or 7500M (or auto), got {text!r}")
     return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2).upper()) * 1024)
 
 
@@ -331,7 +332,7 @@ def validate(spec, check_backends=True):
     for name, v in counts.items():
         if isinstance(v, str) and v != "auto":
             raise UserError(f"{name} must be a whole number or 'auto', got {v!r}")
-    if spec.resources.memory_per_trial is not None:
+    if spec.resources.memory_per_trial not in (None, "auto"):
         size_bytes(spec.resources.memory_per_trial, "resources.memory_per_trial")
     if spec.resources.sample_interval_s < 0:
         raise UserError(f"resources.sample_interval_s must be >= 0, got {spec.resources.sample_interval_s}")

@@ -233,17 +233,27 @@ def cgroup_memory_limit(root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup"):
     return min(found) if found else None
 
 
-def trials_in_memory(per_trial, memory, devices=1):
+# memory_per_trial: auto adds this to the measured trial's peak (other trials prune to other widths, and a
+# process's resident memory wanders with the allocator)
+AUTO_HOST_HEADROOM = 1.15
+
+
+def trials_in_memory(per_trial, memory, devices=1, measured=None):
     """How many trials at a time the job's host memory holds (``memory``: job_memory's (bytes, source)), per
-    device when ``devices`` GPUs share it, with a note; (None, '') when no per-trial size is set."""
-    if per_trial is None:
+    device when ``devices`` GPUs share it, with a note; (None, '') when no per-trial size is set. ``per_trial``
+    'auto' takes ``measured`` (one trial's peak, bytes) plus AUTO_HOST_HEADROOM."""
+    if per_trial is None or (per_trial == "auto" and not measured):
         return None, ""
     from .spec import size_bytes
 
-    each = size_bytes(per_trial, "resources.memory_per_trial")
+    if per_trial == "auto":
+        each = int(measured * AUTO_HOST_HEADROOM)
+        size = f"{each / 2**30:.2f} GiB (a trial measured at {measured / 2**30:.2f} GiB + 15 %, memory_per_trial: auto)"
+    else:
+        each, size = size_bytes(per_trial, "resources.memory_per_trial"), f"{per_trial} (resources.memory_per_trial)"
     fit = max(1, memory[0] // (each * max(1, devices)))
-    note = (f"memory: at most {fit} trial(s) at a time{' per GPU' if devices else ''} at {per_trial} each "
-            f"(resources.memory_per_trial) in {memory[0] / 2**30:.1f} GiB, {memory[1]}")
+    note = (f"memory: at most {fit} trial(s) at a time{' per GPU' if devices else ''}, {size} each, "
+            f"in {memory[0] / 2**30:.1f} GiB, {memory[1]}")
     return int(fit), note
 
 
@@ -270,7 +280,7 @@ def trial_threads(requested, cpus, n_trials):
     return max(1, min(int(requested), cpus))
 
 
-def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None, memory=None):
+def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None, memory=None, host_probe=None):
     """Ray resources per trial and trials at a time: {options, slots, per_device, threads, device, note,
     max_calls (trials per worker process, see gpu_worker_max_calls)}.
 
@@ -279,7 +289,8 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None, memory=
     this job was given (slot_counts), whatever the job file asks. ``mps``:
     an Apple-silicon GPU is usable (device 'auto' then means 'mps'). ``n_trials``: how many trials are to run
     (threads_per_trial 'auto'; default: as many as the cores). ``memory``: the job's host memory (job_memory),
-    which bounds the trials at a time when ``resources.memory_per_trial`` is set."""
+    which bounds the trials at a time when ``resources.memory_per_trial`` is set; for 'auto' on CPU nodes,
+    ``host_probe(threads)`` measures one trial ({host_bytes}, or None when it could not)."""
     res = spec.resources
     if res.memory_per_trial is not None and memory is None:
         memory = job_memory()
@@ -304,16 +315,32 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None, memory=
         fit, memory_note = trials_in_memory(res.memory_per_trial, memory, gpus)
         if fit is not None and fit < k:
             k, note = fit, "\n".join(n for n in (note, memory_note) if n)
+        if res.memory_per_trial == "auto":
+            note = "\n".join(n for n in (note, "memory: memory_per_trial: auto is measured on CPU nodes only; "
+                                                "give a size (8G) to bound the trials per GPU") if n)
         # CPU work per trial is light next to its GPU work, so Ray's CPU count is not the packing limit.
         return dict(options=dict(num_gpus=1.0 / k, num_cpus=0), slots=gpus * k, per_device=k, threads=threads,
                     device=device, note=note, max_calls=gpu_worker_max_calls(gpus))
     threads = trial_threads(res.threads_per_trial, cpus, n_trials or cpus)
     slots = max(1, cpus // threads)
-    fit, memory_note = trials_in_memory(res.memory_per_trial, memory, 0)
-    note = ""
+    apple = res.device == "mps" or (res.device == "auto" and mps)
+    note, measured = "", None
+    if res.memory_per_trial == "auto" and not apple and slots > 1:  # one slot: nothing to hold back
+        m = host_probe(threads) if host_probe else None
+        measured = m and m.get("host_bytes")
+        if not measured:
+            note = "memory: the trial measured for memory_per_trial: auto did not finish; trials not bounded by memory"
+        elif m.get("reused_from"):
+            note = f"(memory measured by an earlier sweep of this study, {m['reused_from']})"
+    fit, memory_note = trials_in_memory(None if apple and res.memory_per_trial == "auto" else res.memory_per_trial,
+                                        memory, 0, measured)
     if fit is not None and fit < slots:
-        slots, note = fit, memory_note
-    if res.device == "mps" or (res.device == "auto" and mps):
+        slots, note = fit, "\n".join(n for n in (memory_note, note) if n)
+    elif measured:  # auto: say what was measured, though the cores bind first
+        note = "\n".join(n for n in (f"{memory_note}; the cores allow {slots}", note) if n)
+    elif apple and res.memory_per_trial == "auto":
+        note = "memory: memory_per_trial: auto is measured on CPU nodes only; give a size (8G) to bound the trials"
+    if apple:
         # Apple silicon: Ray has no notion of the MPS device, so K is a cap on concurrent trials, enforced by
         # each trial asking for its share of the CPUs (asking for its threads alone, as on CPU nodes, let Ray run
         # one per core). Unified memory is shared with the CPU: no probe, a modest default.
@@ -358,9 +385,13 @@ def remote_for(fn, plan):
 PROBE_FILE = "packing-probe.json"
 
 
-def probe_key(config, dense_path, gpu):
+PROBE_SECTIONS = ("model", "data", "finetune", "performance")
+
+
+def probe_key(config, dense_path, gpu, sections=PROBE_SECTIONS):
     """What one trial's GPU footprint depends on: the GPU (name, memory), torch and pruneflow, the dense model's
-    checkpoint (its size stands for its shapes) and the study's model, data, fine-tune and performance settings."""
+    checkpoint (its size stands for its shapes) and the study's model, data, fine-tune and performance settings
+    (``sections`` of the config; a measured trial's host memory adds pruning and timing)."""
     import hashlib
     import json
 
@@ -369,15 +400,16 @@ def probe_key(config, dense_path, gpu):
     from . import __version__
 
     parts = dict(gpu=gpu, torch=torch.__version__, pruneflow=__version__, dense_bytes=os.path.getsize(dense_path),
-                 **{k: config.get(k) for k in ("model", "data", "finetune", "performance")})
+                 **{k: config.get(k) for k in sections})
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def remembered(probe, path, key):
-    """``probe`` whose measurement is kept in ``path`` (JSON, one entry per key) and reused by later sweeps of the
-    study with the same key. A shard requeued at its time limit, or started after another, then packs at once:
-    with a compile mode the probe compiles the dense model first (ResNet-101 with reduce-overhead: about a
-    minute on an H200, docs/benchmarks.md)."""
+def remembered(probe, path, key, fields=("footprint_bytes", "total_bytes")):
+    """``probe`` whose measurement (``fields``, whole numbers) is kept in ``path`` (JSON, one entry per key) and
+    reused by later sweeps of the study with the same key. A shard requeued at its time limit, or started after
+    another, then packs at once: with a compile mode the probe compiles the dense model first (ResNet-101 with
+    reduce-overhead: about a minute on an H200, docs/benchmarks.md). A probe that returns None measured nothing:
+    nothing is kept."""
     import json
 
     def probe_once(device):
@@ -389,12 +421,14 @@ def remembered(probe, path, key):
         entries = entries if isinstance(entries, dict) else {}
         try:
             entry = entries[key]
-            return dict(footprint_bytes=int(entry["footprint_bytes"]), total_bytes=int(entry["total_bytes"]),
-                        reused_from=path)
+            return dict({f: int(entry[f]) for f in fields}, reused_from=path)
         except (KeyError, TypeError, ValueError):  # not measured with these settings (or garbled): measure
             pass
         t0 = time.perf_counter()
-        m = dict(probe(device), probe_s=time.perf_counter() - t0)
+        m = probe(device)
+        if m is None:
+            return None
+        m = dict(m, probe_s=time.perf_counter() - t0)
         entries[key] = dict(m, measured=time.strftime("%Y-%m-%d %H:%M:%S"))
         tmp = f"{path}.tmp-{os.getpid()}"
         try:  # atomically: shards of a study may write at once (the loser's entry is measured again later)
@@ -413,9 +447,10 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
     from tqdm import tqdm
 
     from .monitor import UtilisationSampler
-    from .trial import probe_memory, run_trial
+    from .trial import probe_memory, run_trial, run_trial_measured
 
     cpus, gpus = slot_counts(spec.resources.device)
+    probe_file = os.path.join(os.path.dirname(ckpt_dir), PROBE_FILE)
     with local_ray(cpus, gpus), UtilisationSampler(spec.resources.sample_interval_s) as sampler:
         def probe(device):
             config_gpu = dict(config, resources=dict(config["resources"], device=device))
@@ -427,9 +462,36 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
             import torch
 
             gpu = [torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory]
-            probe = remembered(probe, os.path.join(os.path.dirname(ckpt_dir), PROBE_FILE),
-                               probe_key(config, dense_path, gpu))
-        plan = plan_packing(spec, cpus, gpus, probe, mps=not gpus and mps_available(), n_trials=len(todo))
+            probe = remembered(probe, probe_file, probe_key(config, dense_path, gpu))
+        alone = {}  # memory_per_trial: auto: the trial that ran alone to be measured -> its record
+
+        def host_probe(threads):
+            t = heaviest_trial(todo)
+            print(f"memory_per_trial: auto: trial {t.id} runs alone first, to measure a trial's memory", flush=True)
+            config_cpu = dict(config, resources=dict(config["resources"], device="cpu"))
+            ref = (ray.remote(max_retries=0, max_calls=1)(run_trial_measured).options(num_cpus=threads)
+                   .remote(t, config_cpu, dense_path, ckpt_dir, threads))
+            while not ray.wait([ref], timeout=1.0)[0]:  # responsive to Slurm's signals, as below
+                pass
+            try:
+                record, peak = ray.get(ref)
+            except Exception as e:  # the worker died: no measurement
+                record, peak = worker_died(t, e, spec), None
+            alone[t.id] = (t, record)
+            return dict(host_bytes=peak) if record["status"] == "done" else None
+
+        if spec.resources.memory_per_trial == "auto" and not gpus:
+            from .infer.device import describe
+
+            host = ["host", describe("cpu"), config["resources"]["threads_per_trial"]]
+            # the pruning settings count, not which sparsities are swept: a grown study reuses the measurement
+            grid_free = dict(config, prune={k: v for k, v in config["prune"].items()
+                                            if k not in ("sparsities", "mac_targets")})
+            host_probe = remembered(host_probe, probe_file, probe_key(grid_free, dense_path, host,
+                                                                      PROBE_SECTIONS + ("prune", "latency")),
+                                    fields=("host_bytes",))
+        plan = plan_packing(spec, cpus, gpus, probe, mps=not gpus and mps_available(), n_trials=len(todo),
+                            host_probe=host_probe)
         config = dict(config, resources=dict(config["resources"], device=plan["device"]))
         threads = plan["threads"]
         if plan["note"]:
@@ -441,8 +503,8 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
         pending = {}
         counts = {"done": 0, "failed": 0}
 
-        def keep(t, record):
-            record.update(attempts=attempts[t.id], trials_per_device=plan["per_device"])
+        def keep(t, record, per_device=plan["per_device"]):
+            record.update(attempts=attempts[t.id], trials_per_device=per_device)
             record.pop("traceback", None)
             store.add(record)
             counts[record["status"] if record["status"] == "done" else "failed"] += 1
@@ -451,9 +513,20 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
             attempts[t.id] += 1
             pending[remote.remote(t, config, dense_path, ckpt_dir, threads)] = t
 
-        for t in todo:
-            submit(t)
         bar = tqdm(total=len(todo), unit="trial", disable=not progress, dynamic_ncols=True)
+        for t, record in alone.values():  # measured alone: kept (it ran one at a time), or retried below
+            attempts[t.id] = 1
+            if record["status"] == "done" or attempts[t.id] > spec.retries:
+                keep(t, record, per_device=1)
+                bar.update(1)
+                if record["status"] != "done":
+                    bar.write(f"trial {t.id} failed: {record['error'][:300]}")
+            else:
+                bar.write(f"trial {t.id} failed ({record['error'][:200]}); retrying (1/{spec.retries})")
+                submit(t)
+        for t in todo:
+            if t.id not in alone:
+                submit(t)
         try:
             while pending:
                 bar.set_postfix(done=counts["done"], failed=counts["failed"], running=min(len(pending), plan["slots"]))
@@ -465,10 +538,7 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
                 try:
                     record = ray.get(ready[0])
                 except Exception as e:  # the worker died (OOM, segfault): same treatment as a raised error
-                    hint = ("" if spec.resources.memory_per_trial else " (if the node ran out of memory: "
-                            "resources.memory_per_trial runs fewer trials at a time)")
-                    record = dict(id=t.id, arm=t.arm, method=t.method, sparsity=t.sparsity, seed=t.seed,
-                                  status="failed", error=f"worker died{hint}: {type(e).__name__}: {str(e)[:500]}")
+                    record = worker_died(t, e, spec)
                 if record["status"] != "done" and attempts[t.id] <= spec.retries:
                     bar.write(f"trial {t.id} failed ({record['error'][:200]}); retrying ({attempts[t.id]}/{spec.retries})")
                     submit(t)
@@ -492,6 +562,24 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
             sampler.stop()  # before writing: the series is complete
             store.add_utilisation(sampler.series(), dict(sampler.attrs, trials_per_device=plan["per_device"],
                                                          slots=plan["slots"]))
+
+
+def worker_died(t, e, spec):
+    """The failure record of trial ``t`` whose worker process died (``e``: Ray's error), e.g. killed for memory."""
+    hint = ("" if spec.resources.memory_per_trial else " (if the node ran out of memory: "
+            "resources.memory_per_trial runs fewer trials at a time)")
+    return dict(id=t.id, arm=t.arm, method=t.method, sparsity=t.sparsity, seed=t.seed,
+                status="failed", error=f"worker died{hint}: {type(e).__name__}: {str(e)[:500]}")
+
+
+def heaviest_trial(trials):
+    """The trial likely to peak highest in host memory: the pruned one that keeps the most (the lowest sparsity,
+    else the lowest MAC target), whose pruning and fine-tuning both outgrow the control's training
+    (benchmarks/trial_memory.py); else the control; else the first."""
+    pruned = [t for t in trials if t.arm == "pruned"]
+    if pruned:
+        return min(pruned, key=lambda t: (bool(t.target), t.target or t.sparsity))
+    return next((t for t in trials if t.arm == "control"), trials[0])
 
 
 _stopped_by = None  # the signal that stopped this sweep (exit_on_sigterm)

@@ -41,6 +41,17 @@ def run_trial(trial, config, dense_path, ckpt_dir, threads=1):
     return record
 
 
+def run_trial_measured(trial, config, dense_path, ckpt_dir, threads=1):
+    """(run_trial's record, this process's peak resident memory in bytes). In a single-use worker the peak is the
+    trial's own: imports, pruning, fine-tuning, evaluation and timing (resources.memory_per_trial: auto)."""
+    import resource
+    import sys
+
+    record = run_trial(trial, config, dense_path, ckpt_dir, threads)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return record, peak * (1 if sys.platform == "darwin" else 1024)
+
+
 def probe_memory(config, dense_path, steps=4):
     """What one trial occupies on its GPU: a few fine-tuning steps of the dense model (the largest a trial
     trains) with the study's recipe, loader, precision and compile mode, then one evaluation batch. Returns

@@ -316,7 +316,7 @@ def test_memory_per_trial_bounds_the_trials_at_a_time():
     spec, _ = load_spec("jobs/quickstart.yaml", {"resources.memory_per_trial": "4G"})
     plan = plan_packing(spec, cpus=8, gpus=0, memory=(10 * 2**30, "Slurm's --mem"))
     assert plan["slots"] == 2 and plan["options"]["num_cpus"] == 4 and plan["threads"] == 1
-    assert "at most 2 trial(s) at a time at 4G each" in plan["note"] and "10.0 GiB, Slurm's --mem" in plan["note"]
+    assert "at most 2 trial(s) at a time, 4G (resources.memory_per_trial) each" in plan["note"] and "10.0 GiB, Slurm's --mem" in plan["note"]
     roomy = plan_packing(spec, cpus=8, gpus=0, memory=(64 * 2**30, "the machine's RAM"))
     assert roomy["slots"] == 8 and roomy["options"]["num_cpus"] == 1 and roomy["note"] == ""
     spec, _ = load_spec("jobs/quickstart.yaml", {"resources.memory_per_trial": "3G", "resources.trials_per_gpu": 8})
@@ -369,7 +369,7 @@ def test_sweep_runs_no_more_trials_at_once_than_memory_per_trial_allows(tmp_path
                    "--latency.trials", "3", "--resources.memory_per_trial", "2G", "--noprogress",
                    env={"SLURM_MEM_PER_NODE": "3000", "SLURM_CPUS_PER_TASK": "2"})
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "at most 1 trial(s) at a time at 2G each (resources.memory_per_trial) in 2.9 GiB, Slurm's --mem" in p.stdout
+    assert "at most 1 trial(s) at a time, 2G (resources.memory_per_trial) each, in 2.9 GiB, Slurm's --mem" in p.stdout
     assert "1 at a time on 0 GPU(s) / 2 CPU(s), 1 thread(s) each" in p.stdout
     spans = sorted((r["started_at"], r["ended_at"]) for r in read_trials(tmp_path / "quickstart" / "shard-0-of-1.h5"))
     assert len(spans) == 3 and all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
@@ -389,3 +389,65 @@ def test_train_and_infer_in_a_slurm_job_given_no_gpus_keep_off_the_gpus(tmp_path
                            env=dict(env, **extra), timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         assert f"infer {seen}" in p.stdout and f"train {seen}" in p.stdout, p.stdout
+
+
+def test_memory_per_trial_auto_packs_by_one_measured_trial():
+    """auto: one trial measured (host_probe) plus 15 %; the plan says what it measured, and when it binds."""
+    spec, _ = load_spec("jobs/quickstart.yaml", {"resources.memory_per_trial": "auto"})
+    calls = []
+
+    def host_probe(threads):
+        calls.append(threads)
+        return dict(host_bytes=2 * 2**30)
+
+    plan = plan_packing(spec, cpus=8, gpus=0, memory=(5 * 2**30, "Slurm's --mem"), host_probe=host_probe)
+    assert calls == [1] and plan["slots"] == 2 and plan["options"]["num_cpus"] == 4
+    assert "at most 2 trial(s) at a time, 2.30 GiB (a trial measured at 2.00 GiB + 15 %" in plan["note"]
+    roomy = plan_packing(spec, cpus=8, gpus=0, memory=(64 * 2**30, "the machine's RAM"), host_probe=host_probe)
+    assert roomy["slots"] == 8 and "the cores allow 8" in roomy["note"]
+    failed = plan_packing(spec, cpus=8, gpus=0, memory=(5 * 2**30, "x"), host_probe=lambda threads: None)
+    assert failed["slots"] == 8 and "did not finish" in failed["note"]
+    assert plan_packing(spec, cpus=1, gpus=0, memory=(1, "x"), host_probe=host_probe)["slots"] == 1
+    assert len(calls) == 2  # one core: nothing to hold back, nothing measured
+    spec, _ = load_spec("jobs/quickstart.yaml", {"resources.memory_per_trial": "auto", "resources.trials_per_gpu": 4})
+    gpu = plan_packing(spec, cpus=8, gpus=1, memory=(1, "x"), host_probe=host_probe)
+    assert gpu["per_device"] == 4 and "measured on CPU nodes only" in gpu["note"] and len(calls) == 2
+
+
+def test_heaviest_trial_is_the_least_pruned():
+    from pruneflow.spec import grid
+    from pruneflow.sweep import heaviest_trial
+
+    spec, _ = load_spec("jobs/quickstart.yaml", {"prune.methods": ["l1"], "prune.sparsities": [0.7, 0.3],
+                                                 "prune.mac_targets": [1.5]})
+    assert heaviest_trial(grid(spec)).id == "l1-0.30-s0"
+    spec, _ = load_spec("jobs/quickstart.yaml", {"prune.methods": ["l1"], "prune.sparsities": [],
+                                                 "prune.mac_targets": [3, 1.5]})
+    assert heaviest_trial(grid(spec)).id == "l1-x1.50-s0"
+    assert heaviest_trial([t for t in grid(spec) if t.arm != "pruned"]).arm == "control"
+
+
+def test_memory_per_trial_auto_measures_one_trial_alone_then_packs(tmp_path, dense_ckpt):
+    """A real sweep: the least-pruned trial runs alone and is kept; the others are packed by its measured peak
+    into Slurm's --mem (1000M holds one); a grown study reuses the measurement instead of running one alone."""
+    args = ["jobs/quickstart.yaml", "--out", tmp_path, "--dense", dense_ckpt, "--prune.methods", "[l1@depgraph]",
+            "--finetune.epochs", "1", "--latency.trials", "3", "--resources.memory_per_trial", "auto", "--noprogress",
+            "--control", "false"]
+    env = {"SLURM_MEM_PER_NODE": "1000", "SLURM_CPUS_PER_TASK": "2"}
+    p = run_module("pruneflow.sweep", *args, "--prune.sparsities", "[0.7, 0.3]", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "trial l1@depgraph-0.30-s0 runs alone first" in p.stdout
+    assert "at most 1 trial(s) at a time" in p.stdout and "1 at a time on 0 GPU(s) / 2 CPU(s)" in p.stdout
+    path = tmp_path / "quickstart" / "shard-0-of-1.h5"
+    records = {r["id"]: r for r in read_trials(path)}
+    assert len(records) == 3 and all(r["status"] == "done" for r in records.values())
+    assert records["l1@depgraph-0.30-s0"]["trials_per_device"] == 1
+    spans = sorted((r["started_at"], r["ended_at"]) for r in records.values())
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+    kept = json.loads((tmp_path / "quickstart" / "packing-probe.json").read_text())
+    (entry,) = kept.values()
+    assert 2**27 < entry["host_bytes"] < 2**33  # a Python process with torch: above 128 MiB, below 8 GiB
+    p = run_module("pruneflow.sweep", *args, "--prune.sparsities", "[0.7, 0.3, 0.5]", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "runs alone first" not in p.stdout and "memory measured by an earlier sweep" in p.stdout
+    assert len(read_trials(path)) == 4

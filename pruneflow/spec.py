@@ -96,7 +96,7 @@ class ResourcesSpec:
     # (Slurm's --mem, the cgroup's limit, the machine's RAM). auto (CPU nodes): the sweep first runs one trial
     # alone (the largest pruned one) and measures its peak, plus 15 %. Off by default. A ResNet-101 trial on
     # the CPU peaks at 2.1 GiB (ImageNet stem) and 5.3 GiB (CIFAR stem) at batch 64 (benchmarks/trial_memory.py),
-    # more than one trial per core fits on nodes with a few GB per core: the OOM killer then fails trials.
+    # so one trial per core does not fit on nodes with a few GB per core: the OOM killer then fails trials.
     memory_per_trial: typing.Optional[str] = None
 
 
@@ -208,9 +208,10 @@ def _set_dotted(raw, key, value):
 def size_bytes(text, what):
     """'8G', '7500M', '1.5T' (K, M, G, T: powers of 1024) -> bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])i?B?\s*", str(text), re.I)
-    if not m or float(m.group(1)) <= 0:
-        raise UserError(f"{what} must be a size with a unit, such as 8G or 7500M (or auto), got {text!r}")
-    return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2).upper()) * 1024)
+    size = int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2).upper()) * 1024) if m else 0
+    if size < 2**20:  # a typo (8 instead of 8G) or nothing: no trial lives in less than a MiB
+        raise UserError(f"{what} must be a size with a unit, at least 1M, such as 8G or 7500M (or auto), got {text!r}")
+    return size
 
 
 def build(cls, raw, where):

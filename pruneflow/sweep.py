@@ -204,6 +204,23 @@ def job_memory(environ=os.environ, cgroup_root="/sys/fs/cgroup", proc_cgroup="/p
     return min(limits)
 
 
+def memory_for_trials(environ=os.environ):
+    """job_memory less what this sweep already holds (this process and its children: Ray's raylet, GCS and idle
+    workers), counted when the trials are about to be packed; resident sizes, so shared pages count twice (on
+    the safe side)."""
+    import psutil
+
+    limit, source = job_memory(environ)
+    me = psutil.Process()
+    held = 0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            held += proc.memory_info().rss
+        except psutil.Error:  # ended meanwhile
+            pass
+    return max(0, limit - held), f"{source} less {held / 2**30:.1f} GiB the sweep's driver and Ray hold"
+
+
 def cgroup_memory_limit(root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup"):
     """The lowest memory limit on this process's cgroup and its parents (v2 memory.max, v1
     memory.limit_in_bytes); None where none is set (or cgroups cannot be read)."""
@@ -351,8 +368,10 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None, memory=
     device = "cpu" if res.device == "auto" else res.device
     # each trial asks Ray for its threads; fewer at a time (memory) ask for a larger share, holding the rest back
     num_cpus = threads if slots == cpus // threads else cpu_share(cpus, slots)
+    # bounded by memory: a fresh worker per trial, as the measured one ran (a reused worker keeps the freed
+    # blocks of the trials before it, infer.timing.keep_freed_memory)
     return dict(options=dict(num_gpus=0, num_cpus=num_cpus), slots=slots, per_device=slots, threads=threads,
-                device=device, note=note, max_calls=0)
+                device=device, note=note, max_calls=1 if res.memory_per_trial else 0)
 
 
 def cpu_share(cpus, slots):
@@ -404,12 +423,12 @@ def probe_key(config, dense_path, gpu, sections=PROBE_SECTIONS):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def remembered(probe, path, key, fields=("footprint_bytes", "total_bytes")):
+def remembered(probe, path, key, fields=("footprint_bytes", "total_bytes"), usable=None):
     """``probe`` whose measurement (``fields``, whole numbers) is kept in ``path`` (JSON, one entry per key) and
     reused by later sweeps of the study with the same key. A shard requeued at its time limit, or started after
     another, then packs at once: with a compile mode the probe compiles the dense model first (ResNet-101 with
     reduce-overhead: about a minute on an H200, docs/benchmarks.md). A probe that returns None measured nothing:
-    nothing is kept."""
+    nothing is kept. ``usable(entry)``: whether a kept entry serves this sweep (else it is measured again)."""
     import json
 
     def probe_once(device):
@@ -421,7 +440,8 @@ def remembered(probe, path, key, fields=("footprint_bytes", "total_bytes")):
         entries = entries if isinstance(entries, dict) else {}
         try:
             entry = entries[key]
-            return dict({f: int(entry[f]) for f in fields}, reused_from=path)
+            if usable is None or usable(entry):
+                return dict({f: int(entry[f]) for f in fields}, reused_from=path)
         except (KeyError, TypeError, ValueError):  # not measured with these settings (or garbled): measure
             pass
         t0 = time.perf_counter()
@@ -478,20 +498,23 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
             except Exception as e:  # the worker died: no measurement
                 record, peak = worker_died(t, e, spec), None
             alone[t.id] = (t, record)
-            return dict(host_bytes=peak) if record["status"] == "done" else None
+            return dict(host_bytes=peak, kept_fraction=kept_fraction(t)) if record["status"] == "done" else None
 
         if spec.resources.memory_per_trial == "auto" and not gpus:
             from .infer.device import describe
 
-            host = ["host", describe("cpu"), config["resources"]["threads_per_trial"]]
-            # the pruning settings count, not which sparsities are swept: a grown study reuses the measurement
+            host = ["host", describe("cpu"), trial_threads(spec.resources.threads_per_trial, cpus, len(todo))]
+            # the pruning settings count, not which sparsities are swept: a grown study or another shard reuses
+            # the measurement, if the trial measured trained at least as much of the model as this run's largest
             grid_free = dict(config, prune={k: v for k, v in config["prune"].items()
                                             if k not in ("sparsities", "mac_targets")})
+            largest = kept_fraction(heaviest_trial(todo))
             host_probe = remembered(host_probe, probe_file, probe_key(grid_free, dense_path, host,
                                                                       PROBE_SECTIONS + ("prune", "latency")),
-                                    fields=("host_bytes",))
+                                    fields=("host_bytes",), usable=lambda e: e.get("kept_fraction", 0) >= largest)
+        memory = memory_for_trials() if spec.resources.memory_per_trial else None
         plan = plan_packing(spec, cpus, gpus, probe, mps=not gpus and mps_available(), n_trials=len(todo),
-                            host_probe=host_probe)
+                            memory=memory, host_probe=host_probe)
         config = dict(config, resources=dict(config["resources"], device=plan["device"]))
         threads = plan["threads"]
         if plan["note"]:
@@ -572,14 +595,26 @@ def worker_died(t, e, spec):
                 status="failed", error=f"worker died{hint}: {type(e).__name__}: {str(e)[:500]}")
 
 
+def kept_fraction(t):
+    """How much of the dense model trial ``t`` trains: 1 for the dense and control arms and for unstructured
+    (level) pruning, which keeps every shape; 1 - sparsity, or 1 / MAC target, for structured pruning."""
+    if t.arm != "pruned" or str(t.method).startswith("level"):
+        return 1.0
+    return 1.0 / t.target if t.target else 1.0 - t.sparsity
+
+
 def heaviest_trial(trials):
-    """The trial likely to peak highest in host memory: the pruned one that keeps the most (the lowest sparsity,
-    else the lowest MAC target), whose pruning and fine-tuning both outgrow the control's training
-    (benchmarks/trial_memory.py); else the control; else the first."""
-    pruned = [t for t in trials if t.arm == "pruned"]
-    if pruned:
-        return min(pruned, key=lambda t: (bool(t.target), t.target or t.sparsity))
-    return next((t for t in trials if t.arm == "control"), trials[0])
+    """The trial likely to peak highest in host memory. A structured pruned trial that keeps at least half the
+    model: NNI's speedup peaks on top of the fine-tuning (for ResNet-101 with L1 at 0.5 both stems' pruned trials
+    outgrew the control's training, benchmarks/trial_memory.py), the one that keeps the most. Else the trial that
+    trains the most of the dense model (kept_fraction): a level-pruned or the control arm. A heuristic: the
+    measurement gets AUTO_HOST_HEADROOM on top."""
+    rank = {"pruned": 2, "control": 1}
+    structured = [t for t in trials if t.arm == "pruned" and kept_fraction(t) < 1.0]
+    best = max(structured, key=kept_fraction, default=None)
+    if best is not None and kept_fraction(best) >= 0.5:
+        return best
+    return max(trials, key=lambda t: (kept_fraction(t), rank.get(t.arm, 0)))
 
 
 _stopped_by = None  # the signal that stopped this sweep (exit_on_sigterm)

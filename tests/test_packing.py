@@ -359,6 +359,12 @@ def test_job_memory_is_the_least_of_ram_slurm_and_cgroups(tmp_path):
     (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
     assert cgroup_memory_limit(str(tmp_path / "v1"), str(tmp_path / "self-v1")) is None
     assert 0 < job_memory()[0] <= ram  # this machine, as it is
+    # what the trials may fill: less what this process (torch imported: hundreds of MB) already holds
+    from pruneflow.sweep import memory_for_trials
+
+    left, source = memory_for_trials({"SLURM_MEM_PER_NODE": "10000"})
+    assert 10000 * 2**20 - left > 100 * 2**20 and "Slurm's --mem less" in source
+    assert memory_for_trials({"SLURM_MEM_PER_NODE": "1"})[0] == 0  # never below nothing
 
 
 def test_sweep_runs_no_more_trials_at_once_than_memory_per_trial_allows(tmp_path, dense_ckpt):
@@ -369,7 +375,8 @@ def test_sweep_runs_no_more_trials_at_once_than_memory_per_trial_allows(tmp_path
                    "--latency.trials", "3", "--resources.memory_per_trial", "2G", "--noprogress",
                    env={"SLURM_MEM_PER_NODE": "3000", "SLURM_CPUS_PER_TASK": "2"})
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "at most 1 trial(s) at a time, 2G (resources.memory_per_trial) each, in 2.9 GiB, Slurm's --mem" in p.stdout
+    assert "at most 1 trial(s) at a time, 2G (resources.memory_per_trial) each, in " in p.stdout
+    assert "GiB, Slurm's --mem less " in p.stdout and " GiB the sweep's driver and Ray hold" in p.stdout
     assert "1 at a time on 0 GPU(s) / 2 CPU(s), 1 thread(s) each" in p.stdout
     spans = sorted((r["started_at"], r["ended_at"]) for r in read_trials(tmp_path / "quickstart" / "shard-0-of-1.h5"))
     assert len(spans) == 3 and all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
@@ -425,15 +432,23 @@ def test_heaviest_trial_is_the_least_pruned():
                                                  "prune.mac_targets": [3, 1.5]})
     assert heaviest_trial(grid(spec)).id == "l1-x1.50-s0"
     assert heaviest_trial([t for t in grid(spec) if t.arm != "pruned"]).arm == "control"
+    # only heavily pruned trials: the control trains the whole model; a level trial keeps every shape
+    spec, _ = load_spec("jobs/quickstart.yaml", {"prune.methods": ["l1"], "prune.sparsities": [0.9, 0.8]})
+    assert heaviest_trial(grid(spec)).arm == "control"
+    spec, _ = load_spec("jobs/quickstart.yaml", {"prune.methods": ["l1", "level"], "prune.sparsities": [0.9, 0.6]})
+    assert heaviest_trial(grid(spec)).method == "level"  # every level trial keeps the dense shapes
+    spec, _ = load_spec("jobs/quickstart.yaml", {"prune.methods": ["level", "l1"], "prune.sparsities": [0.9, 0.3]})
+    assert heaviest_trial(grid(spec)).id == "l1-0.30-s0"  # NNI's speedup on top of 70 % of the model
 
 
 def test_memory_per_trial_auto_measures_one_trial_alone_then_packs(tmp_path, dense_ckpt):
     """A real sweep: the least-pruned trial runs alone and is kept; the others are packed by its measured peak
-    into Slurm's --mem (1000M holds one); a grown study reuses the measurement instead of running one alone."""
+    into Slurm's --mem (2000M, less what the driver and Ray hold, holds one); a grown study reuses the
+    measurement instead of running one alone."""
     args = ["jobs/quickstart.yaml", "--out", tmp_path, "--dense", dense_ckpt, "--prune.methods", "[l1@depgraph]",
             "--finetune.epochs", "1", "--latency.trials", "3", "--resources.memory_per_trial", "auto", "--noprogress",
             "--control", "false"]
-    env = {"SLURM_MEM_PER_NODE": "1000", "SLURM_CPUS_PER_TASK": "2"}
+    env = {"SLURM_MEM_PER_NODE": "2000", "SLURM_CPUS_PER_TASK": "2"}
     p = run_module("pruneflow.sweep", *args, "--prune.sparsities", "[0.7, 0.3]", env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "trial l1@depgraph-0.30-s0 runs alone first" in p.stdout

@@ -52,7 +52,8 @@ def test_overrides_from_command_line():
     ("train:\n  lr: -1\n", "train.lr must be > 0, got -1"),
     ("finetune:\n  lr: 0\n", "finetune.lr must be > 0, got 0"),
     ("resources:\n  device: cuda:1\n", "to use only GPU 1, run it with CUDA_VISIBLE_DEVICES=1 and device: cuda"),
-    ("resources:\n  memory_per_trial: 8\n", "resources.memory_per_trial must be a size with a unit, such as 8G"),
+    ("resources:\n  memory_per_trial: 8\n", "resources.memory_per_trial must be a size with a unit, at least 1M, such as 8G"),
+    ("resources:\n  memory_per_trial: 0.0001K\n", "at least 1M"),
     ("resources:\n  memory_per_trial: 0G\n", "resources.memory_per_trial must be a size with a unit"),
 ])
 def test_bad_job_files(tmp_path, text, needle):

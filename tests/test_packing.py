@@ -367,22 +367,6 @@ def test_job_memory_is_the_least_of_ram_slurm_and_cgroups(tmp_path):
     assert memory_for_trials({"SLURM_MEM_PER_NODE": "1"})[0] == 0  # never below nothing
 
 
-def test_sweep_runs_no_more_trials_at_once_than_memory_per_trial_allows(tmp_path, dense_ckpt):
-    """Two cores would run two trials at once; Slurm's --mem of 3000M holds one of 2G: they run one at a time,
-    and the sweep says why."""
-    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--dense", dense_ckpt,
-                   "--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.5]", "--finetune.epochs", "1",
-                   "--latency.trials", "3", "--resources.memory_per_trial", "2G", "--noprogress",
-                   env={"SLURM_MEM_PER_NODE": "3000", "SLURM_CPUS_PER_TASK": "2"})
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "at most 1 trial(s) at a time, 2G (resources.memory_per_trial) each, in " in p.stdout
-    assert "GiB, Slurm's --mem less " in p.stdout and " GiB the sweep's driver and Ray hold" in p.stdout
-    assert "1 at a time on 0 GPU(s) / 2 CPU(s), 1 thread(s) each" in p.stdout
-    spans = sorted((r["started_at"], r["ended_at"]) for r in read_trials(tmp_path / "quickstart" / "shard-0-of-1.h5"))
-    assert len(spans) == 3 and all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
-
-
-
 def test_train_and_infer_in_a_slurm_job_given_no_gpus_keep_off_the_gpus(tmp_path, dense_ckpt):
     """The other two commands that pick a device: inside a Slurm job given no GPUs (SLURM_JOB_ID alone), 'auto'
     leaves them hidden from CUDA (CUDA_VISIBLE_DEVICES empty) while they run; outside one, nothing changes."""

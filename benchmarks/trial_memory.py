@@ -5,8 +5,9 @@
     python benchmarks/trial_memory.py --models resnet18 --stems cifar --batch 128
 
 Each arm runs in a fresh process, as a trial runs in its own Ray worker, and prints its peak resident memory
-(getrusage's ru_maxrss) after each stage: imports; the dense checkpoint's model; NNI pruning (L1, dependency-aware,
-the seed study's settings; the pruned arm only); a few fine-tuning steps on the data set held in memory
+(getrusage's ru_maxrss, as memory_per_trial: auto measures it) after each stage: imports; the dense
+checkpoint's model; NNI pruning (L1, dependency-aware, the seed study's settings; the pruned arm only); a few
+fine-tuning steps on the data set held in memory
 (synthetic-* data: the real shapes and sizes, no download). 'pruned' is a pruned trial, 'control' the dense
 model fine-tuned as the study's control arm. Evaluation and timing run after fine-tuning and take less.
 """
@@ -15,7 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -23,7 +23,9 @@ DATASETS = {"simple_cnn": "digits", "resnet": "synthetic-cifar10"}
 
 
 def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    from pruneflow.trial import peak_rss_bytes  # the measurement memory_per_trial: auto takes
+
+    return peak_rss_bytes() / 2**20
 
 
 def one_arm(arch, stem, arm, batch, steps, sparsity):

@@ -253,6 +253,7 @@ def cgroup_memory_limit(root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup"):
 # memory_per_trial: auto adds this to the measured trial's peak (other trials prune to other widths, and a
 # process's resident memory wanders with the allocator)
 AUTO_HOST_HEADROOM = 1.15
+AUTO_CPU_ONLY = "memory: memory_per_trial: auto is measured on CPU nodes only; give a size (8G) to bound the trials"
 
 
 def trials_in_memory(per_trial, memory, devices=1, measured=None):
@@ -307,10 +308,11 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None, memory=
     an Apple-silicon GPU is usable (device 'auto' then means 'mps'). ``n_trials``: how many trials are to run
     (threads_per_trial 'auto'; default: as many as the cores). ``memory``: the job's host memory (job_memory),
     which bounds the trials at a time when ``resources.memory_per_trial`` is set; for 'auto' on CPU nodes,
-    ``host_probe(threads)`` measures one trial ({host_bytes}, or None when it could not)."""
+    ``host_probe(threads)`` measures one trial ({host_bytes}, or None when it could not). Default
+    ``memory``: memory_for_trials, counted now (call it with Ray started)."""
     res = spec.resources
     if res.memory_per_trial is not None and memory is None:
-        memory = job_memory()
+        memory = memory_for_trials()
     if gpus:
         threads = 1 if res.threads_per_trial == "auto" else res.threads_per_trial
         note = ""
@@ -333,8 +335,7 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None, memory=
         if fit is not None and fit < k:
             k, note = fit, "\n".join(n for n in (note, memory_note) if n)
         if res.memory_per_trial == "auto":
-            note = "\n".join(n for n in (note, "memory: memory_per_trial: auto is measured on CPU nodes only; "
-                                                "give a size (8G) to bound the trials per GPU") if n)
+            note = "\n".join(n for n in (note, AUTO_CPU_ONLY) if n)
         # CPU work per trial is light next to its GPU work, so Ray's CPU count is not the packing limit.
         return dict(options=dict(num_gpus=1.0 / k, num_cpus=0), slots=gpus * k, per_device=k, threads=threads,
                     device=device, note=note, max_calls=gpu_worker_max_calls(gpus))
@@ -356,7 +357,7 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None, memory=
     elif measured:  # auto: say what was measured, though the cores bind first
         note = "\n".join(n for n in (f"{memory_note}; the cores allow {slots}", note) if n)
     elif apple and res.memory_per_trial == "auto":
-        note = "memory: memory_per_trial: auto is measured on CPU nodes only; give a size (8G) to bound the trials"
+        note = AUTO_CPU_ONLY
     if apple:
         # Apple silicon: Ray has no notion of the MPS device, so K is a cap on concurrent trials, enforced by
         # each trial asking for its share of the CPUs (asking for its threads alone, as on CPU nodes, let Ray run
@@ -485,8 +486,10 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
             probe = remembered(probe, probe_file, probe_key(config, dense_path, gpu))
         alone = {}  # memory_per_trial: auto: the trial that ran alone to be measured -> its record
 
+        heaviest = heaviest_trial(todo)
+
         def host_probe(threads):
-            t = heaviest_trial(todo)
+            t = heaviest
             print(f"memory_per_trial: auto: trial {t.id} runs alone first, to measure a trial's memory", flush=True)
             config_cpu = dict(config, resources=dict(config["resources"], device="cpu"))
             ref = (ray.remote(max_retries=0, max_calls=1)(run_trial_measured).options(num_cpus=threads)
@@ -508,13 +511,12 @@ def _run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
             # the measurement, if the trial measured trained at least as much of the model as this run's largest
             grid_free = dict(config, prune={k: v for k, v in config["prune"].items()
                                             if k not in ("sparsities", "mac_targets")})
-            largest = kept_fraction(heaviest_trial(todo))
+            largest = kept_fraction(heaviest)
             host_probe = remembered(host_probe, probe_file, probe_key(grid_free, dense_path, host,
                                                                       PROBE_SECTIONS + ("prune", "latency")),
                                     fields=("host_bytes",), usable=lambda e: e.get("kept_fraction", 0) >= largest)
-        memory = memory_for_trials() if spec.resources.memory_per_trial else None
         plan = plan_packing(spec, cpus, gpus, probe, mps=not gpus and mps_available(), n_trials=len(todo),
-                            memory=memory, host_probe=host_probe)
+                            host_probe=host_probe)
         config = dict(config, resources=dict(config["resources"], device=plan["device"]))
         threads = plan["threads"]
         if plan["note"]:

@@ -448,10 +448,9 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
       lr: override the recipe's learning rate.
     """
     from .infer import checkpoint as ckpt_io
+    from .infer.device import keep_to_slurm_gpus
     from .infer.errors import check_not_input, check_writable_file
     from .models import ARCHITECTURES
-
-    from .infer.device import keep_to_slurm_gpus
 
     keep_to_slurm_gpus(device, override="pass --device cuda")  # a Slurm job given no GPUs trains on the CPU
     epochs = check_whole(epochs, "epochs", 0 if init else 1)

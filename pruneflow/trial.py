@@ -44,12 +44,17 @@ def run_trial(trial, config, dense_path, ckpt_dir, threads=1):
 def run_trial_measured(trial, config, dense_path, ckpt_dir, threads=1):
     """(run_trial's record, this process's peak resident memory in bytes). In a single-use worker the peak is the
     trial's own: imports, pruning, fine-tuning, evaluation and timing (resources.memory_per_trial: auto)."""
+    record = run_trial(trial, config, dense_path, ckpt_dir, threads)
+    return record, peak_rss_bytes()
+
+
+def peak_rss_bytes():
+    """This process's peak resident memory so far, in bytes (getrusage's ru_maxrss: KiB on Linux, bytes on macOS)."""
     import resource
     import sys
 
-    record = run_trial(trial, config, dense_path, ckpt_dir, threads)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return record, peak * (1 if sys.platform == "darwin" else 1024)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024)
 
 
 def probe_memory(config, dense_path, steps=4):

@@ -17,7 +17,7 @@ from pruneflow.timeline import STAGES, assign_lanes, fig_timeline
 # one worker runs this module, so its module-scoped study is built once (xdist gives each worker its own)
 pytestmark = pytest.mark.xdist_group("timeline")
 
-# dense + control + l1@depgraph x {0.3, 0.6}, 2 slots on 2 cores, sampled every 0.25 s (about 40 s)
+# dense + control + l1@depgraph x {0.3, 0.6}, 2 slots on 2 cores, sampled every 0.25 s (4-40 s)
 SMALL = ["--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.3,0.6]", "--train.epochs", "1",
          "--finetune.epochs", "1", "--latency.trials", "5", "--resources.sample_interval_s", "0.25", "--noprogress"]
 
@@ -103,7 +103,9 @@ def test_lines_are_the_hdf5_series(shard):
         expect["RAM used"] = cols["memory_used_bytes"] / 2**30
     drawn = {ln.get_label(): ln for ax in fig.axes for ln in ax.get_lines()}
     returned = {k: v for p in data["panels"] for k, v in p["lines"].items()}
-    assert set(expect) <= set(returned) and len(x) >= 20
+    # a real series, sampled through the run at (about) its 0.25 s interval: the run's length depends on the
+    # machine (4 s on a fast one, 40 s on a loaded one), so the count is checked against it, not a constant
+    assert set(expect) <= set(returned) and len(x) >= 5 and len(x) >= 0.5 * x[-1] / 0.25, (len(x), x[-1])
     for label, y in expect.items():
         np.testing.assert_array_equal(returned[label][0], x)
         np.testing.assert_array_equal(returned[label][1], y)

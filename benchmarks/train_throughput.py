@@ -33,12 +33,12 @@ from pruneflow.infer.device import resolve_device, synchronize
 from pruneflow.infer.errors import UserError, exit_on_user_error
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.step_graph import WARMUP
-from pruneflow.train import GRAPH_MODES, get_recipe, make_optimizer, resolve_perf, steps_for, train_one_epoch
+from pruneflow.train import get_recipe, make_optimizer, resolve_perf, steps_for, train_one_epoch
 from pruneflow.winograd import keep_freed_memory
 
 
 def images_per_s(model, batches, device, amp_dtype, compile_mode=None, cpu_kernels=False):
-    opt, _ = make_optimizer(model, get_recipe("finetune"), 1, capturable=compile_mode in GRAPH_MODES)
+    opt, _ = make_optimizer(model, get_recipe("finetune"), 1, compile_mode)
     step_model, graph = steps_for(model, opt, compile_mode, cpu_kernels, amp_dtype=amp_dtype)
     # a few steps first, at the timed precision: allocator, cuDNN autotuning (cudnn.benchmark) for these shapes,
     # and torch.compile's compilation and the whole step's CUDA-graph recording when asked; printed as the

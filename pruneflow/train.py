@@ -182,21 +182,27 @@ def default_recipe(arch):
     return "mnist" if arch == "simple_cnn" else "cifar_resnet"
 
 
-def make_optimizer(model, recipe, epochs, capturable=False):
-    """(optimiser, scheduler) for ``recipe``. ``capturable``: the step will be recorded in a CUDA graph
-    (StepGraph; Adadelta then keeps its step counts on the device; SGD needs nothing)."""
-    params = model.parameters()
+def make_optimizer(model, recipe, epochs, compile=None):
+    """(optimiser, scheduler) for ``recipe``, the scheduler stepped once per epoch. Uncompiled on the CPU, the
+    optimiser is pruneflow.optim's (the same arithmetic as torch.optim's, without importing TorchDynamo: seconds
+    per process, see that module); elsewhere torch.optim's, capturable in the CUDA-graph modes (``compile`` in
+    GRAPH_MODES: StepGraph records the step; Adadelta then keeps its step counts on the device)."""
+    from .optim import SGD, Adadelta, EpochLR
+
+    params = list(model.parameters())
+    light = compile is None and all(p.device.type == "cpu" for p in params)
     if recipe["optimizer"] == "adadelta":
-        opt = torch.optim.Adadelta(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"], capturable=capturable)
+        kw = dict(lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+        opt = Adadelta(params, **kw) if light else torch.optim.Adadelta(params, **kw, capturable=compile in GRAPH_MODES)
     else:
-        opt = torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"])
+        kw = dict(lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"])
+        opt = SGD(params, **kw) if light else torch.optim.SGD(params, **kw)
     if recipe["schedule"] == "step":
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=recipe["gamma"])
+        sched = EpochLR(opt, recipe["gamma"])
     elif recipe["schedule"] == "multistep":
-        milestones = sorted({max(1, round(f * epochs)) for f in recipe["milestones"]})
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=recipe["gamma"])
+        sched = EpochLR(opt, recipe["gamma"], milestones={max(1, round(f * epochs)) for f in recipe["milestones"]})
     else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        sched = EpochLR(opt, milestones=())
     return opt, sched
 
 
@@ -293,7 +299,7 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
     ``on_epoch(epoch, history, model, opt, sched)`` runs after each epoch (checkpointing for requeue);
     ``resume`` is a state dict written from such a callback ({epoch, history, model, optimizer, scheduler}).
     """
-    opt, sched = make_optimizer(model, recipe, epochs, capturable=compile in GRAPH_MODES)
+    opt, sched = make_optimizer(model, recipe, epochs, compile)
     # torch.compile (``compile``: a mode, as resolve_perf gives it): slower start (seconds to minutes), faster
     # steps; the uncompiled module keeps the weights, so evaluation and saving never see the compiled wrapper.
     # The CUDA-graph modes record whole steps (StepGraph), kept across epochs.

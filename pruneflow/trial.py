@@ -71,7 +71,7 @@ def probe_memory(config, dense_path, steps=4):
     from .infer import checkpoint as ckpt_io
     from .infer.device import resolve_device
     from .step_graph import WARMUP
-    from .train import GRAPH_MODES, evaluate, get_recipe, make_optimizer, resolve_perf, steps_for, train_one_epoch
+    from .train import evaluate, get_recipe, make_optimizer, resolve_perf, steps_for, train_one_epoch
 
     dev = resolve_device(config["resources"]["device"])
     if dev.type != "cuda":
@@ -85,7 +85,7 @@ def probe_memory(config, dense_path, steps=4):
         model.to(memory_format=torch.channels_last)
     train_b, test_b = train_test_batches(meta["dataset"], recipe["batch_size"], dev, 0, data["root"],
                                          data["download"], p["channels_last"], p["loader"])
-    opt, _ = make_optimizer(model, recipe, 1, capturable=p["compile"] in GRAPH_MODES)
+    opt, _ = make_optimizer(model, recipe, 1, p["compile"])
     # compiled and recorded as the trials will be: CUDA graphs keep their own memory pools, which a trial holds
     # too (and the compilation fills the node's Inductor cache for the dense-shaped trials)
     step_model, graph = steps_for(model, opt, p["compile"], amp_dtype=p["amp_dtype"])

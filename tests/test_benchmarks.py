@@ -147,3 +147,15 @@ def test_trial_memory_benchmark_quick():
         peaks = [float(r[-1]) for r in rows if r[2] == arm]
         assert peaks == sorted(peaks) and peaks[0] > 100
     assert "resources.memory_per_trial:" in p.stdout
+
+
+def test_optimizer_start_benchmark_quick():
+    p = subprocess.run([sys.executable, "benchmarks/optimizer_start.py", "--quick"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = {" ".join(ln.split()[:2]): ln.split()[2:] for ln in p.stdout.splitlines() if ln.startswith("simple_cnn")}
+    assert sorted(rows) == ["simple_cnn pruneflow.optim", "simple_cnn ratio", "simple_cnn torch.optim"]
+    # what the module is for, in fresh processes: torch.optim imports TorchDynamo, pruneflow.optim does not
+    assert rows["simple_cnn torch.optim"][-1] == "yes" and rows["simple_cnn pruneflow.optim"][-1] == "no"
+    assert_clean_error(subprocess.run([sys.executable, "benchmarks/optimizer_start.py", "--models", "vgg"],
+                                      capture_output=True, text=True, cwd=ROOT), "vgg")

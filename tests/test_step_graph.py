@@ -47,7 +47,7 @@ def assert_same_state(a, b, rtol=1e-4, atol=1e-5):
 
 
 def train_epochs(model, mode, masks=None, epochs=2, recipe="cifar_resnet", amp_dtype=None):
-    opt, _ = make_optimizer(model, get_recipe(recipe), 10, capturable=mode is not None)
+    opt, _ = make_optimizer(model, get_recipe(recipe), 10, mode)
     step_model, graph = steps_for(model, opt, mode, masks=masks, amp_dtype=amp_dtype)
     batches = cifar_batches()
     return [train_one_epoch(model, batches, opt, masks, step_model=step_model, graph=graph, amp_dtype=amp_dtype)

@@ -28,6 +28,14 @@ class _Optimizer:
         self.param_groups = [dict(hyper, params=self.params)]
         self.state = {}
 
+    def _decayed_grads(self):
+        """(index, parameter, gradient + weight_decay · parameter) for each parameter with a gradient, as
+        torch.optim's loops begin (a new tensor when decaying: the stored gradient is left as it was)."""
+        weight_decay = self.param_groups[0]["weight_decay"]
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                yield i, p, (p.grad if weight_decay == 0 else p.grad.add(p, alpha=weight_decay))
+
     def zero_grad(self, set_to_none=True):
         if not set_to_none:
             raise ValueError("zero_grad(set_to_none=False) is not supported; pruneflow sets gradients to None")
@@ -65,11 +73,8 @@ class SGD(_Optimizer):
     @torch.no_grad()
     def step(self):
         g = self.param_groups[0]
-        lr, momentum, dampening, weight_decay = g["lr"], g["momentum"], g["dampening"], g["weight_decay"]
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            d = p.grad if weight_decay == 0 else p.grad.add(p, alpha=weight_decay)
+        lr, momentum, dampening = g["lr"], g["momentum"], g["dampening"]
+        for i, p, d in self._decayed_grads():
             if momentum != 0:
                 state = self.state.setdefault(i, {})
                 buf = state.get("momentum_buffer")
@@ -91,17 +96,14 @@ class Adadelta(_Optimizer):
     @torch.no_grad()
     def step(self):
         g = self.param_groups[0]
-        lr, rho, eps, weight_decay = g["lr"], g["rho"], g["eps"], g["weight_decay"]
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
+        lr, rho, eps = g["lr"], g["rho"], g["eps"]
+        for i, p, d in self._decayed_grads():
             state = self.state.get(i)
             if state is None:
                 state = self.state[i] = dict(step=torch.tensor(0.0),
                                              square_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
                                              acc_delta=torch.zeros_like(p, memory_format=torch.preserve_format))
             state["step"] += 1
-            d = p.grad if weight_decay == 0 else p.grad.add(p, alpha=weight_decay)
             square_avg, acc_delta = state["square_avg"], state["acc_delta"]
             square_avg.mul_(rho).addcmul_(d, d, value=1 - rho)
             std = square_avg.add(eps).sqrt_()

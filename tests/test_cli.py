@@ -77,11 +77,24 @@ def test_help_documents_every_parameter():
     for module, flags in [("pruneflow.train", ["--out", "--init", "--data_root", "--stem"]),
                           ("pruneflow.prune", ["--method", "--sparsity", "--exclude"]),
                           ("pruneflow.sweep", ["--shard", "--out"]),
+                          ("pruneflow.submit", ["--partition", "--report_partition"]),
                           ("pruneflow.infer", ["--device", "--batch_size", "--channels_last", "--dtype"])]:
         p = run_module(module, "--help")
+        assert p.returncode == 0, (module, p.returncode)  # sweep's **overrides once made Fire exit 2 for --help
         text = p.stdout + p.stderr
         for f in flags:  # required arguments are listed as positionals (OUT), flags as --name
             assert f in text or f"\n    {f.lstrip('-').upper()}\n" in text, (module, f)
+
+
+def test_help_anywhere_on_the_line_shows_help_and_runs_nothing(tmp_path):
+    # Fire alone ran `sweep JOB --help` into "unknown key 'help'" and timed the checkpoint of `infer CKPT --help`
+    for module, args in [("pruneflow.sweep", ["jobs/quickstart.yaml", "--out", tmp_path, "--help"]),
+                         ("pruneflow.submit", ["jobs/quickstart.yaml", "-h", "--out", tmp_path]),
+                         ("pruneflow.infer", [tmp_path / "none.safetensors", "--help"]),
+                         ("pruneflow.data", ["fetch", "--help"])]:
+        p = run_module(module, *args)
+        assert p.returncode == 0 and "SYNOPSIS" in p.stdout + p.stderr, (module, p.returncode, p.stderr)
+    assert list(tmp_path.iterdir()) == []  # no study was started, nothing was written
 
 
 @pytest.mark.parametrize("visible", ["7,5", None])

@@ -52,7 +52,7 @@ def run_cli(component, name=None):
     import fire
 
     try:
-        return exit_on_user_error(fire.Fire, component, name=name)
+        return exit_on_user_error(fire.Fire, component, command=help_command(sys.argv[1:], component), name=name)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -61,6 +61,18 @@ def run_cli(component, name=None):
         # the error again when it flushes stdout at exit, so stdout goes to /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+def help_command(argv, component):
+    """``argv``, or Fire's ``-- --help`` for ``component`` (after its subcommand, for a dict of commands) when
+    ``argv`` asks for help anywhere. Fire itself shows help for ``--help`` only where nothing else is on the line
+    and the command takes no **kwargs: ``sweep JOB --help`` ran into "unknown key 'help'" (sweep's dotted
+    settings), ``sweep --help`` printed the help with exit code 2, and ``infer CKPT --help`` timed the checkpoint."""
+    before = argv[:argv.index("--")] if "--" in argv else argv  # after Fire's separator, Fire's own business
+    if not any(a in ("--help", "-h") for a in before):
+        return argv
+    sub = argv[:1] if isinstance(component, dict) and argv[:1] and argv[0] in component else []
+    return sub + ["--", "--help"]
 
 
 def _path(path):

@@ -166,13 +166,10 @@ def ensure_dense(dense_path, spec, config, progress, given=False):
 
 
 def slot_counts(device="auto"):
-    """(CPUs, GPUs) this job may use: Slurm's allocation when inside a job, else the machine's.
+    """(CPUs, GPUs) this job may use: Slurm's allocation when inside a job, else the machine's (CPUs: job_cpus)."""
+    from .infer.device import job_cpus
 
-    CPUs: the fewer of SLURM_CPUS_PER_TASK and the cores this process may run on. Where Slurm does not bind
-    CPUs the affinity is the whole node, so Slurm's number counts; a SLURM_CPUS_PER_TASK inherited from an
-    allocation larger than this step's cores (salloc, then srun with fewer) must not oversubscribe them."""
-    affinity = len(os.sched_getaffinity(0))
-    cpus = min(int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or affinity, affinity)
+    cpus = job_cpus()
     gpus = 0
     if device in ("auto", "cuda") or device.startswith("cuda:"):
         import torch

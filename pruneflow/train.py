@@ -337,6 +337,14 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def keep_threads_to_job():
+    """No more torch threads than the CPUs Slurm gave the job (infer.device.job_cpus): torch starts one per core
+    it may run on, which where Slurm does not bind CPUs is the whole node, other jobs' cores included."""
+    from .infer.device import job_cpus
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), job_cpus())))
+
+
 def model_meta(arch, dataset, stem, num_classes):
     """The checkpoint metadata that describes how to rebuild and feed a model."""
     from .data import dataset_info
@@ -363,6 +371,7 @@ def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, d
     info = dataset_info(dataset)
     recipe = get_recipe(recipe or default_recipe(arch), batch_size=batch_size, lr=lr)
     dev = resolve_device(device)
+    keep_threads_to_job()
     seed_everything(seed)
     p = resolve_perf(perf, dev)
     model = build_model(arch, num_classes=info["classes"], in_channels=info["shape"][0], stem=stem).to(dev)
@@ -459,6 +468,7 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
     from .models import ARCHITECTURES
 
     keep_to_slurm_gpus(device, override="pass --device cuda")  # a Slurm job given no GPUs trains on the CPU
+    keep_threads_to_job()
     epochs = check_whole(epochs, "epochs", 0 if init else 1)
     seed = check_whole(seed, "seed", 0)
     if batch_size is not None:

@@ -273,15 +273,28 @@ def test_each_trial_worker_keeps_to_the_gpu_ray_gave_it_on_multi_gpu_nodes():
 
 
 def test_cpus_are_slurms_number_but_never_more_than_this_process_may_run_on(monkeypatch):
+    from pruneflow.infer.device import job_cpus
     from pruneflow.sweep import slot_counts
 
     cores = len(os.sched_getaffinity(0))
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
     assert slot_counts("cpu") == (1, 0)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(cores + 6))  # inherited from a larger allocation
     assert slot_counts("cpu") == (cores, 0)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     assert slot_counts("cpu") == (cores, 0)
+    # a job that did not ask --cpus-per-task (submit without it, a bare sbatch): Slurm's CPUs on this node count,
+    # where a node that does not bind CPUs lets the affinity be every core (a walkthrough's 2 shards of 1 CPU
+    # each ran 2 trials at a time on a 2-core node)
+    assert job_cpus({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "1"}) == 1
+    assert job_cpus({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": str(cores + 6)}) == cores
+    assert job_cpus({"SLURM_CPUS_ON_NODE": "1"}) == cores  # not inside a job: a stray variable means nothing
+    assert job_cpus({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1", "SLURM_CPUS_ON_NODE": "2"}) == 1
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "1")
+    assert slot_counts("cpu") == (1, 0)
 
 
 @pytest.mark.parametrize("environ, device, hides", [

@@ -173,17 +173,20 @@ def test_submit_bad_input(tmp_path, args, needles):
 
 def test_slurms_environment_gives_the_sweep_its_gpus_and_memory(tmp_path):
     """Slurm's own environment decides: a job without GPUs hides them (device auto), one with a GPU keeps its own;
-    a job's --mem is the memory its trials are packed into (resources.memory_per_trial)."""
+    a job's --mem is the memory its trials are packed into (resources.memory_per_trial); its CPUs, asked with
+    --cpus-per-task or not (1 then: this node does not bind CPUs, so every core is in the job's affinity), are
+    the trials' cores."""
     probe = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); "
-             "from pruneflow.infer.device import keep_to_slurm_gpus; from pruneflow.sweep import job_memory; "
+             "from pruneflow.infer.device import job_cpus, keep_to_slurm_gpus; from pruneflow.sweep import job_memory; "
              f"hid = keep_to_slurm_gpus('auto', gpu_files={str(tmp_path / 'nvidia[0-9]*')!r}); "
-             "print(hid, repr(os.environ.get('CUDA_VISIBLE_DEVICES')), job_memory()[0])")
+             "print(hid, repr(os.environ.get('CUDA_VISIBLE_DEVICES')), job_memory()[0], job_cpus())")
     ids = {}
-    for name, extra in (("none", ["-p", "debug", "--mem=300M"]), ("one", ["-p", "a100", "--gres=gpu:1", "--mem=200M"])):
+    for name, extra in (("none", ["-p", "debug", "--mem=300M"]),
+                        ("one", ["-p", "a100", "--gres=gpu:1", "--mem=200M", "--cpus-per-task=2"])):
         p = subprocess.run(["sbatch", "--parsable", *extra, "-o", str(tmp_path / f"{name}.out"),
                             "--wrap", f"{sys.executable} -c {shlex.quote(probe)}"], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
         ids[name] = p.stdout.strip().split(";")[0]
     wait_for(list(ids.values()), timeout=120)
-    assert (tmp_path / "none.out").read_text().split() == ["True", "''", str(300 * 2**20)]
-    assert (tmp_path / "one.out").read_text().split() == ["False", "'0'", str(200 * 2**20)]
+    assert (tmp_path / "none.out").read_text().split() == ["True", "''", str(300 * 2**20), "1"]
+    assert (tmp_path / "one.out").read_text().split() == ["False", "'0'", str(200 * 2**20), "2"]

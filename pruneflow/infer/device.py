@@ -67,6 +67,18 @@ def keep_to_slurm_gpus(device, environ=os.environ, gpu_files="/dev/nvidia[0-9]*"
     return True
 
 
+def job_cpus(environ=os.environ):
+    """The CPUs this process should use: the cores it may run on, or fewer where Slurm gave the job fewer.
+
+    Slurm's number is SLURM_CPUS_PER_TASK, or, for a job that did not ask --cpus-per-task, SLURM_CPUS_ON_NODE (its
+    CPUs on this node: 1 for a bare sbatch). Where Slurm does not bind CPUs (TaskPlugin=task/none) the affinity is
+    the whole node, so Slurm's number counts; a larger number inherited from a bigger allocation (salloc, then
+    srun with fewer) must not oversubscribe this step's cores. macOS has no affinity: all its cores."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = environ.get("SLURM_CPUS_PER_TASK") or (environ.get("SLURM_CPUS_ON_NODE") if "SLURM_JOB_ID" in environ else "")
+    return min(int(slurm), affinity) if slurm.isdigit() and int(slurm) > 0 else affinity
+
+
 def synchronize(device):
     """Wait for queued kernels, so a timer measures work done rather than work launched."""
     device = torch.device(device)

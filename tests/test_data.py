@@ -87,8 +87,22 @@ def test_missing_data_root_says_where_and_how(tmp_path):
     with pytest.raises(UserError) as e:
         load_split("cifar10", "train", tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(e.value) and "pruneflow.data fetch" in str(e.value)
+    # both spellings: train/data/infer flags, and the job file's keys (sweep refused --data-root and --download)
+    assert all(w in str(e.value) for w in ("--data-root", "data.root", "--download", "data.download: true"))
     with pytest.raises(UserError, match="not found"):
         load_split("mnist", "train", tmp_path)  # the directory exists but holds no MNIST
+
+
+def test_a_failed_download_says_so_in_one_line_and_leaves_no_empty_folders(tmp_path, monkeypatch):
+    # `data fetch mnist` without network said "mnist not found ... stage it with `data fetch mnist`" (the command
+    # just run) and left an empty MNIST/raw; a mirror that refuses connections stands in for no network
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(UserError) as e:
+        load_split("mnist", "train", tmp_path, download=True)
+    assert str(e.value).startswith(f"could not download mnist into {tmp_path}: ") and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_digits_split_is_fixed_and_disjoint():

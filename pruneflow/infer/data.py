@@ -9,6 +9,7 @@ Torch + torchvision only (``digits`` reads scikit-learn's bundled data file), be
 measures test accuracy with it on machines that have nothing else.
 """
 
+import contextlib
 import functools
 import os
 
@@ -59,12 +60,16 @@ def load_split(name, split, root=None, download=False):
     import torchvision
 
     cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
+    made = [d for d in _folders(name, root) if not os.path.exists(d)]  # what a failed download may leave empty
     try:
         ds = cls(root, train=(split == "train"), download=download)
-    except RuntimeError as e:  # torchvision: "Dataset not found ..." / "... or corrupted"
+    except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found ..." / "... or corrupted"; no network
+        for d in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)  # only if still empty
+        if download:  # e.g. no network on a compute node (`data fetch`, --download)
+            raise UserError(f"could not download {name} into {root}: {' '.join(str(e).split()) or type(e).__name__}") from None
         raise UserError(_missing(name, root, str(e).split(".")[0].lower())) from None
-    except OSError as e:  # e.g. no network on a compute node while --download was asked for
-        raise UserError(f"could not download {name} into {root}: {e}") from None
     except Exception as e:  # malformed files: torchvision raises whatever its parser hits
         raise UserError(f"{name} files under {root} could not be read ({type(e).__name__}: {e})") from None
     if name == "mnist":
@@ -76,12 +81,18 @@ def load_split(name, split, root=None, download=False):
     return images, labels
 
 
+def _folders(name, root):
+    """The folders torchvision keeps ``name`` in under ``root``, innermost first."""
+    return {"mnist": [os.path.join(root, "MNIST", "raw"), os.path.join(root, "MNIST")],
+            "cifar10": [os.path.join(root, "cifar-10-batches-py")]}[name]
+
+
 def _missing(name, root, why):
-    folder = {"mnist": "MNIST/raw", "cifar10": "cifar-10-batches-py"}[name]
     return (
         f"{name} not found under {root} ({why}). Stage it on a machine with internet with "
-        f"`python -m pruneflow.data fetch {name} --data-root {root}` (or pass --download), "
-        f"then copy {os.path.join(root, folder)} to the same place here, or point --data-root at it"
+        f"`python -m pruneflow.data fetch {name} --data-root {root}` (or download here: --download, in a job "
+        f"file data.download: true), then copy {_folders(name, root)[0]} to the same place here, or point "
+        f"--data-root (a job file's data.root) at it"
     )
 
 

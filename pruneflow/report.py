@@ -15,7 +15,7 @@ import os
 import shlex
 
 from .figures import (atomic_write, fig_devices, fig_methods, fig_pareto, fig_size, fig_time, save_figure, slug)
-from .infer.errors import UserError, check_writable_dir
+from .infer.errors import UserError, check_writable_dir, require
 from .study import (baseline, device_label, device_series, done, load_study, method_order, missed_mac_targets,
                     missing_parts, slower_than_dense, speedup)
 
@@ -290,6 +290,7 @@ def cli(study, out=None, format="png,pdf", show=None, only=None, dpi=100, arch=N
         (--arch l1-0.70-s0) picks the pruned model drawn and the chart's sparsity; a number (--arch 0.7)
         the sparsity (default 0.5 or the nearest present); --noarch leaves them out.
     """
+    require("pruneflow.report", "h5py", "matplotlib")
     formats, kinds = _formats(format), _kinds(only)
     try:
         dpi = float(dpi)

@@ -15,9 +15,14 @@ import shutil
 import subprocess
 import sys
 
-import submitit
+try:
+    import submitit
 
-from .infer.errors import UserError, check_whole
+    Checkpointable = submitit.helpers.Checkpointable
+except ModuleNotFoundError:  # cli() says so in one line (require); nothing below runs without it
+    submitit, Checkpointable = None, object
+
+from .infer.errors import UserError, check_whole, require
 
 
 def _finished(result):
@@ -29,7 +34,7 @@ def _finished(result):
     return result
 
 
-class TrainStep(submitit.helpers.Checkpointable):
+class TrainStep(Checkpointable):
     """Train the study's dense model (resumes from OUT/<study>/dense.safetensors.resume.pt on requeue)."""
 
     def __init__(self, job, out, overrides):
@@ -41,7 +46,7 @@ class TrainStep(submitit.helpers.Checkpointable):
         return _finished(run_sweep(self.job, out=self.out, progress=False, train_only=True, **self.overrides))
 
 
-class SweepShard(submitit.helpers.Checkpointable):
+class SweepShard(Checkpointable):
     """One node's shard (resumes from its HDF5 file on requeue: finished trials are skipped)."""
 
     def __init__(self, job, shard, out, overrides):
@@ -53,7 +58,7 @@ class SweepShard(submitit.helpers.Checkpointable):
         return _finished(run_sweep(self.job, shard=self.shard, out=self.out, progress=False, **self.overrides))
 
 
-class ReportStep(submitit.helpers.Checkpointable):
+class ReportStep(Checkpointable):
     """Figures and summary.md from whatever the shards left (runs after them, even if some failed)."""
 
     def __init__(self, study_dir):
@@ -284,6 +289,7 @@ def cli(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, mem=N
         8G and 30 minutes of the shards' request.
       overrides: any job-file setting as a dotted flag, as for pruneflow.sweep.
     """
+    require("pruneflow.submit", "yaml", "submitit")  # the jobs' own packages are the compute nodes' (or the container's)
     submit(job, partition, nodes, gpus_per_node, cpus_per_task, mem, time, account, qos, container, cluster, out,
            signal_delay_s, dry_run, report_partition, **overrides)
 

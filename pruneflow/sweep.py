@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from .infer.errors import UserError, check_writable_dir
+from .infer.errors import UserError, check_writable_dir, require
 
 
 def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_only=False, **overrides):
@@ -730,6 +730,7 @@ def cli(job, shard=None, out="results", dense=None, progress=True, train_only=Fa
       train_only: only make sure the dense checkpoint exists (train it if absent), then stop.
       overrides: any job-file setting as a dotted flag, e.g. --finetune.epochs 1 --resources.device cpu.
     """
+    require("pruneflow.sweep", "yaml", "h5py", "ray", "tqdm", "psutil")  # before hours of dense training
     check_flags(overrides)
     exit_on_sigterm()
     t0 = time.perf_counter()

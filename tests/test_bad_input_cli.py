@@ -1,10 +1,12 @@
 """Bad input to the train and prune CLIs: one 'error:' line and exit 2, never a traceback, and nothing lost."""
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import assert_clean_error, run_module
+from conftest import ROOT, assert_clean_error, run_module
 from pruneflow.infer import checkpoint as ckpt_io
 from pruneflow.infer.errors import UserError
 from pruneflow.prune import prune
@@ -107,3 +109,23 @@ def test_finetune_refuses_to_overwrite_its_input(dense_ckpt, tmp_path):
     p = run_module("pruneflow.train", "--init", ckpt, "--out", ckpt, "--epochs", 1)
     assert_clean_error(p, str(ckpt), "input checkpoint itself")
     assert ckpt.read_bytes() == original
+
+
+@pytest.mark.parametrize("blocked, args, needles", [
+    ("yaml", ["pruneflow.sweep", "jobs/quickstart.yaml"], ["pruneflow.sweep needs pyyaml", "pruneflow[sweep]"]),
+    ("ray,psutil", ["pruneflow", "--out", "OUT"], ["pruneflow.sweep needs ray, psutil", "pip install ray psutil"]),
+    ("h5py", ["pruneflow.report", "OUT"], ["pruneflow.report needs h5py", "pruneflow[sweep]"]),
+    ("submitit", ["pruneflow.submit", "jobs/quickstart.yaml", "--dry-run"], ["needs submitit", "pruneflow[hpc]"]),
+    ("submitit", ["pruneflow", "submit", "jobs/quickstart.yaml", "--dry-run"], ["needs submitit", "pruneflow[hpc]"]),
+])
+def test_a_missing_optional_package_is_one_line_before_any_work(tmp_path, blocked, args, needles):
+    # `pip install pruneflow` (inference only) or '[sweep]' without submitit: each command names what to install
+    # (these ended in ModuleNotFoundError tracebacks), and the sweep says so before training anything
+    code = ("import runpy, sys\n"
+            f"for m in {blocked.split(',')!r}: sys.modules[m] = None  # as if not installed\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+    args = [str(tmp_path) if a == "OUT" else a for a in args]
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert_clean_error(p, *needles)
+    assert not (tmp_path / "quickstart").exists()  # nothing was started

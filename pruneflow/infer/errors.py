@@ -29,6 +29,41 @@ def exit_on_user_error(fn, *args, **kwargs):
         sys.exit(EXIT_USER_ERROR)
 
 
+# Optional packages (import name -> pip name, the pyproject extra that installs it): a command run without one
+# says so in one line rather than in a traceback.
+EXTRAS = {"yaml": ("pyyaml", "sweep"), "h5py": ("h5py", "sweep"), "ray": ("ray", "sweep"),
+          "matplotlib": ("matplotlib", "sweep"), "tqdm": ("tqdm", "sweep"), "psutil": ("psutil", "sweep"),
+          "sklearn": ("scikit-learn", "sweep"), "torch_pruning": ("torch-pruning", "sweep"),
+          "pynvml": ("nvidia-ml-py", "sweep"), "nni": ("nni", "nni"), "tensorboard": ("tensorboard", "nni"),
+          "submitit": ("submitit", "hpc")}
+
+
+def missing_packages(*modules):
+    """The import names among ``modules`` that cannot be imported here (nothing is imported)."""
+    import importlib.util
+
+    def absent(m):
+        if m in sys.modules:
+            return sys.modules[m] is None
+        return importlib.util.find_spec(m) is None
+
+    return [m for m in modules if absent(m)]
+
+
+def require(command, *modules):
+    """Refuse to start ``command`` (before any work) when one of the optional ``modules`` is not installed."""
+    missing = missing_packages(*modules)
+    if missing:
+        raise UserError(_install_hint(command, missing))
+
+
+def _install_hint(command, modules):
+    names = ", ".join(EXTRAS[m][0] for m in modules)
+    extras = sorted({EXTRAS[m][1] for m in modules})
+    return (f"{command} needs {names}, not installed here: pip install 'pruneflow[{','.join(extras)}]' "
+            f"(or pip install {' '.join(EXTRAS[m][0] for m in modules)})")
+
+
 def check_whole(v, what, minimum):
     """``v`` if it is a whole number >= ``minimum``. Fire passes flags as parsed ('abc' stays a string), and
     True is an int in Python: both are refused here rather than crashing deep inside torch."""
@@ -56,6 +91,12 @@ def run_cli(component, name=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except ModuleNotFoundError as e:  # an optional package that no require() asked for up front
+        top = (e.name or "").split(".")[0]
+        if top not in EXTRAS or os.environ.get("PRUNEFLOW_DEBUG"):
+            raise
+        print(f"error: {_install_hint(name or 'this command', [top])}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     except BrokenPipeError:
         # the reader went away (``... | head``): stop quietly, as command-line tools do. Python would print
         # the error again when it flushes stdout at exit, so stdout goes to /dev/null first.

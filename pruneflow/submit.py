@@ -22,7 +22,7 @@ try:
 except ModuleNotFoundError:  # cli() says so in one line (require); nothing below runs without it
     submitit, Checkpointable = None, object
 
-from .infer.errors import UserError, check_whole, require
+from .infer.errors import UserError, check_flag, check_whole, require
 
 
 def _finished(result):
@@ -113,6 +113,7 @@ def submit(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, me
     """Submit (or print) the pipeline. Returns a dict of job ids (empty for a dry run)."""
     from .spec import load_spec
 
+    dry_run = check_flag(dry_run, "dry_run")  # Fire gives --dry-run false as the string 'false'
     if cluster not in ("slurm", "local"):
         raise UserError(f"--cluster must be slurm or local, got {cluster!r}")
     for name, v, least in (("nodes", nodes, 1), ("gpus-per-node", gpus_per_node, 0),

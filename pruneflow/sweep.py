@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from .infer.errors import UserError, check_writable_dir, require
+from .infer.errors import UserError, check_flag, check_writable_dir, require
 
 
 def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_only=False, **overrides):
@@ -732,6 +732,8 @@ def cli(job, shard=None, out="results", dense=None, progress=True, train_only=Fa
     """
     require("pruneflow.sweep", "yaml", "h5py", "ray", "tqdm", "psutil")  # before hours of dense training
     check_flags(overrides)
+    # Fire passes --progress false as the string 'false', which is true
+    progress, train_only = check_flag(progress, "progress"), check_flag(train_only, "train_only")
     exit_on_sigterm()
     t0 = time.perf_counter()
     try:

@@ -181,6 +181,7 @@ def test_two_sweeps_at_once_on_one_machine(tmp_path, dense_ckpt):
     (["--data.dataset", "mnist", "--data.root", "/nonexistent/data"], ["mnist not found under /nonexistent/data"]),
     (["--train.checkpoint", "/nonexistent/d.safetensors"], ["train.checkpoint /nonexistent/d.safetensors does not exist"]),
     (["--shards", "0/2"], ["unknown flag --shards: did you mean --shard?"]),
+    (["--progress", "maybe"], ["progress must be true or false"]),  # Fire's string: 'false' was taken as true
 ])
 def test_sweep_bad_input(tmp_path, args, needles):
     p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, *args)

@@ -11,7 +11,7 @@ import platform
 import socket
 import sys
 
-from .errors import UserError, check_writable_file, run_cli
+from .errors import UserError, check_flag, check_writable_file, run_cli
 
 # torch and friends are imported inside the functions: `--help` must answer without loading torch.
 JSON_SCHEMA = "pruneflow-device/1"
@@ -49,6 +49,7 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
 
     keep_to_slurm_gpus(device, override="pass --device cuda")  # in a Slurm job given no GPUs, auto times the CPU
     batch_size, warmup, trials = _positive(batch_size, "batch size"), _nonneg(warmup, "warmup"), _positive(trials, "trials")
+    accuracy, paired = check_flag(accuracy, "accuracy"), check_flag(paired, "paired")  # 'false' is a true string
     if str(dtype) not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     dev = resolve_device(device)

@@ -5,7 +5,7 @@ module adds what only training needs, and the ``fetch`` command for staging data
 ``python -m pruneflow.data fetch cifar10 --data-root /scratch/$USER/data``.
 """
 
-from .infer.data import DATASETS, DEFAULT_DATA_ROOT, Batches, dataset_info, load_split, random_crop_flip  # noqa: F401
+from .infer.data import DATASETS, DEFAULT_DATA_ROOT, SYNTHETIC, Batches, dataset_info, load_split, random_crop_flip  # noqa: F401
 from .infer.errors import UserError
 
 
@@ -88,6 +88,12 @@ def fetch(dataset, data_root=DEFAULT_DATA_ROOT):
     if dataset == "digits":
         print("digits ships with scikit-learn; nothing to fetch")
         return
+    if dataset in SYNTHETIC:
+        print(f"{dataset} is generated in memory wherever it is used (random images of {SYNTHETIC[dataset][0]}'s "
+              "shapes and sizes); nothing to fetch")
+        return
+    if dataset not in DATASETS:
+        raise UserError(f"unknown data set {dataset!r}; valid: {', '.join(DATASETS)}")
     for split in ("train", "test"):
         images, _ = load_split(dataset, split, data_root, download=True)
         print(f"{dataset} {split}: {len(images):,} images under {data_root}")

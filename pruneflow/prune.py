@@ -57,7 +57,11 @@ def require_backend(label):
     if importlib.util.find_spec(module) is None:
         hint = ""
         if backend == "nni":  # level (unstructured) has no DepGraph twin: name the structured ones
-            alt = f"{method}@depgraph" if method in BACKENDS["depgraph"] else ", ".join(f"{m}@depgraph" for m in STRUCTURED)
+            if method in BACKENDS["depgraph"]:
+                alt = f"{method}@depgraph"
+            else:
+                alt = (f"it has no unstructured pruning like {method}, only structured: "
+                       + ", ".join(f"{m}@depgraph" for m in STRUCTURED))
             hint = f"; or use the DepGraph backend, which needs no NNI: {alt} (see jobs/quickstart_depgraph.yaml)"
         raise UserError(f"pruning method {label!r} needs {backend.upper() if backend == 'nni' else 'Torch-Pruning'}, "
                         f"which is not installed here ({how}{hint})")

@@ -8,6 +8,7 @@ Slurm's timeout/preemption signal submitit requeues them, and they resume from w
 training from its per-epoch state, a shard from its HDF5 file, finished trials skipped).
 """
 
+import contextlib
 import os
 import re
 import shlex
@@ -251,16 +252,24 @@ def run_local(folder, job, out, overrides, nodes, study_dir, minutes):
     """No Slurm: the same three steps through submitit's local executor, one after another, and the shards one
     after another too (each sweep uses every core and GPU of this machine)."""
     ex = local_executor(folder, minutes)
-    ids = {"train": ex.submit(TrainStep(job, out, overrides))}
+
+    def start(what, step):  # each step runs for minutes without a word here: say what and where its log is
+        j = ex.submit(step)
+        print(f"local: {what} (job {j.job_id}, log {j.paths.stdout})", flush=True)
+        return j
+
+    ids = {"train": start("dense training", TrainStep(job, out, overrides))}
     ids["train"].result()
     for i in range(nodes):
-        s = ex.submit(SweepShard(job, f"{i}/{nodes}", out, overrides))
+        s = start(f"sweep shard {i}/{nodes}", SweepShard(job, f"{i}/{nodes}", out, overrides))
         try:
             s.result()
         except Exception as e:  # the report still runs, as afterany does on Slurm
             print(f"shard job {s.job_id} failed: {str(e).strip().splitlines()[-1][:300]}")
-    ids["report"] = ex.submit(ReportStep(study_dir))
+    ids["report"] = start("report", ReportStep(study_dir))
     ids["report"].result()
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)  # the executor makes its folder pattern ('.../%j') literally too; only if empty
     print(f"local pipeline finished; results in {study_dir}")
     return {k: v.job_id for k, v in ids.items()}
 

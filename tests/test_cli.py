@@ -112,3 +112,22 @@ def test_local_pipeline_steps_see_the_callers_gpus(tmp_path, monkeypatch, visibl
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     job = local_executor(str(tmp_path / "%j"), minutes=2).submit(functools.partial(os.getenv, "CUDA_VISIBLE_DEVICES"))
     assert job.result() == visible
+
+
+def test_submit_cluster_local_runs_the_whole_pipeline_here(tmp_path):
+    # `submit --cluster local`: dense training -> the shard -> the report through submitit's local executor, each
+    # step announced with its log (it was silent for the whole run) and no literal '%j' folder left behind
+    p = run_module("pruneflow.submit", "jobs/quickstart.yaml", "--cluster", "local", "--out", tmp_path,
+                   "--train.epochs", 1, "--finetune.epochs", 1, "--latency.trials", 3,
+                   "--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.5]")
+    assert p.returncode == 0, p.stdout + p.stderr
+    steps = re.findall(r"^local: (.+) \(job \d+, log (\S+)\)$", p.stdout, re.M)
+    assert [s for s, _ in steps] == ["dense training", "sweep shard 0/1", "report"], p.stdout
+    assert all(os.path.exists(log) for _, log in steps)
+    study = tmp_path / "quickstart"
+    from pruneflow.results import read_trials
+
+    assert sorted(r["id"] for r in read_trials(study / "shard-0-of-1.h5") if r["status"] == "done") == \
+        ["control-s0", "dense-s0", "l1@depgraph-0.50-s0"]
+    assert (study / "report" / "summary.md").exists()
+    assert "%j" not in os.listdir(study / "slurm")

@@ -231,7 +231,8 @@ def print_dry_run(folder, python, params, steps, nodes, study):
             p["dependency"] = dependency
         if step == "sweep":
             p["map_count"], p["array_parallelism"] = nodes, nodes
-        command = " ".join([python or "python", "-u -m submitit.core._submit", shlex.quote(folder)])
+        # what submitit runs: the given command (a container), else this interpreter, as SlurmExecutor defaults to
+        command = " ".join([python or shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
         print(f"# ---- {step} job of study {study} " + (f"({nodes} array task(s), shard i/{nodes})" if step == "sweep" else ""))
         print(_make_sbatch_string(command=command, folder=folder, **p))
     return {}

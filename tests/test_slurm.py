@@ -130,6 +130,7 @@ def test_dry_run_shows_what_would_be_asked(tmp_path):
     assert "--gpus-per-node=1" in jobs["train"]  # one model trains on one GPU: 3 would sit idle
     assert "--gpus-per-node" not in jobs["report"]
     assert not (tmp_path / "quickstart" / "slurm").exists()  # nothing was submitted
+    assert f"{sys.executable} -u -m submitit.core._submit" in jobs["sweep"]  # the interpreter a submission runs
     # the report draws figures: a shard's node, memory and time would only keep it queued
     p = run_module("pruneflow.submit", "jobs/quickstart.yaml", "--partition", "a100", "--gpus-per-node", 4,
                    "--cpus-per-task", 32, "--mem", "1T", "--time", "1-00:00:00", "--report-partition", "debug",

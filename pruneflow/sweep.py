@@ -703,18 +703,22 @@ def print_summary(records):
         return
     order = {"dense": 0, "control": 1, "pruned": 2}
     records = sorted(records, key=lambda r: (order.get(r.get("arm"), 3), r["method"], r["sparsity"], r["seed"]))
-    head = f"{'trial':<18} {'method':<8} {'sparsity':>8} {'params':>11} {'MACs':>12} {'val acc %':>9} {'latency ms':>11} {'speedup':>7}  status"
+    w_id = max(18, *(len(r["id"]) for r in records))  # taylor@depgraph-x2.00-s0 is 24
+    w_m = max(8, *(len(r["method"]) for r in records))
+    head = (f"{'trial':<{w_id}} {'method':<{w_m}} {'sparsity':>8} {'params':>11} {'MACs':>12} {'val acc %':>9} "
+            f"{'latency ms':>11} {'speedup':>7}  status")
     print(head)
     print("-" * len(head))
     for r in records:
+        start = f"{r['id']:<{w_id}} {r['method']:<{w_m}} {r['sparsity']:>8.2f} "
         if r["status"] == "done":
-            print(f"{r['id']:<18} {r['method']:<8} {r['sparsity']:>8.2f} {r['params']:>11,} {r['macs']:>12,} "
-                  f"{100 * r['val_acc']:>9.2f} {1e3 * r['latency_median']:>11.3f} {_speedup(r):>7}  done")
+            print(f"{start}{r['params']:>11,} {r['macs']:>12,} {100 * r['val_acc']:>9.2f} "
+                  f"{1e3 * r['latency_median']:>11.3f} {_speedup(r):>7}  done")
         else:
-            print(f"{r['id']:<18} {r['method']:<8} {r['sparsity']:>8.2f} {'':>11} {'':>12} {'':>9} {'':>11} {'':>7}  "
-                  f"FAILED: {str(r.get('error', ''))[:80]}")
+            print(f"{start}{'':>11} {'':>12} {'':>9} {'':>11} {'':>7}  FAILED: {str(r.get('error', ''))[:80]}")
     failed = sum(r["status"] != "done" for r in records)
-    print(f"{len(records) - failed} done, {failed} failed")
+    # the whole results file, earlier runs included; the line after it counts this run's trials
+    print(f"{len(records) - failed} done, {failed} failed in this shard's results file")
 
 
 def cli(job, shard=None, out="results", dense=None, progress=True, train_only=False, **overrides):

@@ -148,7 +148,9 @@ def provenance(study):
         env = a["env"]
         lines.append(f"- `{name}`: shard {a.get('shard', '?')}, host {a.get('host', '?')}, created "
                      f"{a.get('created', '?')}, pruneflow {a.get('pruneflow_version', '?')}")
-        lines.append(f"  - device: {env.get('device_name', '?')}; CPU: {env.get('cpu', '?')}; CUDA {env.get('cuda', '?')}"
+        # env's cuda is torch.version.cuda: the build, which a CPU-only run has too
+        cuda = f"torch built for CUDA {env['cuda']}" if env.get("cuda") not in (None, "", "None") else "torch without CUDA"
+        lines.append(f"  - device: {env.get('device_name', '?')}; CPU: {env.get('cpu', '?')}; {cuda}"
                      + (f"; Slurm job {env['slurm_job_id']}" if env.get("slurm_job_id") else ""))
         versions = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "torchvision", "nni", "ray", "h5py",
                                                        "safetensors") if k in env)
@@ -234,7 +236,8 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
             if len(series) < 2:
                 notes.append(f"devices figure for {model} skipped: only one device ({series[0][0] if series else 'none'}); "
                              f"add one with python -m pruneflow.infer --ckpt {os.path.join(study_dir, 'checkpoints')} "
-                             "on another machine and copy its devices/*.json here")
+                             "on another machine and copy the devices/*.json it writes there into "
+                             f"{os.path.join(study_dir, 'checkpoints', 'devices')}")
             else:
                 figs.append((f"devices-{slug(model)}", fig_devices(study, model, dataset, methods, series)))
         for name, fig in figs:

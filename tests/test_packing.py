@@ -291,6 +291,7 @@ def test_cpus_are_slurms_number_but_never_more_than_this_process_may_run_on(monk
     assert job_cpus({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "1"}) == 1
     assert job_cpus({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": str(cores + 6)}) == cores
     assert job_cpus({"SLURM_CPUS_ON_NODE": "1"}) == cores  # not inside a job: a stray variable means nothing
+    assert job_cpus({"SLURM_JOB_ID": "7"}) == cores  # a job without the variable (a test, an older Slurm)
     assert job_cpus({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1", "SLURM_CPUS_ON_NODE": "2"}) == 1
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_CPUS_ON_NODE", "1")

@@ -75,7 +75,8 @@ def job_cpus(environ=os.environ):
     the whole node, so Slurm's number counts; a larger number inherited from a bigger allocation (salloc, then
     srun with fewer) must not oversubscribe this step's cores. macOS has no affinity: all its cores."""
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    slurm = environ.get("SLURM_CPUS_PER_TASK") or (environ.get("SLURM_CPUS_ON_NODE") if "SLURM_JOB_ID" in environ else "")
+    on_node = environ.get("SLURM_CPUS_ON_NODE", "") if "SLURM_JOB_ID" in environ else ""
+    slurm = environ.get("SLURM_CPUS_PER_TASK") or on_node
     return min(int(slurm), affinity) if slurm.isdigit() and int(slurm) > 0 else affinity
 
 

@@ -20,7 +20,9 @@ try:
     import submitit
 
     Checkpointable = submitit.helpers.Checkpointable
-except ModuleNotFoundError:  # cli() says so in one line (require); nothing below runs without it
+except ModuleNotFoundError as e:  # cli() says so in one line (require); nothing below runs without it
+    if e.name != "submitit":  # submitit there but broken (one of its own dependencies): its own error
+        raise
     submitit, Checkpointable = None, object
 
 from .infer.errors import UserError, check_flag, check_whole, require

@@ -129,3 +129,20 @@ def test_a_missing_optional_package_is_one_line_before_any_work(tmp_path, blocke
     p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert_clean_error(p, *needles)
     assert not (tmp_path / "quickstart").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("missing, clean", [("h5py", True), ("matplotlib.no_such_submodule", False)])
+def test_run_cli_names_a_missing_package_but_not_a_missing_submodule(missing, clean):
+    # a package not installed is the user's to install (one line); an installed package without a submodule pruneflow
+    # imports (another version) is pruneflow's bug, and its traceback must not be disguised as "not installed"
+    code = ("import sys\n"
+            "sys.modules['h5py'] = None  # as if not installed\n"
+            "from pruneflow.infer.errors import run_cli\n"
+            f"def command():\n    import {missing}\n"
+            "sys.argv = ['command']\n"
+            "run_cli(command, name='demo')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    if clean:
+        assert_clean_error(p, "demo needs h5py, not installed here", "pruneflow[sweep]")
+    else:
+        assert p.returncode == 1 and "Traceback" in p.stderr and "not installed" not in p.stderr, p.stderr

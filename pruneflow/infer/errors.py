@@ -74,9 +74,12 @@ def check_whole(v, what, minimum):
 
 def check_flag(v, what):
     """``v`` as a bool. Fire gives True/False for --flag/--noflag and --flag=True, but the string 'true' for
-    --flag=true: accept those words, refuse anything else (a typo would otherwise count as true)."""
+    --flag=true, and the int 1 for --flag=1: accept those, refuse anything else (a typo would otherwise count
+    as true)."""
     if isinstance(v, bool):
         return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
     if isinstance(v, str) and v.lower() in ("true", "false"):
         return v.lower() == "true"
     raise UserError(f"{what} must be true or false (--{what} / --no{what}), got {v!r}")
@@ -92,10 +95,10 @@ def run_cli(component, name=None):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except ModuleNotFoundError as e:  # an optional package that no require() asked for up front
-        top = (e.name or "").split(".")[0]
-        if top not in EXTRAS or os.environ.get("PRUNEFLOW_DEBUG"):
+        # only the package itself missing: a missing submodule of an installed one (another NNI version) is a bug
+        if e.name not in EXTRAS or os.environ.get("PRUNEFLOW_DEBUG"):
             raise
-        print(f"error: {_install_hint(name or 'this command', [top])}", file=sys.stderr)
+        print(f"error: {_install_hint(name or 'this command', [e.name])}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except BrokenPipeError:
         # the reader went away (``... | head``): stop quietly, as command-line tools do. Python would print

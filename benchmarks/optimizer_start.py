@@ -64,10 +64,12 @@ def main():
     a = ap.parse_args()
     if a.quick:
         a.models, a.rounds, a.steps = "simple_cnn", 1, 3
+    from pruneflow.models import ARCHITECTURES
+
     models = [m.strip() for m in a.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in ("simple_cnn", "resnet18", "resnet50", "resnet101")]
+    bad = [m for m in models if m not in ARCHITECTURES]
     if bad:
-        sys.exit(f"error: unknown model(s) {', '.join(bad)}; --models takes simple_cnn, resnet18, resnet50, resnet101")
+        sys.exit(f"error: unknown model(s) {', '.join(bad)}; --models takes {', '.join(ARCHITECTURES)}")
     if a.rounds < 1 or a.steps < 0:
         sys.exit("error: --rounds must be >= 1 and --steps >= 0")
 

@@ -92,8 +92,6 @@ def fetch(dataset, data_root=DEFAULT_DATA_ROOT):
         print(f"{dataset} is generated in memory wherever it is used (random images of {SYNTHETIC[dataset][0]}'s "
               "shapes and sizes); nothing to fetch")
         return
-    if dataset not in DATASETS:
-        raise UserError(f"unknown data set {dataset!r}; valid: {', '.join(DATASETS)}")
     for split in ("train", "test"):
         images, _ = load_split(dataset, split, data_root, download=True)
         print(f"{dataset} {split}: {len(images):,} images under {data_root}")

@@ -50,11 +50,11 @@ BACKEND_PACKAGES = {"nni": ("nni", "pip install 'pruneflow[nni]'"), "depgraph": 
 
 def require_backend(label):
     """Fail with one clear message when the backend of method ``label`` is not installed."""
-    import importlib.util
+    from .infer.errors import missing_packages
 
     method, backend = parse_method(label)
     module, how = BACKEND_PACKAGES[backend]
-    if importlib.util.find_spec(module) is None:
+    if missing_packages(module):
         hint = ""
         if backend == "nni":  # level (unstructured) has no DepGraph twin: name the structured ones
             if method in BACKENDS["depgraph"]:

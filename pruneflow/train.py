@@ -468,7 +468,6 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
     from .models import ARCHITECTURES
 
     keep_to_slurm_gpus(device, override="pass --device cuda")  # a Slurm job given no GPUs trains on the CPU
-    keep_threads_to_job()
     epochs = check_whole(epochs, "epochs", 0 if init else 1)
     seed = check_whole(seed, "seed", 0)
     if batch_size is not None:
@@ -485,6 +484,7 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
         path = check_writable_file(out)
         check_not_input(init, path, "fine-tuned model")
         net, meta = ckpt_io.load(init)
+        keep_threads_to_job()  # train_dense does it itself
         history = finetune(net, meta, epochs, recipe or "finetune", seed, device, data_root, download, True,
                            batch_size, lr)
         ckpt_io.save(net, path, dict(meta, accuracy=history[-1]["val_acc"], finetune_epochs=epochs, history=history))

@@ -8,8 +8,7 @@
 
 Uses the one timing implementation (pruneflow.infer.timing: input on the device, warm-up at the timed shape,
 device synchronised around each call), as a sweep's trials do: the dense and the pruned model timed alternately,
-call by call; speedup = the median of the per-pair ratios (the ms columns: each side's median); on the CPU with
-glibc's malloc keeping freed blocks (infer.timing.keep_freed_memory), as in the sweep and pruneflow.infer.
+call by call; speedup = the median of the per-pair ratios (the ms columns: each side's median).
 Pruning is DepGraph L1 (fast, reaches its nominal sparsity).
 """
 
@@ -21,7 +20,7 @@ from _common import print_header
 
 from pruneflow.infer.device import resolve_device
 from pruneflow.infer.errors import UserError, exit_on_user_error
-from pruneflow.infer.timing import keep_freed_memory, paired_speedup, summarize, time_forward_paired
+from pruneflow.infer.timing import paired_speedup, summarize, time_forward_paired
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.prune import prune
 
@@ -50,9 +49,7 @@ def main():
         raise UserError("sparsities in (0, 1), batch sizes >= 1, --round-to >= 2")
     head = (f"{'model':<10} {'sparsity':>8} {'batch':>5} {'dense ms':>9} {'pruned ms':>9} {'speedup':>7} {'MACs÷':>6} "
             f"{'spd/MAC':>7} {'round':>5}")
-    kept = dev.type == "cpu" and keep_freed_memory()  # the steady state a sweep's trials and pruneflow.infer time in
-    print_header(dev, f"median of {args.trials} after 5 warm-up, dense and pruned alternately"
-                      + (f", keep_freed_memory {kept}" if dev.type == "cpu" else ""), head)
+    print_header(dev, f"median of {args.trials} after 5 warm-up, dense and pruned alternately", head)
     torch.manual_seed(0)
     for arch, shape in models:
         dense = build_model(arch, 10, shape[0], "cifar").eval()

@@ -2,17 +2,13 @@
 
     python benchmarks/train_throughput.py                 # SimpleCNN (MNIST shape), ResNet-18/101 (CIFAR shape)
     python benchmarks/train_throughput.py --quick         # CI-sized
-    python benchmarks/train_throughput.py --stock-malloc  # glibc malloc's defaults for every row
     python benchmarks/train_throughput.py --device cuda
     python benchmarks/train_throughput.py --device cuda --compile cudagraphs,reduce-overhead   # + compiled rows
     python benchmarks/train_throughput.py --device cuda --compile reduce-overhead --precision bf16
 
 seed-style:  torch DataLoader + per-image torchvision transforms (crop/flip for CIFAR), fp32, NCHW.
 pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device,
-             channels_last, on CUDA fp32 with TF32 + cudnn.benchmark, on the CPU tiny-map convolutions as one
-             matrix product, 3x3 convolutions with 112+ channels (2 threads) by Winograd F(2x2, 3x3) and cheaper
-             dropout masks
-             (pruneflow.train.resolve_perf 'auto', pruneflow.cpu_kernels, pruneflow.winograd);
+             channels_last, on CUDA fp32 with TF32 + cudnn.benchmark (pruneflow.train.resolve_perf 'auto');
              --ablate adds each part alone and bf16 autocast.
 Both run the same optimiser step (pruneflow.train.train_one_epoch) on synthetic uint8 images of the data
 set's shape (MNIST/CIFAR-10 are not downloadable here; the pipelines' costs do not depend on pixel values).
@@ -27,19 +23,17 @@ import torch
 
 from _common import print_header
 
-from pruneflow import cpu_kernels
 from pruneflow.data import Batches, SeedStyleBatches
 from pruneflow.infer.device import resolve_device, synchronize
 from pruneflow.infer.errors import UserError, exit_on_user_error
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.step_graph import WARMUP
 from pruneflow.train import get_recipe, make_optimizer, resolve_perf, steps_for, train_one_epoch
-from pruneflow.winograd import keep_freed_memory
 
 
-def images_per_s(model, batches, device, amp_dtype, compile_mode=None, cpu_kernels=False):
+def images_per_s(model, batches, device, amp_dtype, compile_mode=None):
     opt, _ = make_optimizer(model, get_recipe("finetune"), 1, compile_mode)
-    step_model, graph = steps_for(model, opt, compile_mode, cpu_kernels, amp_dtype=amp_dtype)
+    step_model, graph = steps_for(model, opt, compile_mode, amp_dtype=amp_dtype)
     # a few steps first, at the timed precision: allocator, cuDNN autotuning (cudnn.benchmark) for these shapes,
     # and torch.compile's compilation and the whole step's CUDA-graph recording when asked; printed as the
     # compile's cost
@@ -70,9 +64,6 @@ def main():
                     help="ResNets' stem: cifar (pruneflow's default, 3x3/1) or imagenet (7x7/2 + pool, the seed's model "
                          "as in jobs/resnet101_cifar10.yaml: ~16x fewer MACs at 32x32, so the input pipeline weighs more)")
     ap.add_argument("--models", default=None, help="comma list of configs to run, e.g. simple_cnn,resnet18")
-    ap.add_argument("--stock-malloc", action="store_true",
-                    help="leave glibc malloc's defaults (pruneflow's CPU steps keep freed blocks: "
-                         "winograd.keep_freed_memory)")
     ap.add_argument("--sparsity", type=float, default=0.5, help="of the pruned row (resnet18-pruned)")
     ap.add_argument("--compile", default=None, metavar="MODES",
                     help="also pruneflow's pipeline compiled, one row per mode (comma list): cudagraphs, "
@@ -94,12 +85,7 @@ def main():
     if args.models:
         configs = [c for c in configs if (c[0] + ("-pruned" if c[2] else "")) in args.models.split(",")]
     head = f"{'model':<26} {'seed-style img/s':>16} {'pruneflow img/s':>16} {'ratio':>6}"
-    # pruneflow's CPU steps run with glibc malloc keeping freed large blocks (cpu_kernels.CpuKernels); set here at
-    # the start, so the seed-style rows get it too (a conservative ratio); --stock-malloc: neither gets it
-    cpu_kernels.KEEP_FREED_MEMORY = not args.stock_malloc
-    malloc = "" if not perf["cpu_kernels"] else ", stock malloc" if args.stock_malloc else \
-        f", keep_freed_memory {keep_freed_memory()}"
-    print_header(dev, f"batch {args.batch_size}, {n} images per epoch, ResNet stem {args.stem}{malloc}", head)
+    print_header(dev, f"batch {args.batch_size}, {n} images per epoch, ResNet stem {args.stem}", head)
     g = torch.Generator().manual_seed(0)
     for arch, dataset, pruned in configs:
         shape = (1, 28, 28) if dataset == "mnist" else (3, 32, 32)
@@ -117,7 +103,7 @@ def main():
         fast_model = model.to(dev, memory_format=torch.channels_last) if perf["channels_last"] else model.to(dev)
         fast_batches = Batches(images, labels, dataset, args.batch_size, dev, train=True,
                                channels_last=perf["channels_last"])
-        fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"], None, perf["cpu_kernels"])
+        fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"])
         name = arch + (f" ({pruned} {args.sparsity:g})" if pruned else "")
         print(f"{name:<26} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
         for mode, resolved in modes.items():
@@ -129,7 +115,7 @@ def main():
             print(f"{'  compile ' + mode:<26} {'':>16} {compiled:>16,.0f} {compiled / seed:>6.2f}"
                   f"  (warm-up incl. compile {images_per_s.warmup_s:.0f} s)", flush=True)
         if args.ablate:
-            ablate(model, images, labels, dataset, args, dev, seed, perf["cpu_kernels"])
+            ablate(model, images, labels, dataset, args, dev, seed)
 
 
 def loader_only(batches, device):
@@ -145,24 +131,18 @@ def loader_only(batches, device):
     return n / (time.perf_counter() - t0)
 
 
-def ablate(model, images, labels, dataset, args, dev, seed_ips, kernels):
+def ablate(model, images, labels, dataset, args, dev, seed_ips):
     """Which part buys what: each loader alone, then the device loader with each precision x memory format."""
     kw = dict(train=True, num_workers=args.workers)
     rows = [("  loader: seed-style", loader_only(SeedStyleBatches(images, labels, dataset, args.batch_size, dev, **kw), dev)),
             ("  loader: device", loader_only(Batches(images, labels, dataset, args.batch_size, dev, train=True), dev))]
-    # every combination with the step as resolve_perf gives it (``kernels``: whether it uses pruneflow.cpu_kernels)
-    combos = [(None if p == "fp32" else torch.bfloat16, cl, kernels) for p in args.ablate_precisions.split(",")
+    combos = [(None if p == "fp32" else torch.bfloat16, cl) for p in args.ablate_precisions.split(",")
               for cl in (False, True)]
-    if kernels:  # and fp32 without them, and with them but without their Winograd convolutions
-        combos += [(None, cl, False) for cl in (False, True)] + [(None, True, "no winograd")]
-    for amp, cl, ck in combos:
+    for amp, cl in combos:
         m = model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
         b = Batches(images, labels, dataset, args.batch_size, dev, train=True, channels_last=cl)
-        name = f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} " + (
-            "device" if ck == kernels else "no cpu_kernels" if not ck else ck)
-        cpu_kernels.WINOGRAD = ck != "no winograd"
-        rows.append((name, images_per_s(m, b, dev, amp, None, bool(ck))))
-    cpu_kernels.WINOGRAD = True
+        name = f"  {'bf16' if amp else 'fp32'} {'NHWC' if cl else 'NCHW'} device"
+        rows.append((name, images_per_s(m, b, dev, amp)))
     for name, ips in rows:
         print(f"{name:<26} {'':>16} {ips:>16,.0f} {ips / seed_ips:>6.2f}", flush=True)
 

@@ -112,12 +112,8 @@ class PerformanceSpec:
     # the seed pipeline's images/s, docs/benchmarks.md); both run eagerly off CUDA.
     # A compilation that fails (no C++ compiler on the node, say) trains eagerly after a one-line warning.
     compile: typing.Union[bool, str] = False
-    # CPU: convolutions whose input has fewer pixels than the kernel has taps (3x3 on 2x2 and 1x1 maps: ResNets
-    # with the ImageNet stem on 32x32 images) as one dense matrix product, training 3x3 convolutions with 96+
-    # (one thread) or 112+ channels by Winograd F(2x2, 3x3) (pruneflow.winograd: the CIFAR-stem ResNets), and
-    # dropout masks from uniform floats (pruneflow.cpu_kernels). Same numbers to float rounding (convolutions) and
-    # distribution (dropout).
-    cpu_kernels: bool = True
+    # Removed (CPU kernels tuned for one development machine): accepted so older job files load, with a note.
+    cpu_kernels: typing.Optional[bool] = None
 
 
 @dataclass
@@ -192,6 +188,11 @@ def load_spec(path, overrides=None, check_backends=True):
         _set_dotted(raw, key, value)
     spec = build(StudySpec, raw, where="")
     validate(spec, check_backends)
+    if spec.performance.cpu_kernels is not None:
+        import sys
+
+        print("note: performance.cpu_kernels has no effect any more (stock PyTorch kernels; on the CPU, "
+              "performance.compile is the lever)", file=sys.stderr)
     return spec, text
 
 

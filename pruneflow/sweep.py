@@ -367,7 +367,7 @@ def plan_packing(spec, cpus, gpus, probe=None, mps=False, n_trials=None, memory=
     # each trial asks Ray for its threads; fewer at a time (memory) ask for a larger share, holding the rest back
     num_cpus = threads if slots == cpus // threads else cpu_share(cpus, slots)
     # bounded by memory: a fresh worker per trial, as the measured one ran (a reused worker keeps the freed
-    # blocks of the trials before it, infer.timing.keep_freed_memory)
+    # blocks of the trials before it in its allocator)
     return dict(options=dict(num_gpus=0, num_cpus=num_cpus), slots=slots, per_device=slots, threads=threads,
                 device=device, note=note, max_calls=1 if res.memory_per_trial else 0)
 

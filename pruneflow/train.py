@@ -34,7 +34,7 @@ RECIPES = {
 
 
 # How training runs (not what it computes): see resolve_perf. The job file's `performance` section.
-DEFAULT_PERF = dict(loader="device", precision="auto", channels_last=None, compile=False, cpu_kernels=True)
+DEFAULT_PERF = dict(loader="device", precision="auto", channels_last=None, compile=False)
 PRECISIONS = ("auto", "fp32", "bf16")
 # torch.compile's modes, and 'cudagraphs'. The CUDA-graph modes (cudagraphs, reduce-overhead) record the whole
 # training step as one CUDA graph (GRAPH_MODES, pruneflow.step_graph) and apply on CUDA only: see resolve_perf.
@@ -42,13 +42,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def resolve_perf(perf, device):
-    """{loader, amp_dtype, channels_last, compile (None or a torch.compile mode), cpu_kernels} for ``device``. 'auto'
+    """{loader, amp_dtype, channels_last, compile (None or a torch.compile mode)} for ``device``. 'auto'
     precision is fp32 everywhere, with TF32 tensor-core convolutions and matmuls on CUDA: on an H200 at the
     seed's batch 64, bf16 autocast was slower than fp32 for SimpleCNN and ResNet-18 (its casts cost more than
     its faster kernels save at that size; docs/benchmarks.md). bf16 autocast only when asked (large batches).
     channels_last defaults to on for CUDA and the CPU (NHWC convolutions; on the 2-core EPYC CPU also ~3x faster
-    batch norm on small maps: docs/benchmarks.md). cpu_kernels (pruneflow.cpu_kernels) applies to uncompiled
-    training on the CPU only."""
+    batch norm on small maps: docs/benchmarks.md)."""
     perf = dict(DEFAULT_PERF, **{k: v for k, v in (perf or {}).items() if v is not None or k == "channels_last"})
     if perf["precision"] not in PRECISIONS:
         raise UserError(f"unknown precision {perf['precision']!r}; valid: {', '.join(PRECISIONS)}")
@@ -70,7 +69,7 @@ def resolve_perf(perf, device):
         # eagerly on a CPU node instead of paying minutes of compilation per trial
         mode = None
     return dict(loader=perf["loader"], amp_dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last,
-                compile=mode, cpu_kernels=bool(perf["cpu_kernels"]) and mode is None and kind == "cpu")
+                compile=mode)
 
 
 # The modes that record CUDA graphs record the whole training step (pruneflow.step_graph), not only the model:
@@ -78,26 +77,22 @@ def resolve_perf(perf, device):
 GRAPH_MODES = ("cudagraphs", "reduce-overhead")
 
 
-def step_model_for(model, compile=None, cpu_kernels=False):
+def step_model_for(model, compile=None):
     """What training steps call instead of ``model`` (None: the module itself), as resolve_perf says: a compiled
-    wrapper (compile_model), or on the CPU the module with pruneflow.cpu_kernels' convolutions and dropout. In the
+    wrapper (compile_model). In the
     CUDA-graph modes the graph replaces TorchDynamo's own: the model eager ('cudagraphs') or compiled by Inductor
     without CUDA graphs ('reduce-overhead'), recorded inside the whole step (steps_for)."""
     if compile in GRAPH_MODES:
         return None if compile == "cudagraphs" else compile_model(model, "default")
     if compile is not None:
         return compile_model(model, compile)
-    if cpu_kernels:
-        from .cpu_kernels import CpuKernels
-
-        return CpuKernels(model)
     return None
 
 
-def steps_for(model, opt, compile=None, cpu_kernels=False, masks=None, amp_dtype=None):
+def steps_for(model, opt, compile=None, masks=None, amp_dtype=None):
     """(step_model, graph) for train_one_epoch: step_model_for's forward and, in the CUDA-graph modes, the
     StepGraph that records whole steps of it with ``opt``, ``masks`` and ``amp_dtype`` (else None)."""
-    step_model = step_model_for(model, compile, cpu_kernels)
+    step_model = step_model_for(model, compile)
     if compile not in GRAPH_MODES:
         return step_model, None
     import functools
@@ -183,26 +178,21 @@ def default_recipe(arch):
 
 
 def make_optimizer(model, recipe, epochs, compile=None):
-    """(optimiser, scheduler) for ``recipe``, the scheduler stepped once per epoch. Uncompiled on the CPU, the
-    optimiser is pruneflow.optim's (the same arithmetic as torch.optim's, without importing TorchDynamo: seconds
-    per process, see that module); elsewhere torch.optim's, capturable in the CUDA-graph modes (``compile`` in
-    GRAPH_MODES: StepGraph records the step; Adadelta then keeps its step counts on the device)."""
-    from .optim import SGD, Adadelta, EpochLR
-
+    """(optimiser, scheduler) for ``recipe``, the scheduler stepped once per epoch; capturable in the CUDA-graph
+    modes (``compile`` in GRAPH_MODES), where StepGraph records the optimiser's step."""
     params = list(model.parameters())
-    light = compile is None and all(p.device.type == "cpu" for p in params)
     if recipe["optimizer"] == "adadelta":
-        kw = dict(lr=recipe["lr"], weight_decay=recipe["weight_decay"])
-        opt = Adadelta(params, **kw) if light else torch.optim.Adadelta(params, **kw, capturable=compile in GRAPH_MODES)
+        opt = torch.optim.Adadelta(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+                                   capturable=compile in GRAPH_MODES)
     else:
-        kw = dict(lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"])
-        opt = SGD(params, **kw) if light else torch.optim.SGD(params, **kw)
+        opt = torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"])
     if recipe["schedule"] == "step":
-        sched = EpochLR(opt, recipe["gamma"])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=recipe["gamma"])
     elif recipe["schedule"] == "multistep":
-        sched = EpochLR(opt, recipe["gamma"], milestones={max(1, round(f * epochs)) for f in recipe["milestones"]})
-    else:
-        sched = EpochLR(opt, milestones=())
+        milestones = sorted({max(1, round(f * epochs)) for f in recipe["milestones"]})
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=recipe["gamma"])
+    else:  # constant: a schedule without milestones keeps the state_dict layout of the others
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [], gamma=1.0)
     return opt, sched
 
 
@@ -293,7 +283,7 @@ def evaluate(model, batches, amp_dtype=None, forward=None):
 
 
 def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress=False, on_epoch=None,
-        resume=None, amp_dtype=None, compile=None, cpu_kernels=False):
+        resume=None, amp_dtype=None, compile=None):
     """Train for ``epochs``; returns the per-epoch history (train/val loss and accuracy, lr, seconds).
 
     ``on_epoch(epoch, history, model, opt, sched)`` runs after each epoch (checkpointing for requeue);
@@ -303,7 +293,7 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
     # torch.compile (``compile``: a mode, as resolve_perf gives it): slower start (seconds to minutes), faster
     # steps; the uncompiled module keeps the weights, so evaluation and saving never see the compiled wrapper.
     # The CUDA-graph modes record whole steps (StepGraph), kept across epochs.
-    step_model, graph = steps_for(model, opt, compile, cpu_kernels, masks, amp_dtype)
+    step_model, graph = steps_for(model, opt, compile, masks, amp_dtype)
     history, start = [], 0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -316,8 +306,7 @@ def fit(model, train_batches, test_batches, recipe, epochs, masks=None, progress
         lr = opt.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(model, train_batches, opt, masks, progress, f"epoch {epoch + 1}/{epochs}",
                                                 amp_dtype, step_model, graph=graph)
-        # uncompiled, step_model is cpu_kernels' wrapper (or None): its tiny-map convolutions speed evaluation too
-        val_loss, val_acc = evaluate(model, test_batches, amp_dtype, step_model if compile is None else None)
+        val_loss, val_acc = evaluate(model, test_batches, amp_dtype)
         sched.step()
         history.append(dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                             val_acc=val_acc, lr=lr, seconds=time.perf_counter() - t0))
@@ -393,7 +382,7 @@ def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, d
         os.replace(tmp, state_path)
 
     history = fit(model, train_b, test_b, recipe, epochs, progress=progress, on_epoch=save_state, resume=resume,
-                  amp_dtype=p["amp_dtype"], compile=p["compile"], cpu_kernels=p["cpu_kernels"])
+                  amp_dtype=p["amp_dtype"], compile=p["compile"])
     meta.update(accuracy=history[-1]["val_acc"] if history else None, history=history)
     ckpt_io.save(model, out, meta)
     if os.path.exists(state_path):
@@ -440,7 +429,7 @@ def finetune(model, meta, epochs, recipe="finetune", seed=0, device="auto", data
         loss, acc = evaluate(model, test_b, p["amp_dtype"])
         return [dict(epoch=0, train_loss=math.nan, train_acc=math.nan, val_loss=loss, val_acc=acc, lr=0.0, seconds=0.0)]
     return fit(model, train_b, test_b, recipe, epochs, masks=masks, progress=progress, amp_dtype=p["amp_dtype"],
-               compile=p["compile"], cpu_kernels=p["cpu_kernels"])
+               compile=p["compile"])
 
 
 def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="cifar", init=None, seed=0,

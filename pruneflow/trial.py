@@ -104,7 +104,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
 
     from .infer import checkpoint as ckpt_io
     from .infer.device import describe, resolve_device
-    from .infer.timing import keep_freed_memory, paired_speedup, summarize, time_forward, time_forward_paired
+    from .infer.timing import paired_speedup, summarize, time_forward, time_forward_paired
     from .prune import calibration_batches, parse_method, prune, prune_to_mac_reduction, pruned_meta
     from .train import evaluate, finetune, resolve_perf
 
@@ -153,8 +153,6 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     lat = config["latency"]
     x = torch.randn(lat["batch_size"], *meta["input_shape"], device=dev)
     torch.set_num_threads(lat["threads"])  # the study's one setting, not this trial's training threads
-    # glibc's malloc in the steady state pruneflow.infer times too (a dense trial trains nothing to set it)
-    kept = dev.type == "cpu" and keep_freed_memory()
     channels_last = resolve_perf(config.get("performance"), dev)["channels_last"]  # finetune's layout, timed so
     if channels_last:  # an input in the model's layout, as pruneflow.infer times it (else the first layer converts)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -191,7 +189,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
         device=str(dev), device_name=describe(dev), checkpoint=os.path.relpath(path, os.path.dirname(ckpt_dir)), architecture=str(model),
         epochs=[e for e in history if e["epoch"] > 0], latency=samples,
         latency_settings=dict(batch_size=lat["batch_size"], warmup=lat["warmup"], device=str(dev),
-                              threads=lat["threads"], keep_freed_memory=bool(kept), channels_last=bool(channels_last)),
+                              threads=lat["threads"], channels_last=bool(channels_last)),
         widths=ckpt_io.layer_widths(model),
     )
 

@@ -1,6 +1,5 @@
 """The sweep with real Ray and real HDF5: completion, sharding, kill -9 safety, failure isolation, concurrency."""
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -45,9 +44,6 @@ def test_quickstart_grid_completes_and_h5dump_reads_it(tmp_path, dense_ckpt):
     assert len(by["l2-0.30-s0"]["latency"]) == 5 and len(by["l2-0.30-s0"]["epochs"]) == 1
     # every other trial timed the dense checkpoint alongside, pair by pair; its speedup is the median pair ratio
     assert by["dense-s0"]["speedup"] == 1.0 and by["dense-s0"]["latency_dense"] == []
-    # timed with glibc's malloc keeping freed blocks, as pruneflow.infer times (the dense trial trains nothing)
-    glibc = platform.libc_ver()[0] == "glibc"
-    assert all(bool(r["latency_settings"]["keep_freed_memory"]) is glibc for r in records)
     assert all(bool(r["latency_settings"]["channels_last"]) for r in records)  # the CPU default layout
     from pruneflow.infer.device import describe
 

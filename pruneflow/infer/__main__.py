@@ -57,9 +57,6 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
         raise UserError("float16 is not supported for CPU inference here; use bfloat16 or float32")
     if threads is not None:
         torch.set_num_threads(_positive(threads, "threads"))
-    from .timing import keep_freed_memory
-
-    kept = dev.type == "cpu" and keep_freed_memory()  # the steady state the sweep's trials are timed in
     path = os.fspath(ckpt)
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -82,8 +79,7 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
         channels_last = dev.type in ("cuda", "cpu")
     elif not isinstance(channels_last, bool):
         raise UserError(f"--channels_last must be auto, true or false, got {channels_last!r}")
-    settings = dict(batch_size=batch_size, warmup=warmup, trials=trials, dtype=dtype, channels_last=channels_last,
-                    keep_freed_memory=bool(kept))
+    settings = dict(batch_size=batch_size, warmup=warmup, trials=trials, dtype=dtype, channels_last=channels_last)
     if dev.type == "cuda":
         # the kernels a sweep's trials are timed with (pruneflow.train.resolve_perf sets both, with the default
         # precision, in the process that then times): cuDNN's autotuned convolutions and TF32 matrix products

@@ -11,32 +11,12 @@
   (which does not synchronise MPS).
 """
 
-import ctypes
-import ctypes.util
-import functools
 import math
 import time
 
 import torch
 
 from .device import synchronize
-
-
-@functools.lru_cache(maxsize=None)
-def keep_freed_memory():
-    """Tell glibc's malloc to serve large blocks from the heap and keep freed ones (mallopt M_MMAP_MAX = 0,
-    M_TRIM_THRESHOLD = 1 GiB): fresh mmap'd blocks fault in page by page on every training step or forward pass
-    otherwise (the warm-up cannot take that away: glibc hands large freed blocks back at once). Training on the
-    CPU (pruneflow.cpu_kernels) and CPU timing (the sweep's trials, pruneflow.infer) call it, so both time the
-    same steady state. Process-wide, once; the process's peak memory is unchanged, freed memory up to 1 GiB stays
-    reserved for the next step. Returns whether it applied (False off glibc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # macOS, musl without mallopt: nothing to tune
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def time_calls(fn, device, warmup=5, trials=25):

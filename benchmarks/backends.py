@@ -17,7 +17,7 @@ import torch
 from _common import print_header
 
 from pruneflow.infer.device import resolve_device
-from pruneflow.infer.errors import exit_on_user_error
+from pruneflow.errors import exit_on_user_error
 from pruneflow.infer.timing import summarize, time_forward
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.prune import prune

@@ -33,7 +33,7 @@ step compile-bf16 240 "$py" benchmarks/train_throughput.py --device cuda --image
     --models resnet101,resnet18 --compile cudagraphs,reduce-overhead --precision bf16
 step graph 180 "$py" benchmarks/train_throughput.py --device cuda --images 8192 --workers 4 \
     --models simple_cnn,resnet18,resnet101 --compile cudagraphs,reduce-overhead
-# the seed's own model (ImageNet stem: 1x1-2x2 maps on 32x32 images, more launch-bound still)
+# the 2022 report's own model (ImageNet stem: 1x1-2x2 maps on 32x32 images, more launch-bound still)
 step compile-seed-stem 200 "$py" benchmarks/train_throughput.py --device cuda --images 16384 --workers 4 \
     --stem imagenet --models resnet18,resnet101 --compile cudagraphs,reduce-overhead
 step packing 200 "$py" benchmarks/packing.py --device cuda --keep "$out/packing-study"

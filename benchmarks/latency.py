@@ -19,7 +19,7 @@ import torch
 from _common import print_header
 
 from pruneflow.infer.device import resolve_device
-from pruneflow.infer.errors import UserError, exit_on_user_error
+from pruneflow.errors import UserError, exit_on_user_error
 from pruneflow.infer.timing import paired_speedup, summarize, time_forward_paired
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.prune import prune

@@ -21,7 +21,7 @@ import torch
 
 from _common import print_header
 
-from pruneflow.infer.errors import UserError, exit_on_user_error
+from pruneflow.errors import UserError, exit_on_user_error
 from pruneflow.models import build_model
 from pruneflow.prune import _quiet, dependency_groups, speed_up
 

@@ -36,11 +36,12 @@ from _common import print_header
 
 from pruneflow.infer import checkpoint as ckpt_io
 from pruneflow.infer.device import resolve_device
-from pruneflow.infer.errors import exit_on_user_error
+from pruneflow.errors import exit_on_user_error
 from pruneflow.models import build_model
 from pruneflow.results import read_trials, read_utilisation
-from pruneflow.sweep import run_sweep, slot_counts
-from pruneflow.train import model_meta, resolve_perf
+from pruneflow.sweep.driver import run_sweep, slot_counts
+from pruneflow.spec import PerformanceSpec, check_performance
+from pruneflow.train import model_meta
 
 
 def make_study(tmp, arch, dataset, sparsities, epochs, device, compile_mode=None):
@@ -160,7 +161,7 @@ def main():
     ks = [k if k == "auto" else int(k) for k in args.ks.split(",")]
     head = (f"{'K':>5} {'per dev':>7} {'wall s':>8} {'span s':>8} {'ideal s':>8} {'span/ideal':>10} {'vs K=1':>7}"
             + (f" {'bound s':>8} {'span/bound':>10}" if on_gpu else ""))
-    resolve_perf(dict(compile=args.compile), dev)  # a bad mode fails now, in one line
+    check_performance(PerformanceSpec(compile=args.compile or False))  # a bad mode fails now, in one line
     print_header(dev, f"{arch} on {dataset}, {len(sparsities) + 2} trials, {epochs} fine-tune epoch(s), "
                       f"{cores} core(s)" + (f", compile {args.compile}" if args.compile else ""), head)
     with tempfile.TemporaryDirectory(prefix="pf-packing-") as tmp:

@@ -32,11 +32,12 @@ from _common import print_header
 
 from pruneflow.infer.checkpoint import read_meta
 from pruneflow.infer.device import resolve_device
-from pruneflow.infer.errors import exit_on_user_error
+from pruneflow.errors import exit_on_user_error
 from pruneflow.results import read_trials
 from pruneflow.spec import grid, load_spec
-from pruneflow.sweep import run_sweep
-from pruneflow.train import resolve_perf
+from pruneflow.sweep.driver import run_sweep
+from pruneflow.spec import PerformanceSpec, check_performance
+from pruneflow.step import resolve_perf
 
 FIXED = ("load", "prune", "evaluate", "time", "save")
 
@@ -96,8 +97,8 @@ def main():
     dev = resolve_device(args.device)
     spec, _ = load_spec(args.job, check_backends=False)  # its grid; the measuring needs DepGraph only
     # what the study will compile on this device (bad settings fail here, before measuring)
-    compiling = resolve_perf({"compile": args.compile or spec.performance.compile, "precision": args.precision},
-                             dev)["compile"]
+    asked = PerformanceSpec(compile=args.compile or spec.performance.compile, precision=args.precision or "auto")
+    compiling = resolve_perf(check_performance(asked), dev).compile
     sparsities = [float(s) for s in (args.sparsities or ("0.5" if args.quick else "0.1,0.3,0.5,0.7,0.9")).split(",")]
     dataset = None if args.real_data or spec.data.dataset == "digits" else f"synthetic-{spec.data.dataset}"
     k = args.trials_per_gpu if args.trials_per_gpu in (None, "auto") else int(args.trials_per_gpu)

@@ -14,7 +14,7 @@ import argparse
 import math
 import statistics
 
-from pruneflow.infer.errors import UserError, exit_on_user_error
+from pruneflow.errors import UserError, exit_on_user_error
 from pruneflow.infer.timing import summarize
 from pruneflow.results import read_trials
 

@@ -1,4 +1,4 @@
-"""Training images/s: the seed's input pipeline vs pruneflow's, same model, batch size and device.
+"""Training images/s: the 2022 report's input pipeline vs pruneflow's, same model, batch size and device.
 
     python benchmarks/train_throughput.py                 # SimpleCNN (MNIST shape), ResNet-18/101 (CIFAR shape)
     python benchmarks/train_throughput.py --quick         # CI-sized
@@ -8,9 +8,9 @@
 
 seed-style:  torch DataLoader + per-image torchvision transforms (crop/flip for CIFAR), fp32, NCHW.
 pruneflow:   the data set as one uint8 tensor on the device, whole-batch crop/flip on the device,
-             channels_last, on CUDA fp32 with TF32 + cudnn.benchmark (pruneflow.train.resolve_perf 'auto');
+             channels_last, on CUDA fp32 with TF32 + cudnn.benchmark (pruneflow.step.resolve_perf 'auto');
              --ablate adds each part alone and bf16 autocast.
-Both run the same optimiser step (pruneflow.train.train_one_epoch) on synthetic uint8 images of the data
+Both run the same optimiser step (pruneflow.step.make_step, eager) on synthetic uint8 images of the data
 set's shape (MNIST/CIFAR-10 are not downloadable here; the pipelines' costs do not depend on pixel values).
 The fine-tune row trains a DepGraph-L1-pruned ResNet-18 (--sparsity, default 0.5).
 """
@@ -25,25 +25,26 @@ from _common import print_header
 
 from pruneflow.data import Batches, SeedStyleBatches
 from pruneflow.infer.device import resolve_device, synchronize
-from pruneflow.infer.errors import UserError, exit_on_user_error
+from pruneflow.errors import UserError, exit_on_user_error
 from pruneflow.models import build_model, default_prune_targets
-from pruneflow.step_graph import WARMUP
-from pruneflow.train import get_recipe, make_optimizer, resolve_perf, steps_for, train_one_epoch
+from pruneflow.spec import PerformanceSpec, check_performance
+from pruneflow.step import WARMUP, Perf, make_step, resolve_perf
+from pruneflow.train import get_recipe, make_optimizer, train_one_epoch
 
 
 def images_per_s(model, batches, device, amp_dtype, compile_mode=None):
-    opt, _ = make_optimizer(model, get_recipe("finetune"), 1, compile_mode)
-    step_model, graph = steps_for(model, opt, compile_mode, amp_dtype=amp_dtype)
+    perf = Perf(amp_dtype=amp_dtype, compile=compile_mode)
+    opt, _ = make_optimizer(model, get_recipe("finetune"), 1, perf)
+    step = make_step(model, opt, perf)
     # a few steps first, at the timed precision: allocator, cuDNN autotuning (cudnn.benchmark) for these shapes,
     # and torch.compile's compilation and the whole step's CUDA-graph recording when asked; printed as the
     # compile's cost
     t0 = time.perf_counter()
-    train_one_epoch(model, itertools.islice(iter(batches), WARMUP + 2), opt, amp_dtype=amp_dtype,
-                    step_model=step_model, graph=graph)
+    train_one_epoch(model, itertools.islice(iter(batches), WARMUP + 2), step)
     synchronize(device)
     images_per_s.warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train_one_epoch(model, batches, opt, amp_dtype=amp_dtype, step_model=step_model, graph=graph)
+    train_one_epoch(model, batches, step)
     synchronize(device)
     return len(batches.images if hasattr(batches, "images") else batches.dataset) / (time.perf_counter() - t0)
 
@@ -61,7 +62,7 @@ def main():
                     help="the ablation's precisions (bf16 autocast on a CPU without bf16 units: 1-30 images/s)")
     ap.add_argument("--precision", default="auto", help="pruneflow's rows: auto (fp32 + TF32 on CUDA) or bf16")
     ap.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"),
-                    help="ResNets' stem: cifar (pruneflow's default, 3x3/1) or imagenet (7x7/2 + pool, the seed's model "
+                    help="ResNets' stem: cifar (pruneflow's default, 3x3/1) or imagenet (7x7/2 + pool, the 2022 report's model "
                          "as in jobs/resnet101_cifar10.yaml: ~16x fewer MACs at 32x32, so the input pipeline weighs more)")
     ap.add_argument("--models", default=None, help="comma list of configs to run, e.g. simple_cnn,resnet18")
     ap.add_argument("--sparsity", type=float, default=0.5, help="of the pruned row (resnet18-pruned)")
@@ -70,13 +71,13 @@ def main():
                          "reduce-overhead, default, ... (pruneflow.train.COMPILE_MODES)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
-    perf = resolve_perf(dict(precision=args.precision), dev)
+    perf = resolve_perf(check_performance(PerformanceSpec(precision=args.precision)), dev)
     if not 0 < args.sparsity < 1:
         raise UserError(f"--sparsity {args.sparsity}: the fraction removed, in (0, 1)")
     if not set(args.ablate_precisions.split(",")) <= {"fp32", "bf16"}:
         raise UserError(f"--ablate-precisions {args.ablate_precisions!r}: a comma list of fp32, bf16")
     # {mode: what it resolves to here (None: not on this device)}; bad settings fail now, not after minutes
-    modes = {mode: resolve_perf(dict(compile=mode, precision=args.precision), dev)["compile"]
+    modes = {mode: resolve_perf(check_performance(PerformanceSpec(compile=mode, precision=args.precision)), dev).compile
              for mode in (args.compile.split(",") if args.compile else [])}
     n = args.images or (256 if args.quick else 4096)
     configs = [("simple_cnn", "mnist", None)] if args.quick else [
@@ -100,10 +101,10 @@ def main():
             model, _ = prune(model, pruned, args.sparsity, shape, ops, exclude)
         seed = images_per_s(model.to(dev).train(), SeedStyleBatches(images, labels, dataset, args.batch_size, dev,
                                                                     train=True, num_workers=args.workers), dev, None)
-        fast_model = model.to(dev, memory_format=torch.channels_last) if perf["channels_last"] else model.to(dev)
+        fast_model = model.to(dev, memory_format=torch.channels_last) if perf.channels_last else model.to(dev)
         fast_batches = Batches(images, labels, dataset, args.batch_size, dev, train=True,
-                               channels_last=perf["channels_last"])
-        fast = images_per_s(fast_model.train(), fast_batches, dev, perf["amp_dtype"])
+                               channels_last=perf.channels_last)
+        fast = images_per_s(fast_model.train(), fast_batches, dev, perf.amp_dtype)
         name = arch + (f" ({pruned} {args.sparsity:g})" if pruned else "")
         print(f"{name:<26} {seed:>16,.0f} {fast:>16,.0f} {fast / seed:>6.2f}", flush=True)
         for mode, resolved in modes.items():
@@ -111,7 +112,7 @@ def main():
             if resolved is None:
                 print(f"  compile {mode}: not on {dev.type} (CUDA graphs need CUDA)", flush=True)
                 continue
-            compiled = images_per_s(fast_model, fast_batches, dev, perf["amp_dtype"], resolved)
+            compiled = images_per_s(fast_model, fast_batches, dev, perf.amp_dtype, resolved)
             print(f"{'  compile ' + mode:<26} {'':>16} {compiled:>16,.0f} {compiled / seed:>6.2f}"
                   f"  (warm-up incl. compile {images_per_s.warmup_s:.0f} s)", flush=True)
         if args.ablate:

@@ -6,7 +6,7 @@
 
 Each arm runs in a fresh process, as a trial runs in its own Ray worker, and prints its peak resident memory
 (getrusage's ru_maxrss, as memory_per_trial: auto measures it) after each stage: imports; the dense
-checkpoint's model; NNI pruning (L1, dependency-aware, the seed study's settings; the pruned arm only); a few
+checkpoint's model; NNI pruning (L1, dependency-aware, the 2022 report's study's settings; the pruned arm only); a few
 fine-tuning steps on the data set held in memory
 (synthetic-* data: the real shapes and sizes, no download). 'pruned' is a pruned trial, 'control' the dense
 model fine-tuned as the study's control arm. Evaluation and timing run after fine-tuning and take less.
@@ -36,6 +36,7 @@ def one_arm(arch, stem, arm, batch, steps, sparsity):
     from pruneflow.data import train_test_batches
     from pruneflow.models import build_model, default_prune_targets
     from pruneflow.prune import prune
+    from pruneflow.step import Perf, make_step
     from pruneflow.train import get_recipe, make_optimizer, train_one_epoch
 
     torch.set_num_threads(1)  # a trial's default threads_per_trial
@@ -53,7 +54,7 @@ def one_arm(arch, stem, arm, batch, steps, sparsity):
     recipe = get_recipe("finetune", batch_size=batch)
     train_b, _ = train_test_batches(dataset, batch, torch.device("cpu"), 0, None, False, True, "device")
     opt, _ = make_optimizer(model, recipe, 1)
-    train_one_epoch(model, itertools.islice(iter(train_b), steps), opt)
+    train_one_epoch(model, itertools.islice(iter(train_b), steps), make_step(model, opt, Perf()))
     peaks.append((f"{steps} fine-tune steps", peak_mb()))
     return peaks
 
@@ -63,7 +64,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default=None, help="comma-separated (default resnet101; quick simple_cnn)")
     ap.add_argument("--stems", default="imagenet,cifar", help="ResNet stems (comma-separated)")
-    ap.add_argument("--batch", type=int, default=64, help="fine-tuning batch (the seed's finetune recipe: 64)")
+    ap.add_argument("--batch", type=int, default=64, help="fine-tuning batch (the 2022 report's finetune recipe: 64)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm, print JSON

@@ -18,7 +18,7 @@ import sys
 COMMANDS = {
     "train": ("pruneflow.train", "train a dense model (--init CKPT fine-tunes a pruned one instead)"),
     "prune": ("pruneflow.prune", "prune one checkpoint; print params / MACs / layer widths before -> after"),
-    "sweep": ("pruneflow.sweep", "one node's share of a study: dense training, then the trials -> HDF5 + checkpoints"),
+    "sweep": ("pruneflow.sweep.driver", "one node's share of a study: dense training, then the trials -> HDF5 + checkpoints"),
     "submit": ("pruneflow.submit", "the whole study as Slurm jobs (train -> shard array -> report), with submitit"),
     "report": ("pruneflow.report", "figures and summary.md from a study's HDF5 shards"),
     "infer": ("pruneflow.infer.__main__", "latency and accuracy of checkpoints on this machine (needs torch only)"),

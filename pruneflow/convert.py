@@ -5,11 +5,11 @@ pickles: convert once here, then ship the .safetensors file.
 ``python -m pruneflow.convert --src model.pt --out model.safetensors --model resnet101 --dataset cifar10``
 """
 
-from .infer.errors import UserError
+from .errors import UserError
 
 
 def cli(src, out, model, dataset="cifar10", stem="imagenet", method="none", sparsity=0.0):
-    """Convert a torch.save file (a whole nn.Module, as the seed saved, or a state_dict) to .safetensors.
+    """Convert a torch.save file (a whole nn.Module, as the 2022 report saved, or a state_dict) to .safetensors.
 
     Args:
       src: the pickle file (.pt / .pth); a pruneflow .safetensors file is refused (it needs no conversion).
@@ -23,7 +23,7 @@ def cli(src, out, model, dataset="cifar10", stem="imagenet", method="none", spar
     import torch
 
     from .infer import checkpoint as ckpt_io
-    from .infer.errors import check_writable_file
+    from .errors import check_writable_file
     from .train import model_meta
     from .data import dataset_info
 
@@ -100,7 +100,7 @@ def refuse_pruneflow_checkpoint(src):
 
 
 def main():
-    from .infer.errors import run_cli
+    from .cli import run_cli
 
     run_cli(cli, name="pruneflow.convert")
 

@@ -6,12 +6,11 @@ module adds what only training needs, and the ``fetch`` command for staging data
 """
 
 from .infer.data import DATASETS, DEFAULT_DATA_ROOT, SYNTHETIC, Batches, dataset_info, load_split, random_crop_flip  # noqa: F401
-from .infer.errors import UserError
 
 
 LOADERS = ("device", "torchvision")
 # Evaluation batches: at least this many images. Eval-mode outputs do not depend on the batch (BatchNorm uses
-# its running statistics), and a GPU at the seed's batch 64 spends an evaluation launching kernels. Forward
+# its running statistics), and a GPU at the 2022 report's batch 64 spends an evaluation launching kernels. Forward
 # passes without autograd hold a few activations at a time (the auto-packing probe measures one such batch).
 EVAL_BATCH_SIZE = 512
 
@@ -21,10 +20,8 @@ def train_test_batches(dataset, batch_size, device, seed=0, data_root=None, down
     """(training batches: shuffled + augmented, test batches: fixed order, never augmented).
 
     ``loader='device'`` (default): the whole data set on the device, batches augmented there at once.
-    ``loader='torchvision'``: the seed's pipeline (DataLoader + per-image CPU transforms), for comparison.
+    ``loader='torchvision'``: the 2022 report's pipeline (DataLoader + per-image CPU transforms), for comparison.
     """
-    if loader not in LOADERS:
-        raise UserError(f"unknown loader {loader!r}; valid: {', '.join(LOADERS)}")
     cls = Batches if loader == "device" else SeedStyleBatches
     train = cls(*load_split(dataset, "train", data_root, download), dataset, batch_size, device,
                 train=True, seed=seed, channels_last=channels_last)
@@ -34,7 +31,7 @@ def train_test_batches(dataset, batch_size, device, seed=0, data_root=None, down
 
 
 class _PerImage:
-    """A torch Dataset applying torchvision transforms to one uint8 image at a time (the seed's way)."""
+    """A torch Dataset applying torchvision transforms to one uint8 image at a time (the 2022 report's way)."""
 
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -47,7 +44,7 @@ class _PerImage:
 
 
 class SeedStyleBatches:
-    """The seed's input pipeline: torch DataLoader + per-image torchvision transforms on the CPU (RandomCrop
+    """The 2022 report's input pipeline: torch DataLoader + per-image torchvision transforms on the CPU (RandomCrop
     with padding 4 and horizontal flip for CIFAR-10 in training; normalisation always), then a copy to the
     device per batch. Same interface and same numbers as ``Batches``; kept for benchmarks and checks."""
 
@@ -98,7 +95,7 @@ def fetch(dataset, data_root=DEFAULT_DATA_ROOT):
 
 
 def main():
-    from .infer.errors import run_cli
+    from .cli import run_cli
 
     run_cli({"fetch": fetch}, name="pruneflow.data")
 

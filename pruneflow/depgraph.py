@@ -9,7 +9,7 @@ batches for gradients), slim (BatchNorm scale, network slimming; needs BatchNorm
 import torch
 import torch.nn as nn
 
-from .infer.errors import UserError
+from .errors import UserError
 
 METHODS = ("l1", "l2", "fpgm", "taylor", "slim")
 

@@ -80,7 +80,7 @@ def _baselines(ax, records, value, dense_label="dense", control_label="control (
 # ------------------------------------------------------------------------------------------ figures
 
 def fig_time(study, model, dataset, method, key, records):
-    """The seed's figure: inference time (mean ± std) on the left, train and val accuracy on the right."""
+    """The 2022 report's figure: inference time (mean ± std) on the left, train and val accuracy on the right."""
     import numpy as np
 
     pruned = [r for r in done(records, arm="pruned", method=method)]

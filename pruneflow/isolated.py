@@ -13,7 +13,7 @@ back, and it stops when this process stops (Ctrl-C, Slurm's SIGTERM), so no orph
 import signal
 import sys
 
-from .infer.errors import UserError
+from .errors import UserError
 
 
 def run_isolated(fn, what, **kwargs):
@@ -32,7 +32,7 @@ def run_isolated(fn, what, **kwargs):
     proc.start()
     send.close()  # the child holds the only write end: its exit ends the pipe
     try:
-        # short waits: Slurm's SIGTERM handler (sweep.exit_on_sigterm) runs between them
+        # short waits: the driver's SIGTERM handler (cluster.install_stop_handlers) runs between them
         while not receive.poll(0.5):
             if not proc.is_alive() and not receive.poll(0):
                 break
@@ -58,11 +58,9 @@ def run_isolated(fn, what, **kwargs):
 
 
 def _child(send, fn, kwargs):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent too, which stops this process
-    # Slurm's warning before a time limit (sbatch --signal, submitit's USR2) may reach every process of the job:
-    # the parent acts on it (requeue); here it would kill the training outright, as trial workers ignore it too
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    from .cluster import install_stop_handlers
+
+    install_stop_handlers("child")  # Ctrl-C and the scheduler's warnings are the parent's to act on
     try:
         result = ("ok", fn(**kwargs))
     except UserError as e:

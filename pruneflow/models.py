@@ -1,4 +1,4 @@
-"""Model zoo: the seed's SimpleCNN and torchvision ResNets (CIFAR or ImageNet stem).
+"""Model zoo: the 2022 report's SimpleCNN and torchvision ResNets (CIFAR or ImageNet stem).
 
 The definitions live in ``pruneflow.infer.arch`` because portable inference must rebuild them with torch
 alone; this module is the name the rest of the package uses.
@@ -8,7 +8,7 @@ from .infer.arch import ARCHITECTURES, RESNETS, STEMS, SimpleCNN, build_model  #
 
 
 def default_prune_targets(arch):
-    """(op_types, excluded layer names) the seed used: SimpleCNN prunes Conv2d+Linear but keeps the
+    """(op_types, excluded layer names) the 2022 report used: SimpleCNN prunes Conv2d+Linear but keeps the
     classifier fc2; ResNets prune Conv2d only (their classifier fc is a Linear, so it is untouched)."""
     if arch == "simple_cnn":
         return ("Conv2d", "Linear"), ("fc2",)

@@ -1,4 +1,4 @@
-"""Utilisation sampling for a sweep: the seed's ``nvidia-smi`` screenshot, as data.
+"""Utilisation sampling for a sweep: the 2022 report's ``nvidia-smi`` screenshot, as data.
 
 A daemon thread in the sweep's driver samples, once per ``interval_s``, the machine's CPU load and memory
 (psutil) and each visible GPU's utilisation and memory (NVML, from ``nvidia-ml-py``). The driver stores the

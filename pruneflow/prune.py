@@ -1,6 +1,6 @@
 """Pruning behind one function: ``prune(model, method, sparsity, input_shape, ...) -> (new_model, stats)``.
 
-It never mutates its input: the seed pruned the already-pruned model at every sparsity level, so its
+It never mutates its input: the 2022 report pruned the already-pruned model at every sparsity level, so its
 results compounded. Every call here starts from a deep copy.
 
 Methods (NNI 3.0): ``level`` is unstructured (same shapes, N % zeros, no speedup); ``l1``, ``l2`` and
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .infer.checkpoint import count_macs, count_params, layer_widths
-from .infer.errors import UserError, check_flag, check_whole
+from .errors import UserError, check_flag, check_whole
 from .spec import MAC_TOLERANCE, misses_mac_target
 
 NNI_PRUNERS = {"level": "LevelPruner", "l1": "L1NormPruner", "l2": "L2NormPruner", "fpgm": "FPGMPruner"}
@@ -50,7 +50,7 @@ BACKEND_PACKAGES = {"nni": ("nni", "pip install 'pruneflow[nni]'"), "depgraph": 
 
 def require_backend(label):
     """Fail with one clear message when the backend of method ``label`` is not installed."""
-    from .infer.errors import missing_packages
+    from .errors import missing_packages
 
     method, backend = parse_method(label)
     module, how = BACKEND_PACKAGES[backend]
@@ -280,7 +280,7 @@ def apply_masks(masks):
 
 
 def format_widths(stats):
-    """Per-layer width table, dense -> pruned, as the seed's appendix shows with print(model)."""
+    """Per-layer width table, dense -> pruned, as the 2022 report's appendix shows with print(model)."""
     now = {n: (i, o) for n, _, i, o in stats["widths"]}
     lines = [f"{'layer':<28} {'type':<7} {'in (dense->now)':>17} {'out (dense->now)':>18}"]
     for n, t, i, o in stats["widths_dense"]:
@@ -367,15 +367,15 @@ def cli(ckpt, method, out, sparsity=None, target_macs=None, op_types=None, exclu
       out: where to write the pruned checkpoint (.safetensors).
       sparsity: fraction removed from each targeted layer, in (0, 1).
       target_macs: instead of --sparsity, the MAC reduction to reach (e.g. 2 = half the MACs).
-      op_types: comma list of layer types to prune (default: the seed's for this model).
+      op_types: comma list of layer types to prune (default: the 2022 report's for this model).
       exclude: comma list of layer names to keep whole (default: the classifier).
       dependency_aware: prune residual-coupled channels together (NNI; default: on for ResNets).
       round_to: DepGraph: keep channel counts multiples of this (e.g. 8, for GPU kernels).
-      print_model: print(model) before and after, as the seed's appendix shows (--noprint_model to skip).
+      print_model: print(model) before and after, as the 2022 report's appendix shows (--noprint_model to skip).
       verbose: show NNI's own output.
     """
     from .infer.checkpoint import load, save
-    from .infer.errors import check_not_input, check_writable_file
+    from .errors import check_not_input, check_writable_file
     from .models import default_prune_targets
 
     criterion, backend = parse_method(method)
@@ -437,7 +437,7 @@ def _mac_target(v):
 
 
 def main():
-    from .infer.errors import run_cli
+    from .cli import run_cli
 
     run_cli(cli, name="pruneflow.prune")
 

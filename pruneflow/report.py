@@ -2,7 +2,7 @@
 
 Reads every ``shard-*.h5`` of the study (merged: a done record wins over a failed one) and every device
 JSON written by ``python -m pruneflow.infer --ckpt DIR`` (``*/devices/*.json``), and writes to
-``results/<study>/report/``: the seed's time-and-accuracy figure per model x method x device, the methods
+``results/<study>/report/``: the 2022 report's time-and-accuracy figure per model x method x device, the methods
 overlaid, Pareto fronts, size and speedup, the cross-device comparison, the architecture views (graph and
 per-layer widths from the checkpoints, pruneflow/views.py), the resource timeline of each sweep run
 (pruneflow/timeline.py), and summary.md (tables whose numbers are the HDF5 values, failures, what is missing,
@@ -15,7 +15,7 @@ import os
 import shlex
 
 from .figures import (atomic_write, fig_devices, fig_methods, fig_pareto, fig_size, fig_time, save_figure, slug)
-from .infer.errors import UserError, check_writable_dir, require
+from .errors import UserError, check_writable_dir, require
 from .study import (baseline, device_label, device_series, done, load_study, method_order, missed_mac_targets,
                     missing_parts, slower_than_dense, speedup)
 
@@ -317,7 +317,7 @@ def cli(study, out=None, format="png,pdf", show=None, only=None, dpi=100, arch=N
 
 
 def main():
-    from .infer.errors import run_cli
+    from .cli import run_cli
 
     run_cli(cli, name="pruneflow.report")
 

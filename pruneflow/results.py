@@ -17,6 +17,7 @@ the original. A ``kill -9`` at any moment leaves either the old or the new compl
 """
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -24,16 +25,116 @@ import os
 import shutil
 import socket
 
-from .infer.errors import UserError
+from .errors import UserError
 
 SCHEMA = 1
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
-# What readers (the report, a resumed sweep) take from every trial, and in addition from every finished one; a
-# file lacking one was damaged or edited, and says so instead of failing with a KeyError deep in the report.
-TRIAL_ATTRS = ("arm", "method", "sparsity", "seed", "status")
-DONE_ATTRS = ("params", "macs", "mac_reduction", "train_acc", "val_acc", "latency_mean", "latency_std",
-              "latency_median", "checkpoint")
-TRIAL_TABLES = ("epochs", "latency", "widths")
+TRIAL_TABLES = ("epochs", "latency", "widths")  # every trial has them (latency_dense: all but the dense trial)
+
+
+def _field(doc, default=None, need=None, table=False, factory=None):
+    """A TrialRecord field: ``need`` 'all' or 'done' = readers refuse a trial (or a done one) without it;
+    ``table``: stored as a dataset of the trial's group, not an attribute."""
+    meta = dict(doc=doc, need=need, table=table)
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class TrialRecord:
+    """One trial's results: the one definition of what /trials/<id> holds (docs/results-schema.md is made from
+    it). The trial fills it, the driver adds attempts and packing, the store writes it, readers check it."""
+
+    id: str = _field("dense-s<seed> | control-s<seed> | <method>-<sparsity>-s<seed> | <method>-x<target>-s<seed>")
+    arm: str = _field("dense | control | pruned", need="all")
+    method: str = _field("none, or a method label: level, l1, l2, fpgm (NNI), l1@depgraph ... slim@depgraph", need="all")
+    sparsity: float = _field("nominal fraction removed (pruned arm), else 0", 0.0, need="all")
+    seed: int = _field("random seed of fine-tuning (and, for the first seed, of dense training)", 0, need="all")
+    status: str = _field("done | failed", "failed", need="all")
+    error: str = _field("why it failed (empty when done)", "")
+    model: str = _field("model.arch", "")
+    dataset: str = _field("data.dataset", "")
+    target_mac_reduction: float = _field("MAC reduction asked for (target-MACs mode), else 0", 0.0)
+    backend: str = _field("nni | depgraph (pruned arm), else empty", "")
+    attempts: int = _field("runs it took (1 + retries used)", 1)
+    trials_per_device: int = _field("K: trials sharing its device while it ran", 1)
+    host: str = _field("node it ran on", "")
+    pid: int = _field("the Ray worker's process id", 0)
+    started_at: float = _field("unix seconds, the worker's clock", 0.0)
+    ended_at: float = _field("unix seconds, the worker's clock", 0.0)
+    wall_s: float = _field("seconds from start to end", 0.0)
+    params: int = _field("parameters after pruning", 0, need="done")
+    macs: int = _field("multiply-accumulates per image after pruning", 0, need="done")
+    params_dense: int = _field("parameters of the dense model", 0)
+    macs_dense: int = _field("MACs of the dense model", 0)
+    mac_reduction: float = _field("macs_dense / macs", 1.0, need="done")
+    channel_sparsity: float = _field("achieved: fraction of output channels removed from pruned layers", 0.0)
+    weight_sparsity: float = _field("achieved: fraction of zero weights in pruned layers", 0.0)
+    nonzero_params: int = _field("parameters that are not zero", 0)
+    dependency_aware: bool = _field("coupled channels pruned together", False)
+    train_acc: float = _field("accuracy on the training split, eval mode", 0.0, need="done")
+    val_acc: float = _field("accuracy on the evaluation split after the last epoch", 0.0, need="done")
+    val_loss: float = _field("loss on the evaluation split after the last epoch", 0.0)
+    latency_mean: float = _field("seconds per timed batch", 0.0, need="done")
+    latency_std: float = _field("seconds per timed batch", 0.0, need="done")
+    latency_median: float = _field("seconds per timed batch", 0.0, need="done")
+    latency_p95: float = _field("seconds per timed batch", 0.0)
+    speedup: float = _field("median over timed pairs of latency_dense / latency; 1 for the dense trial", 0.0)
+    device: str = _field("torch device it ran on", "")
+    device_name: str = _field("its hardware: GPU name or CPU model", "")
+    checkpoint: str = _field("its checkpoint, relative to the study directory", "", need="done")
+    architecture: str = _field("print(model) after pruning", "")
+    seconds_load: float = _field("wall seconds loading the dense checkpoint", 0.0)
+    seconds_prune: float = _field("wall seconds pruning", 0.0)
+    seconds_speedup: float = _field("the part of seconds_prune in NNI's ModelSpeedup", 0.0)
+    seconds_finetune: float = _field("wall seconds fine-tuning", 0.0)
+    seconds_evaluate: float = _field("wall seconds scoring the training split", 0.0)
+    seconds_time: float = _field("wall seconds timing inference", 0.0)
+    seconds_save: float = _field("wall seconds writing the checkpoint", 0.0)
+    peak_memory_bytes: int = _field("high-water mark, see peak_memory_kind", 0)
+    peak_memory_kind: str = _field("cuda_max_allocated | mps_driver_allocated | cpu_rss", "")
+    epochs: list = _field("table: one row per fine-tune epoch (EPOCH_FIELDS)", table=True, factory=list)
+    latency: list = _field("table: seconds per timed batch; its attributes are latency_settings", table=True,
+                           factory=list)
+    latency_settings: dict = _field("attributes of latency: batch_size, warmup, device, threads, channels_last",
+                                    table=True, factory=dict)
+    latency_dense: list = _field("table: the dense model's seconds, timed alternately with this trial's",
+                                 table=True, factory=list)
+    widths: list = _field("table: layer, type, in, out of every Conv2d/Linear", table=True, factory=list)
+    traceback: str = _field("where it failed (not stored: printed by the worker)", "", table=True)
+
+    @classmethod
+    def failure(cls, trial, error, **fields):
+        """The record of ``trial`` (a spec.Trial) that failed with ``error``."""
+        return cls(id=trial.id, arm=trial.arm, method=trial.method, sparsity=trial.sparsity, seed=trial.seed,
+                   target_mac_reduction=trial.target, status="failed", error=error, **fields)
+
+    def attrs(self):
+        """The fields stored as the group's attributes (HDF5 has no None: empty strings)."""
+        return {f.name: "" if getattr(self, f.name) is None else getattr(self, f.name)
+                for f in dataclasses.fields(self) if not f.metadata["table"] and f.name != "id"}
+
+
+def required(need):
+    """The attribute names readers require of every trial ('all') or of every done one ('done')."""
+    return tuple(f.name for f in dataclasses.fields(TrialRecord) if f.metadata["need"] == need)
+
+
+TRIAL_ATTRS, DONE_ATTRS = required("all"), required("done")
+
+
+def schema_table():
+    """The trial fields as docs/results-schema.md lists them (tests/test_compat.py keeps the two equal)."""
+    rows = ["| field | stored as | readers need it of | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(TrialRecord):
+        if f.name == "traceback":  # printed by the worker, never stored
+            continue
+        kind = ("the group's name" if f.name == "id" else "attributes of latency" if f.name == "latency_settings"
+                else "dataset" if f.metadata["table"] else f"attribute ({f.type.__name__})")
+        doc = f.metadata["doc"].replace("|", "\\|")
+        rows.append(f"| {f.name} | {kind} | {f.metadata['need'] or ''} | {doc} |")
+    return "\n".join(rows)
 
 
 def _h5py():
@@ -114,28 +215,24 @@ class ResultStore:
                 g.create_dataset(column, data=np.asarray(values, dtype="f8"))
 
     def add(self, record):
-        """Write one trial (replacing an earlier failed record of the same id) atomically."""
+        """Write one TrialRecord (replacing an earlier failed record of the same id) atomically."""
         h5py = _h5py()
         import numpy as np
 
         with self._edit() as f:
             trials = f["trials"]
-            if record["id"] in trials:
-                del trials[record["id"]]
-            g = trials.create_group(record["id"])
-            attrs = {k: v for k, v in record.items()
-                     if k not in ("epochs", "latency", "latency_dense", "widths", "latency_settings")}
-            g.attrs.update({k: ("" if v is None else v) for k, v in attrs.items()})
-            epochs = record.get("epochs") or []
-            table = np.array([tuple(float(e[k]) for k in EPOCH_FIELDS) for e in epochs],
+            if record.id in trials:
+                del trials[record.id]
+            g = trials.create_group(record.id)
+            g.attrs.update(record.attrs())
+            table = np.array([tuple(float(e[k]) for k in EPOCH_FIELDS) for e in record.epochs],
                              dtype=[(k, "f8") for k in EPOCH_FIELDS])
             g.create_dataset("epochs", data=table)
-            lat = g.create_dataset("latency", data=np.asarray(record.get("latency") or [], dtype="f8"))
-            lat.attrs.update(record.get("latency_settings") or {})
-            if record.get("latency_dense"):  # the dense model's samples, timed pair by pair with this trial's
-                g.create_dataset("latency_dense", data=np.asarray(record["latency_dense"], dtype="f8"))
-            widths = record.get("widths") or []
-            wt = np.array([(n, t, i, o) for n, t, i, o in widths],
+            lat = g.create_dataset("latency", data=np.asarray(record.latency, dtype="f8"))
+            lat.attrs.update(record.latency_settings)
+            if record.latency_dense:  # the dense model's samples, timed pair by pair with this trial's
+                g.create_dataset("latency_dense", data=np.asarray(record.latency_dense, dtype="f8"))
+            wt = np.array([(n, t, i, o) for n, t, i, o in record.widths],
                           dtype=[("layer", h5py.string_dtype()), ("type", h5py.string_dtype()), ("in", "i8"), ("out", "i8")])
             g.create_dataset("widths", data=wt)
 
@@ -226,6 +323,12 @@ def _read_trial(path, tid, g):
         raise UserError(f"{where} could not be read ({type(e).__name__}: {e})") from None
     r["file"] = os.path.basename(path)
     return r
+
+
+def read_records(path):
+    """Every trial in one file as a TrialRecord (fields absent in older files take their defaults)."""
+    names = {f.name for f in dataclasses.fields(TrialRecord)}
+    return [TrialRecord(**{k: v for k, v in r.items() if k in names}) for r in read_trials(path)]
 
 
 def read_utilisation(path):

@@ -12,7 +12,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 
-from .infer.errors import UserError
+from .errors import UserError
 
 # How close to a prune.mac_targets entry counts as reaching it (relative): target-MACs pruning stops there, and
 # the prune command and the report name a model past it (channel counts come in steps; a method can stop short)
@@ -23,27 +23,30 @@ def misses_mac_target(mac_reduction, target, tolerance=MAC_TOLERANCE):
     return abs(mac_reduction / target - 1) > tolerance
 
 SCHEMA_VERSION = 1
+# Field metadata RERUN: a re-run of a study may change this setting without making its results incomparable
+# (which trials the grid holds, where things are, how the machine is used); every other setting shapes results.
+RERUN = {"rerun": True}
 
 
 @dataclass
 class ModelSpec:
     arch: str = "simple_cnn"  # simple_cnn | resnet18 | resnet34 | resnet50 | resnet101 | resnet152
-    stem: str = "cifar"  # ResNets: cifar (3x3/1, no pool) | imagenet (7x7/2 + pool, as the seed)
+    stem: str = "cifar"  # ResNets: cifar (3x3/1, no pool) | imagenet (7x7/2 + pool, as the 2022 report)
 
 
 @dataclass
 class DataSpec:
     # digits (embedded) | mnist | cifar10 | synthetic-mnist | synthetic-cifar10 (random images: speed only)
     dataset: str = "digits"
-    root: typing.Optional[str] = None  # where mnist/cifar10 are staged; default ~/.cache/pruneflow/data
-    download: bool = False  # only where the node has internet
+    root: typing.Optional[str] = field(default=None, metadata=RERUN)  # where mnist/cifar10 are staged; default ~/.cache/pruneflow/data
+    download: bool = field(default=False, metadata=RERUN)  # only where the node has internet
 
 
 @dataclass
 class TrainSpec:
     recipe: typing.Optional[str] = None  # default: mnist for simple_cnn, cifar_resnet for ResNets
     epochs: int = 5
-    batch_size: typing.Optional[int] = None  # default: the recipe's (64, as the seed)
+    batch_size: typing.Optional[int] = None  # default: the recipe's (64, as the 2022 report)
     lr: typing.Optional[float] = None
     checkpoint: typing.Optional[str] = None  # use this dense checkpoint instead of training one
 
@@ -51,13 +54,14 @@ class TrainSpec:
 @dataclass
 class PruneSpec:
     # "l1" = NNI (level, l1, l2, fpgm); "l1@depgraph" = Torch-Pruning (l1, l2, fpgm, taylor, slim)
-    methods: typing.List[str] = field(default_factory=lambda: ["level", "l1", "l2"])
-    sparsities: typing.List[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
+    methods: typing.List[str] = field(default_factory=lambda: ["level", "l1", "l2"], metadata=RERUN)
+    sparsities: typing.List[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)],
+                                           metadata=RERUN)
     # target-MACs mode: MAC reductions to reach (e.g. [2, 4]); each structured method gets these trials too
-    mac_targets: typing.List[float] = field(default_factory=list)
+    mac_targets: typing.List[float] = field(default_factory=list, metadata=RERUN)
     round_to: typing.Optional[int] = None  # DepGraph: channel counts multiple of this (8 suits GPU kernels)
     global_pruning: bool = False  # DepGraph: rank channels across layers instead of per layer
-    op_types: typing.Optional[typing.List[str]] = None  # default: the seed's for the model
+    op_types: typing.Optional[typing.List[str]] = None  # default: the 2022 report's for the model
     exclude: typing.Optional[typing.List[str]] = None  # default: the classifier
     dependency_aware: typing.Optional[bool] = None  # default: on for ResNets
 
@@ -74,7 +78,7 @@ class FinetuneSpec:
 class LatencySpec:
     batch_size: int = 64
     warmup: int = 5
-    trials: int = 25  # as in the seed
+    trials: int = 25  # as in the 2022 report
     # CPU threads for the timed forward passes, whatever threads a trial trained with (resources.threads_per_trial
     # 'auto' varies with the trials left), so the latencies of one study compare
     threads: int = 1
@@ -102,14 +106,14 @@ class ResourcesSpec:
 
 @dataclass
 class PerformanceSpec:
-    loader: str = "device"  # device (data set on the device, batched augmentation) | torchvision (the seed's DataLoader)
+    loader: str = "device"  # device (data set on the device, batched augmentation) | torchvision (the 2022 report's DataLoader)
     precision: str = "auto"  # auto (fp32; TF32 tensor cores on CUDA) | fp32 | bf16 (autocast: large batches)
     channels_last: typing.Optional[bool] = None  # default: on for CUDA and the CPU
     # torch.compile the training step: slow start, faster epochs (long runs only). true = mode 'default'.
     # 'cudagraphs' records each whole training step (forward, backward, optimiser) as one CUDA graph around the
     # eager model (no compilation: a second) and 'reduce-overhead' the same around Inductor's kernels (~1 min to
     # compile a ResNet-101): they remove the kernel launches that limit batch 64 on a fast GPU (H200: 2.5-15x
-    # the seed pipeline's images/s, docs/benchmarks.md); both run eagerly off CUDA.
+    # the 2022 report's pipeline's images/s, docs/benchmarks.md); both run eagerly off CUDA.
     # A compilation that fails (no C++ compiler on the node, say) trains eagerly after a one-line warning.
     compile: typing.Union[bool, str] = False
     # Removed (CPU kernels tuned for one development machine): accepted so older job files load, with a note.
@@ -125,11 +129,12 @@ class StudySpec:
     prune: PruneSpec = field(default_factory=PruneSpec)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     latency: LatencySpec = field(default_factory=LatencySpec)
-    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
-    performance: PerformanceSpec = field(default_factory=PerformanceSpec)
-    seeds: typing.List[int] = field(default_factory=lambda: [0])
-    control: bool = True  # the dense model fine-tuned for the same epochs: is a gain pruning or training?
-    retries: int = 1  # extra attempts for a trial that raises or diverges
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec, metadata=RERUN)  # the whole section
+    performance: PerformanceSpec = field(default_factory=PerformanceSpec, metadata=RERUN)
+    seeds: typing.List[int] = field(default_factory=lambda: [0], metadata=RERUN)
+    # the dense model fine-tuned for the same epochs: is a gain pruning or training?
+    control: bool = field(default=True, metadata=RERUN)
+    retries: int = field(default=1, metadata=RERUN)  # extra attempts for a trial that raises or diverges
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,17 @@ def load_spec(path, overrides=None, check_backends=True):
         print("note: performance.cpu_kernels has no effect any more (stock PyTorch kernels; on the CPU, "
               "performance.compile is the lever)", file=sys.stderr)
     return spec, text
+
+
+def rerun_settings(cls=None, prefix=""):
+    """The dotted names a re-run may change (RERUN metadata); a section's name ends in '.' (all of it)."""
+    names = []
+    for f in dataclasses.fields(cls or StudySpec):
+        if f.metadata.get("rerun"):
+            names.append(f"{prefix}{f.name}." if dataclasses.is_dataclass(f.type) else f"{prefix}{f.name}")
+        elif dataclasses.is_dataclass(f.type):
+            names += rerun_settings(f.type, f"{prefix}{f.name}.")
+    return tuple(names)
 
 
 def _set_dotted(raw, key, value):
@@ -283,10 +299,10 @@ def _parse_scalar(text):
 # ------------------------------------------------------------------------------------------- validation
 
 def validate(spec, check_backends=True):
-    from .data import DATASETS, LOADERS
+    from .data import DATASETS
     from .models import ARCHITECTURES, STEMS
     from .prune import OP_TYPES, parse_method, require_backend
-    from .train import COMPILE_MODES, PRECISIONS, RECIPES
+    from .train import RECIPES
 
     def one_of(value, valid, what):
         if value not in valid:
@@ -305,10 +321,7 @@ def validate(spec, check_backends=True):
         raise UserError(f"resources.device {spec.resources.device!r}: a sweep spreads its trials over every GPU it "
                         f"can see; to use only GPU {n}, run it with CUDA_VISIBLE_DEVICES={n} and device: cuda "
                         "(under Slurm, --gpus chooses the GPUs)")
-    one_of(spec.performance.loader, LOADERS, "performance.loader")
-    one_of(spec.performance.precision, PRECISIONS, "performance.precision")
-    if not isinstance(spec.performance.compile, bool):
-        one_of(spec.performance.compile, COMPILE_MODES, "performance.compile")
+    check_performance(spec.performance)
     for m in spec.prune.methods:
         (require_backend if check_backends else parse_method)(m)  # before hours of dense training
     for t in spec.prune.mac_targets:
@@ -366,6 +379,20 @@ def validate(spec, check_backends=True):
             raise UserError(f"prune.{key} {a:g} and {b:g} would both be trial {t.id}: trial ids keep two decimals; "
                             "make them differ there")
     return spec
+
+
+def check_performance(perf):
+    """``perf`` (a PerformanceSpec) if its settings are valid; the one check, for job files and benchmarks."""
+    from .data import LOADERS
+    from .step import COMPILE_MODES, PRECISIONS
+
+    compile_mode = None if isinstance(perf.compile, bool) else perf.compile  # true / false are always valid
+    for name, value, valid in (("loader", perf.loader, LOADERS), ("precision", perf.precision, PRECISIONS),
+                               ("compile", compile_mode, (None, *COMPILE_MODES))):
+        if value not in valid:
+            raise UserError(f"performance.{name} {value!r} is not valid; choose from: "
+                            f"{', '.join(v for v in valid if v is not None)}")
+    return perf
 
 
 def resolved(spec):

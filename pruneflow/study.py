@@ -9,7 +9,7 @@ import os
 import re
 import types
 
-from .infer.errors import UserError
+from .errors import UserError
 from .spec import MAC_TOLERANCE, misses_mac_target
 
 DEVICE_SCHEMA = "pruneflow-device/1"

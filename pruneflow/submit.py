@@ -25,15 +25,15 @@ except ModuleNotFoundError as e:  # cli() says so in one line (require); nothing
         raise
     submitit, Checkpointable = None, object
 
-from .infer.errors import UserError, check_flag, check_whole, require
+from .errors import UserError, check_flag, check_whole, require
 
 
 def _finished(result):
     """The work is on disk: a timeout signal arriving now (Slurm signals on a coarse clock) must not turn a
     finished job into a FAILED one, nor requeue it. Ignore it for the rest of this process."""
-    import signal
+    from .cluster import install_stop_handlers
 
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    install_stop_handlers("finished")
     return result
 
 
@@ -308,7 +308,7 @@ def cli(job, partition=None, nodes=1, gpus_per_node=0, cpus_per_task=None, mem=N
 
 
 def main():
-    from .infer.errors import run_cli
+    from .cli import run_cli
 
     run_cli(cli, name="pruneflow.submit")
 

@@ -1,4 +1,4 @@
-"""The resource timeline: the seed's ``nvidia-smi`` screenshot, as a figure, and the summary's Resources section.
+"""The resource timeline: the 2022 report's ``nvidia-smi`` screenshot, as a figure, and the summary's Resources section.
 
 One figure per sweep run stored in a shard file (``/utilisation/run-<k>``, written by pruneflow/monitor.py):
 the sampled utilisation on top (per GPU: util % and memory with the card's total dashed; on a CPU-only run:

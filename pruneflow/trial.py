@@ -8,41 +8,28 @@ import os
 import time
 import traceback
 
-# Fault injection for tests of the sweep's failure handling: trial ids listed here raise.
-INJECT_ENV = "PRUNEFLOW_INJECT_FAILURE"
-# ... and "<trial id>=<seconds>" entries here stall that trial, in a Slurm job's first allocation only
-# (SLURM_RESTART_COUNT unset or 0): a requeue test then knows the first allocation cannot finish.
-INJECT_DELAY_ENV = "PRUNEFLOW_INJECT_DELAY"
+from .results import TrialRecord
 
 
 def run_trial(trial, config, dense_path, ckpt_dir, threads=1):
-    """Run ``trial`` (a spec.Trial); never raises: failures come back as status 'failed' with the error."""
-    import signal
+    """Run ``trial`` (a spec.Trial); never raises: a failure comes back as a TrialRecord with status 'failed'."""
+    from .cluster import install_stop_handlers
 
-    # Slurm signals every process of the job before a timeout; only the driver should react to it.
+    install_stop_handlers("worker")  # the scheduler's warnings are the driver's to act on
+    t0, started = time.perf_counter(), time.time()
     try:
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    except ValueError:  # not the main thread: signals are not ours to handle here anyway
-        pass
-    t0 = time.perf_counter()
-    record = dict(id=trial.id, arm=trial.arm, method=trial.method, sparsity=trial.sparsity, seed=trial.seed,
-                  model=config["model"]["arch"], dataset=config["data"]["dataset"], target_mac_reduction=trial.target,
-                  host=os.uname().nodename, pid=os.getpid(), started_at=time.time())
-    try:
-        record.update(_run(trial, config, dense_path, ckpt_dir, threads))
-        record["status"], record["error"] = "done", ""
+        fields = dict(_run(trial, config, dense_path, ckpt_dir, threads), status="done", error="")
     except Exception as e:  # isolate: one trial's failure must not stop the study
-        record["status"] = "failed"
-        record["error"] = f"{type(e).__name__}: {e}".strip()[:2000]
-        record["traceback"] = traceback.format_exc()[-4000:]
-    record["wall_s"] = time.perf_counter() - t0
-    record["ended_at"] = time.time()
-    return record
+        fields = dict(status="failed", error=f"{type(e).__name__}: {e}".strip()[:2000],
+                      traceback=traceback.format_exc()[-4000:])
+    return TrialRecord(id=trial.id, arm=trial.arm, method=trial.method, seed=trial.seed, model=config["model"]["arch"],
+                       dataset=config["data"]["dataset"], target_mac_reduction=trial.target, host=os.uname().nodename,
+                       pid=os.getpid(), started_at=started, wall_s=time.perf_counter() - t0, ended_at=time.time(),
+                       **dict(dict(sparsity=trial.sparsity), **fields))
 
 
 def run_trial_measured(trial, config, dense_path, ckpt_dir, threads=1):
-    """(run_trial's record, this process's peak resident memory in bytes). In a single-use worker the peak is the
+    """(run_trial's TrialRecord, this process's peak resident memory in bytes). In a single-use worker the peak is the
     trial's own: imports, pruning, fine-tuning, evaluation and timing (resources.memory_per_trial: auto)."""
     record = run_trial(trial, config, dense_path, ckpt_dir, threads)
     return record, peak_rss_bytes()
@@ -67,11 +54,10 @@ def probe_memory(config, dense_path, steps=4):
 
     import torch
 
-    from .data import train_test_batches
     from .infer import checkpoint as ckpt_io
     from .infer.device import resolve_device
-    from .step_graph import WARMUP
-    from .train import evaluate, get_recipe, make_optimizer, resolve_perf, steps_for, train_one_epoch
+    from .step import WARMUP, make_step
+    from .train import evaluate, get_recipe, make_optimizer, prepare, train_one_epoch
 
     dev = resolve_device(config["resources"]["device"])
     if dev.type != "cuda":
@@ -79,20 +65,14 @@ def probe_memory(config, dense_path, steps=4):
     model, meta = ckpt_io.load(dense_path)
     ft, data = config["finetune"], config["data"]
     recipe = get_recipe(ft["recipe"], batch_size=ft["batch_size"], lr=ft["lr"])
-    p = resolve_perf(config.get("performance"), dev)
-    model.to(dev)
-    if p["channels_last"]:
-        model.to(memory_format=torch.channels_last)
-    train_b, test_b = train_test_batches(meta["dataset"], recipe["batch_size"], dev, 0, data["root"],
-                                         data["download"], p["channels_last"], p["loader"])
-    opt, _ = make_optimizer(model, recipe, 1, p["compile"])
-    # compiled and recorded as the trials will be: CUDA graphs keep their own memory pools, which a trial holds
-    # too (and the compilation fills the node's Inductor cache for the dense-shaped trials)
-    step_model, graph = steps_for(model, opt, p["compile"], amp_dtype=p["amp_dtype"])
-    steps = max(steps, WARMUP + 2) if graph is not None else steps  # the warm-up, the capture and a replay
-    train_one_epoch(model, itertools.islice(iter(train_b), steps), opt, amp_dtype=p["amp_dtype"], step_model=step_model,
-                    graph=graph)
-    evaluate(model, itertools.islice(iter(test_b), 1), p["amp_dtype"])  # an evaluation batch, as fit runs them
+    model, train_b, test_b, p = prepare(model, meta["dataset"], recipe, 0, dev, data["root"], data["download"],
+                                        config.get("performance"))
+    opt, _ = make_optimizer(model, recipe, 1, p)
+    # compiled and recorded as the trials will be: CUDA graphs keep their own memory pools, which a trial holds too
+    step = make_step(model, opt, p)
+    steps = max(steps, WARMUP + 2) if step.graph is not None else steps  # the warm-up, the capture and a replay
+    train_one_epoch(model, itertools.islice(iter(train_b), steps), step)
+    evaluate(model, itertools.islice(iter(test_b), 1), p.amp_dtype)  # an evaluation batch, as fit runs them
     torch.cuda.synchronize(dev)
     free, total = torch.cuda.mem_get_info(dev)
     return dict(footprint_bytes=int(total - free), total_bytes=int(total),
@@ -106,13 +86,9 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     from .infer.device import describe, resolve_device
     from .infer.timing import paired_speedup, summarize, time_forward, time_forward_paired
     from .prune import calibration_batches, parse_method, prune, prune_to_mac_reduction, pruned_meta
-    from .train import evaluate, finetune, resolve_perf
+    from .step import resolve_perf
+    from .train import evaluate, finetune
 
-    if trial.id in os.environ.get(INJECT_ENV, "").split(","):
-        raise RuntimeError(f"injected failure for {trial.id} ({INJECT_ENV})")
-    delays = dict(e.split("=", 1) for e in os.environ.get(INJECT_DELAY_ENV, "").split(",") if "=" in e)
-    if trial.id in delays and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
-        time.sleep(float(delays[trial.id]))
     torch.set_num_threads(max(1, int(threads)))
     dev = resolve_device(config["resources"]["device"])
     if dev.type == "cuda":
@@ -153,7 +129,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     lat = config["latency"]
     x = torch.randn(lat["batch_size"], *meta["input_shape"], device=dev)
     torch.set_num_threads(lat["threads"])  # the study's one setting, not this trial's training threads
-    channels_last = resolve_perf(config.get("performance"), dev)["channels_last"]  # finetune's layout, timed so
+    channels_last = resolve_perf(config.get("performance"), dev).channels_last  # finetune's layout, timed so
     if channels_last:  # an input in the model's layout, as pruneflow.infer times it (else the first layer converts)
         x = x.contiguous(memory_format=torch.channels_last)
     if trial.arm == "dense":

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 
 from .figures import DENSE_COLOR, atomic_write, mstyle, new_figure, save_figure, slug
-from .infer.errors import UserError
+from .errors import UserError
 from .study import done
 
 GRAPHVIZ_NOTE = "graphviz not installed: architecture graphs skipped"

@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT, assert_clean_error, run_module
 from pruneflow.infer import checkpoint as ckpt_io
-from pruneflow.infer.errors import UserError
+from pruneflow.errors import UserError
 from pruneflow.prune import prune
 
 
@@ -137,7 +137,7 @@ def test_run_cli_names_a_missing_package_but_not_a_missing_submodule(missing, cl
     # imports (another version) is pruneflow's bug, and its traceback must not be disguised as "not installed"
     code = ("import sys\n"
             "sys.modules['h5py'] = None  # as if not installed\n"
-            "from pruneflow.infer.errors import run_cli\n"
+            "from pruneflow.cli import run_cli\n"
             f"def command():\n    import {missing}\n"
             "sys.argv = ['command']\n"
             "run_cli(command, name='demo')\n")

@@ -10,7 +10,7 @@ import torch
 
 from conftest import assert_clean_error, run_module
 from pruneflow.infer import checkpoint as ckpt_io
-from pruneflow.infer.errors import UserError
+from pruneflow.errors import UserError
 
 
 def write_with_tensors(path, tensors, meta):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pruneflow.infer import checkpoint as ckpt_io
-from pruneflow.infer.errors import UserError
+from pruneflow.errors import UserError
 from pruneflow.prune import prune
 
 

@@ -30,7 +30,7 @@ def test_prune_cli_prints_before_after(dense_ckpt, tmp_path):
     assert m, p.stdout
     total, *parts = map(float, m.groups())
     assert parts[0] > 0 and sum(parts) <= total + 0.15  # importing NNI takes seconds; the rest may print 0.0
-    # print(model) before and after, as in the seed's appendix
+    # print(model) before and after, as in the 2022 report's appendix
     before, after = p.stdout.split("\nbefore:\n")[1].split("\n\nafter:\n")
     assert "(conv1): Conv2d(1, 16, kernel_size=(3, 3)" in before
     assert "(conv1): Conv2d(1, 8, kernel_size=(3, 3)" in after and "in_features=2304, out_features=32" in after

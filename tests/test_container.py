@@ -223,7 +223,7 @@ def test_post_installs_the_staged_checkout(installed):
         assert f"echo {pkg}=={md.version(pkg)}" in p.stderr, p.stderr
     assert "pruneflow 0.1.0 on torch" in p.stdout
     site = installed["site"]
-    assert (site / "pruneflow" / "__main__.py").exists() and (site / "pruneflow" / "infer" / "errors.py").exists()
+    assert (site / "pruneflow" / "__main__.py").exists() and (site / "pruneflow" / "errors.py").exists()
     direct_url = next(site.glob("pruneflow-*.dist-info")) / "direct_url.json"
     assert f'"file://{installed["repo"]}"' in direct_url.read_text()  # what `python -m pruneflow` finds jobs/ by
     assert (installed["root"] / "results").is_dir() and (installed["root"] / "data").is_dir()

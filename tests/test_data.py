@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pruneflow.data import Batches, load_split, random_crop_flip
-from pruneflow.infer.errors import UserError
+from pruneflow.errors import UserError
 
 
 def write_idx(path, array):

@@ -6,7 +6,7 @@ import torch
 
 from conftest import assert_clean_error, run_module
 from pruneflow.infer import checkpoint as ckpt_io
-from pruneflow.infer.errors import UserError
+from pruneflow.errors import UserError
 from pruneflow.models import build_model
 from pruneflow.prune import BACKENDS, parse_method, prune, prune_to_mac_reduction, pruned_meta
 from pruneflow.results import read_trials

@@ -177,7 +177,7 @@ def test_single_file_prints_the_essentials(ckpt_dir):
 
 def test_device_indices_are_checked_not_crashed_on():
     from pruneflow.infer.device import resolve_device
-    from pruneflow.infer.errors import UserError
+    from pruneflow.errors import UserError
 
     assert resolve_device("cpu:0") == torch.device("cpu:0")
     for bad in ("cpu:x", "cpu:-1", "cpu:"):
@@ -190,7 +190,7 @@ def test_device_indices_are_checked_not_crashed_on():
 
 def test_mps_path_uses_documented_api(monkeypatch):
     from pruneflow.infer import device as devmod
-    from pruneflow.infer.errors import UserError
+    from pruneflow.errors import UserError
 
     if not torch.backends.mps.is_available():
         with pytest.raises(UserError, match="'mps' is not available on this machine; available: .*cpu"):
@@ -271,7 +271,7 @@ def test_output_piped_into_head_stops_quietly(ckpt_dir):
 
 
 def test_a_bare_number_is_a_file_name(tmp_path, monkeypatch):
-    from pruneflow.infer.errors import check_writable_dir, check_writable_file
+    from pruneflow.errors import check_writable_dir, check_writable_file
 
     monkeypatch.chdir(tmp_path)  # Fire gives `train 5` an int: the file ./5
     assert check_writable_file(5) == str(tmp_path / "5") and check_writable_dir(7) == str(tmp_path / "7")

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from conftest import ROOT
-from pruneflow.infer.errors import UserError
+from pruneflow.errors import UserError
 from pruneflow.isolated import run_isolated
 
 

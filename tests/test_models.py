@@ -2,7 +2,7 @@ import torch
 
 from pruneflow.models import build_model
 
-# The seed's appendix A1, verbatim.
+# The 2022 report's appendix A1, verbatim.
 SEED_PRINT = """SimpleCNN(
   (conv1): Conv2d(1, 16, kernel_size=(3, 3), stride=(1, 1))
   (conv2): Conv2d(16, 32, kernel_size=(3, 3), stride=(1, 1))

@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, assert_clean_error, run_module
 from pruneflow.results import read_trials, read_utilisation
 from pruneflow.spec import StudySpec, load_spec
-from pruneflow.sweep import AUTO_MEMORY_SHARE, choose_trials_per_gpu, plan_packing, probe_key, remembered
+from pruneflow.sweep.packing import AUTO_MEMORY_SHARE, choose_trials_per_gpu, plan_packing, probe_key, remembered
 
 GiB = 2**30
 
@@ -33,48 +33,48 @@ def test_plan_on_gpu_uses_the_probe_for_auto_and_fixed_k_otherwise():
     probe = lambda device: dict(footprint_bytes=3 * GiB, total_bytes=24 * GiB)  # noqa: E731
     auto = plan_packing(spec_with(trials_per_gpu="auto"), cpus=16, gpus=2, probe=probe)
     k = int(24 * AUTO_MEMORY_SHARE // 3)
-    assert auto["per_device"] == k and auto["slots"] == 2 * k and auto["options"]["num_gpus"] == pytest.approx(1 / k)
-    assert "3.00 GiB" in auto["note"] and auto["device"] == "cuda"
+    assert auto.per_device == k and auto.slots == 2 * k and auto.options["num_gpus"] == pytest.approx(1 / k)
+    assert "3.00 GiB" in auto.note and auto.device == "cuda"
     fixed = plan_packing(spec_with(trials_per_gpu=8), cpus=16, gpus=1, probe=None)
-    assert fixed["options"] == dict(num_gpus=1 / 8, num_cpus=0) and fixed["slots"] == 8
+    assert fixed.options == dict(num_gpus=1 / 8, num_cpus=0) and fixed.slots == 8
 
     def broken(device):
         raise RuntimeError("CUDA out of memory")
 
     fallback = plan_packing(spec_with(trials_per_gpu="auto"), cpus=16, gpus=1, probe=broken)
-    assert fallback["per_device"] == 1 and "probe failed" in fallback["note"]
+    assert fallback.per_device == 1 and "probe failed" in fallback.note
 
 
 @pytest.mark.parametrize("cpus,threads,slots,used", [(2, 1, 2, 1), (2, 4, 1, 2), (8, 3, 2, 3), (1, 2, 1, 1)])
 def test_plan_on_cpu_never_exceeds_the_cores(cpus, threads, slots, used):
     plan = plan_packing(spec_with(trials_per_gpu="auto", threads_per_trial=threads), cpus=cpus, gpus=0)
-    assert plan["slots"] == slots and plan["threads"] == used and plan["device"] == "cpu"
-    assert plan["slots"] * plan["options"]["num_cpus"] <= cpus  # what Ray is asked for at once
+    assert plan.slots == slots and plan.threads == used and plan.device == "cpu"
+    assert plan.slots * plan.options["num_cpus"] <= cpus  # what Ray is asked for at once
 
 
 @pytest.mark.parametrize("cpus,n_trials,slots,threads", [(2, 29, 2, 1), (2, 1, 1, 2), (32, 8, 8, 4), (8, 3, 4, 2),
                                                        (16, 16, 16, 1), (4, 0, 4, 1)])
 def test_auto_threads_share_the_cores_among_the_trials_to_run(cpus, n_trials, slots, threads):
     plan = plan_packing(spec_with(threads_per_trial="auto"), cpus=cpus, gpus=0, n_trials=n_trials)
-    assert (plan["slots"], plan["threads"], plan["options"]["num_cpus"]) == (slots, threads, threads)
-    assert plan["slots"] * threads <= cpus and min(slots, max(n_trials, 1)) * threads <= cpus
+    assert (plan.slots, plan.threads, plan.options["num_cpus"]) == (slots, threads, threads)
+    assert plan.slots * threads <= cpus and min(slots, max(n_trials, 1)) * threads <= cpus
     assert StudySpec().resources.threads_per_trial == 1  # the default: auto only where asked (small models lose)
     gpu = plan_packing(spec_with(threads_per_trial="auto", trials_per_gpu=4), cpus=cpus, gpus=1, n_trials=n_trials)
-    assert gpu["threads"] == 1  # GPU trials: CPU work is light, one thread each
+    assert gpu.threads == 1  # GPU trials: CPU work is light, one thread each
 
 
 def test_plan_on_apple_silicon_uses_mps_and_caps_trials():
     auto = plan_packing(spec_with(device="auto", trials_per_gpu="auto"), cpus=10, gpus=0, mps=True)
-    assert auto["device"] == "mps" and auto["slots"] == 2 and auto["options"] == dict(num_gpus=0, num_cpus=5)
-    assert plan_packing(spec_with(device="mps", trials_per_gpu=8), cpus=4, gpus=0)["slots"] == 4  # cores cap
-    assert plan_packing(spec_with(device="auto"), cpus=4, gpus=0, mps=False)["device"] == "cpu"
-    assert plan_packing(spec_with(device="cpu"), cpus=4, gpus=0, mps=True)["device"] == "cpu"  # asked for
+    assert auto.device == "mps" and auto.slots == 2 and auto.options == dict(num_gpus=0, num_cpus=5)
+    assert plan_packing(spec_with(device="mps", trials_per_gpu=8), cpus=4, gpus=0).slots == 4  # cores cap
+    assert plan_packing(spec_with(device="auto"), cpus=4, gpus=0, mps=False).device == "cpu"
+    assert plan_packing(spec_with(device="cpu"), cpus=4, gpus=0, mps=True).device == "cpu"  # asked for
 
 
 def test_ray_runs_no_more_mps_trials_at_once_than_the_plan_allows():
     # Ray knows nothing of the MPS device: the cap must come from the CPUs each trial asks for. Real Ray, 4
     # logical CPUs, K = 2: never more than 2 tasks running (asking for 1 CPU each, 4 ran).
-    from pruneflow.sweep import local_ray, remote_for
+    from pruneflow.sweep.pool import local_ray, remote_for
 
     def occupy():
         import time
@@ -84,7 +84,7 @@ def test_ray_runs_no_more_mps_trials_at_once_than_the_plan_allows():
         return t0, time.time()
 
     plan = plan_packing(spec_with(device="mps", trials_per_gpu=2), cpus=4, gpus=0)
-    assert plan["slots"] == 2
+    assert plan.slots == 2
     with local_ray(4, 0):
         import ray
 
@@ -225,7 +225,7 @@ def test_the_probe_is_measured_once_per_study_and_settings(tmp_path):
     again = remembered(probe, path, "key-a")("cuda")
     assert calls == ["cuda"] and again == dict(footprint_bytes=3 * GiB, total_bytes=24 * GiB, reused_from=path)
     plan = plan_packing(spec_with(trials_per_gpu="auto"), cpus=16, gpus=1, probe=remembered(probe, path, "key-a"))
-    assert plan["per_device"] == int(24 * AUTO_MEMORY_SHARE // 3) and "earlier sweep of this study" in plan["note"]
+    assert plan.per_device == int(24 * AUTO_MEMORY_SHARE // 3) and "earlier sweep of this study" in plan.note
     remembered(probe, path, "key-b")("cuda")  # other settings: measured, and both kept
     assert len(calls) == 2 and set(json.load(open(path))) == {"key-a", "key-b"}
     (tmp_path / "packing-probe.json").write_text('{"key-a": {"footprint_bytes": "garbled"')  # a torn copy
@@ -252,7 +252,7 @@ def test_each_trial_worker_keeps_to_the_gpu_ray_gave_it_on_multi_gpu_nodes():
     # Real Ray with two logical GPUs (no CUDA needed: Ray only sets CUDA_VISIBLE_DEVICES per task). A process
     # reads that variable once, when CUDA starts; a worker reused for a task on the other GPU would run it on
     # its first GPU. K=2 on 2 GPUs: every worker process must only ever have been given one GPU.
-    from pruneflow.sweep import local_ray, remote_for
+    from pruneflow.sweep.pool import local_ray, remote_for
 
     def which_gpu():
         import time
@@ -261,7 +261,7 @@ def test_each_trial_worker_keeps_to_the_gpu_ray_gave_it_on_multi_gpu_nodes():
         return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
 
     plan = plan_packing(spec_with(trials_per_gpu=2), cpus=2, gpus=2)
-    assert plan["max_calls"] == 1 and plan_packing(spec_with(trials_per_gpu=2), cpus=2, gpus=1)["max_calls"] == 0
+    assert plan.max_calls == 1 and plan_packing(spec_with(trials_per_gpu=2), cpus=2, gpus=1).max_calls == 0
     with local_ray(2, 2):
         import ray
 
@@ -273,8 +273,8 @@ def test_each_trial_worker_keeps_to_the_gpu_ray_gave_it_on_multi_gpu_nodes():
 
 
 def test_cpus_are_slurms_number_but_never_more_than_this_process_may_run_on(monkeypatch):
-    from pruneflow.infer.device import job_cpus
-    from pruneflow.sweep import slot_counts
+    from pruneflow.cluster import job_cpus
+    from pruneflow.sweep.driver import slot_counts
 
     cores = len(os.sched_getaffinity(0))
     for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_JOB_ID"):
@@ -310,7 +310,7 @@ def test_cpus_are_slurms_number_but_never_more_than_this_process_may_run_on(monk
     ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "2"}, "auto", False),
 ])
 def test_a_slurm_job_given_no_gpus_runs_on_the_cpu(environ, device, hides, tmp_path, capsys):
-    from pruneflow.infer.device import keep_to_slurm_gpus
+    from pruneflow.cluster import keep_to_slurm_gpus
 
     (tmp_path / "nvidia0").touch()  # this "node" has a GPU: the note names it
     before = dict(environ)
@@ -329,24 +329,24 @@ def test_memory_per_trial_bounds_the_trials_at_a_time():
     2 GPUs x K=8 would run 16; 12 GiB holds four of 3G, 2 per GPU. Unset, nothing changes."""
     spec, _ = load_spec("jobs/quickstart.yaml", {"resources.memory_per_trial": "4G"})
     plan = plan_packing(spec, cpus=8, gpus=0, memory=(10 * 2**30, "Slurm's --mem"))
-    assert plan["slots"] == 2 and plan["options"]["num_cpus"] == 4 and plan["threads"] == 1
-    assert "at most 2 trial(s) at a time, 4G (resources.memory_per_trial) each" in plan["note"] and "10.0 GiB, Slurm's --mem" in plan["note"]
+    assert plan.slots == 2 and plan.options["num_cpus"] == 4 and plan.threads == 1
+    assert "at most 2 trial(s) at a time, 4G (resources.memory_per_trial) each" in plan.note and "10.0 GiB, Slurm's --mem" in plan.note
     roomy = plan_packing(spec, cpus=8, gpus=0, memory=(64 * 2**30, "the machine's RAM"))
-    assert roomy["slots"] == 8 and roomy["options"]["num_cpus"] == 1 and roomy["note"] == ""
+    assert roomy.slots == 8 and roomy.options["num_cpus"] == 1 and roomy.note == ""
     spec, _ = load_spec("jobs/quickstart.yaml", {"resources.memory_per_trial": "3G", "resources.trials_per_gpu": 8})
     gpu = plan_packing(spec, cpus=32, gpus=2, memory=(12 * 2**30, "the cgroup's memory limit"))
-    assert gpu["per_device"] == 2 and gpu["slots"] == 4 and gpu["options"]["num_gpus"] == 0.5
-    assert "per GPU" in gpu["note"]
+    assert gpu.per_device == 2 and gpu.slots == 4 and gpu.options["num_gpus"] == 0.5
+    assert "per GPU" in gpu.note
     tight = plan_packing(spec, cpus=32, gpus=2, memory=(2 * 2**30, "Slurm's --mem"))
-    assert tight["per_device"] == 1  # never fewer than one: the trial itself says if it does not fit
+    assert tight.per_device == 1  # never fewer than one: the trial itself says if it does not fit
     spec, _ = load_spec("jobs/quickstart.yaml", {"resources.trials_per_gpu": 8})
-    assert plan_packing(spec, cpus=32, gpus=2, memory=(2 * 2**30, "x"))["per_device"] == 8
+    assert plan_packing(spec, cpus=32, gpus=2, memory=(2 * 2**30, "x")).per_device == 8
 
 
 def test_job_memory_is_the_least_of_ram_slurm_and_cgroups(tmp_path):
     import psutil
 
-    from pruneflow.sweep import cgroup_memory_limit, job_memory
+    from pruneflow.cluster import cgroup_memory_limit, job_memory
 
     ram = psutil.virtual_memory().total
     none = tmp_path / "none"
@@ -374,7 +374,7 @@ def test_job_memory_is_the_least_of_ram_slurm_and_cgroups(tmp_path):
     assert cgroup_memory_limit(str(tmp_path / "v1"), str(tmp_path / "self-v1")) is None
     assert 0 < job_memory()[0] <= ram  # this machine, as it is
     # what the trials may fill: less what this process (torch imported: hundreds of MB) already holds
-    from pruneflow.sweep import memory_for_trials
+    from pruneflow.sweep.packing import memory_for_trials
 
     left, source = memory_for_trials({"SLURM_MEM_PER_NODE": "10000"})
     assert 10000 * 2**20 - left > 100 * 2**20 and "Slurm's --mem less" in source
@@ -406,22 +406,22 @@ def test_memory_per_trial_auto_packs_by_one_measured_trial():
         return dict(host_bytes=2 * 2**30)
 
     plan = plan_packing(spec, cpus=8, gpus=0, memory=(5 * 2**30, "Slurm's --mem"), host_probe=host_probe)
-    assert calls == [1] and plan["slots"] == 2 and plan["options"]["num_cpus"] == 4
-    assert "at most 2 trial(s) at a time, 2.30 GiB (a trial measured at 2.00 GiB + 15 %" in plan["note"]
+    assert calls == [1] and plan.slots == 2 and plan.options["num_cpus"] == 4
+    assert "at most 2 trial(s) at a time, 2.30 GiB (a trial measured at 2.00 GiB + 15 %" in plan.note
     roomy = plan_packing(spec, cpus=8, gpus=0, memory=(64 * 2**30, "the machine's RAM"), host_probe=host_probe)
-    assert roomy["slots"] == 8 and "the cores allow 8" in roomy["note"]
+    assert roomy.slots == 8 and "the cores allow 8" in roomy.note
     failed = plan_packing(spec, cpus=8, gpus=0, memory=(5 * 2**30, "x"), host_probe=lambda threads: None)
-    assert failed["slots"] == 8 and "did not finish" in failed["note"]
-    assert plan_packing(spec, cpus=1, gpus=0, memory=(1, "x"), host_probe=host_probe)["slots"] == 1
+    assert failed.slots == 8 and "did not finish" in failed.note
+    assert plan_packing(spec, cpus=1, gpus=0, memory=(1, "x"), host_probe=host_probe).slots == 1
     assert len(calls) == 2  # one core: nothing to hold back, nothing measured
     spec, _ = load_spec("jobs/quickstart.yaml", {"resources.memory_per_trial": "auto", "resources.trials_per_gpu": 4})
     gpu = plan_packing(spec, cpus=8, gpus=1, memory=(1, "x"), host_probe=host_probe)
-    assert gpu["per_device"] == 4 and "measured on CPU nodes only" in gpu["note"] and len(calls) == 2
+    assert gpu.per_device == 4 and "measured on CPU nodes only" in gpu.note and len(calls) == 2
 
 
 def test_heaviest_trial_is_the_least_pruned():
     from pruneflow.spec import grid
-    from pruneflow.sweep import heaviest_trial
+    from pruneflow.sweep.packing import heaviest_trial
 
     spec, _ = load_spec("jobs/quickstart.yaml", {"prune.methods": ["l1"], "prune.sparsities": [0.7, 0.3],
                                                  "prune.mac_targets": [1.5]})

@@ -1,4 +1,4 @@
-"""Performance paths must compute the same things: device-resident data vs the seed's torchvision pipeline,
+"""Performance paths must compute the same things: device-resident data vs the 2022 report's torchvision pipeline,
 and the resolved speed settings per device."""
 import os
 import subprocess
@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT
 from pruneflow.data import Batches, SeedStyleBatches
-from pruneflow.train import resolve_perf
+from pruneflow.step import resolve_perf
 
 
 def cifar_like(n=96):
@@ -44,18 +44,18 @@ def test_training_epoch_same_labels_and_channel_statistics():
 
 def test_resolve_perf_per_device():
     cpu = resolve_perf(None, "cpu")
-    assert cpu["amp_dtype"] is None and cpu["channels_last"] is True and cpu["loader"] == "device"
+    assert cpu.amp_dtype is None and cpu.channels_last is True and cpu.loader == "device"
     asked = resolve_perf({"precision": "bf16", "channels_last": True}, "cpu")
-    assert asked["amp_dtype"] == torch.bfloat16 and asked["channels_last"] is True
+    assert asked.amp_dtype == torch.bfloat16 and asked.channels_last is True
     cuda = resolve_perf(None, "cuda")  # resolving needs no GPU
-    assert cuda["amp_dtype"] is None and cuda["channels_last"] is True  # fp32 (TF32): measured faster at batch 64
-    assert resolve_perf({"precision": "bf16"}, "cuda")["amp_dtype"] == torch.bfloat16
-    assert [resolve_perf({"compile": c}, "cpu")["compile"] for c in (False, True, "max-autotune")] == \
+    assert cuda.amp_dtype is None and cuda.channels_last is True  # fp32 (TF32): measured faster at batch 64
+    assert resolve_perf({"precision": "bf16"}, "cuda").amp_dtype == torch.bfloat16
+    assert [resolve_perf({"compile": c}, "cpu").compile for c in (False, True, "max-autotune")] == \
         [None, "default", "max-autotune"]
     # the CUDA-graph modes are recorded on CUDA only; elsewhere plain eager steps (no compilation per trial)
     for mode in ("cudagraphs", "reduce-overhead"):
-        assert resolve_perf({"compile": mode}, "cuda")["compile"] == mode
-        assert resolve_perf({"compile": mode}, "cpu")["compile"] is None
+        assert resolve_perf({"compile": mode}, "cuda").compile == mode
+        assert resolve_perf({"compile": mode}, "cpu").compile is None
 
 
 def test_bf16_training_on_cpu_when_asked(dense_ckpt):
@@ -89,7 +89,7 @@ def test_large_batch_recipe_scales_the_learning_rate_linearly():
 
     base, large = get_recipe("finetune"), get_recipe("finetune_bs512")
     assert large["batch_size"] == 512 and large["lr"] == pytest.approx(base["lr"] * 512 / base["batch_size"])
-    assert base["batch_size"] == 64  # the seed's recipe is unchanged
+    assert base["batch_size"] == 64  # the 2022 report's recipe is unchanged
 
 
 def test_divergence_is_detected_without_a_sync_per_step(dense_ckpt):
@@ -106,6 +106,7 @@ def test_compiled_step_runs_full_batches_only():
     # plain module, so it costs no second compilation (minutes for a ResNet) and computes the same function
     from pruneflow.data import Batches
     from pruneflow.models import build_model
+    from pruneflow.step import Step
     from pruneflow.train import get_recipe, make_optimizer, train_one_epoch
 
     class CountingStep(torch.nn.Module):  # stands where torch.compile's wrapper stands; the same forward
@@ -120,10 +121,11 @@ def test_compiled_step_runs_full_batches_only():
     torch.manual_seed(0)
     model = build_model("simple_cnn", 10, 1, "cifar")
     images, labels = torch.randint(0, 256, (150, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (150,))
-    step = CountingStep(model)
+    counting = CountingStep(model)
     opt, _ = make_optimizer(model, get_recipe("finetune"), 1)
-    loss, acc = train_one_epoch(model, Batches(images, labels, "mnist", 64, train=True), opt, step_model=step)
-    assert step.sizes == [64, 64] and 0 <= acc <= 1 and loss > 0  # 150 = 64 + 64 + 22: the 22 ran eagerly
+    step = Step(model, opt, forward=counting)  # what make_step builds for a compiled mode
+    loss, acc = train_one_epoch(model, Batches(images, labels, "mnist", 64, train=True), step)
+    assert counting.sizes == [64, 64] and 0 <= acc <= 1 and loss > 0  # 150 = 64 + 64 + 22: the 22 ran eagerly
 
 
 def test_a_failing_compile_trains_eagerly_with_one_warning(dense_ckpt, tmp_path):
@@ -160,7 +162,7 @@ def test_a_reused_worker_compiles_every_new_shape(monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from pruneflow import train
+    from pruneflow import step as train
 
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     monkeypatch.setattr(train, "_compiled_shapes", None)
@@ -178,5 +180,5 @@ def test_a_reused_worker_compiles_every_new_shape(monkeypatch):
 
 def test_channels_last_resolves_per_device():
     # NHWC on the CPU too (measured faster there: batch norm on small maps); asked-for settings win
-    assert resolve_perf(None, "cpu")["channels_last"] is True and resolve_perf(None, "mps")["channels_last"] is False
-    assert resolve_perf({"channels_last": False}, "cpu")["channels_last"] is False
+    assert resolve_perf(None, "cpu").channels_last is True and resolve_perf(None, "mps").channels_last is False
+    assert resolve_perf({"channels_last": False}, "cpu").channels_last is False

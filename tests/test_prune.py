@@ -26,7 +26,7 @@ def test_simple_cnn_l1_widths_and_input_untouched(sparsity, expect):
     pruned, stats = prune(model, "l1", sparsity, (1, 28, 28), **SEED_TARGETS)
     assert widths(pruned) == expect
     assert pruned(torch.randn(3, 1, 28, 28)).shape == (3, 10)
-    # the input model is unchanged (the seed's compounding bug)
+    # the input model is unchanged (the 2022 report's compounding bug)
     assert widths(model)["conv1"] == (1, 16)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert stats["params"] < stats["params_dense"] and stats["macs"] < stats["macs_dense"]
@@ -74,7 +74,7 @@ def test_resnet_structured_shrinks_and_round_trips(tmp_path, arch, stem, method,
 
 @pytest.mark.slow
 def test_resnet101_prunes_and_round_trips(tmp_path):
-    # the seed study's model (ImageNet stem); the CIFAR stem differs in its first layers only, which the ResNet-18
+    # the 2022 report's study's model (ImageNet stem); the CIFAR stem differs in its first layers only, which the ResNet-18
     # tests above cover with both stems (a CIFAR-stem ResNet-101 here took another 88 s of CI)
     torch.manual_seed(0)
     stem = "imagenet"

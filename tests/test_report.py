@@ -11,7 +11,7 @@ import sys
 import h5py
 import pytest
 
-from conftest import ROOT, assert_clean_error, quickstart_study, report_of, run_module
+from conftest import ROOT, assert_clean_error, fault_env, quickstart_study, report_of, run_module
 from pruneflow.study import pareto_front
 from pruneflow.results import read_study
 
@@ -39,7 +39,7 @@ def partial(study, tmp_path_factory, dense_ckpt):
     """Shard 0 of 2 only (so shard 1/2 and its trials are missing), with l1-0.30-s0 failing for good."""
     out = tmp_path_factory.mktemp("partial")
     p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", out, *SMALL, "--shard", "0/2", "--retries", "0",
-                   "--dense", dense_ckpt, env={"PRUNEFLOW_INJECT_FAILURE": "l1-0.30-s0"})
+                   "--dense", dense_ckpt, env=fault_env(fail=["l1-0.30-s0"]))
     assert p.returncode == 1 and "3 done, 1 failed" in p.stdout, p.stdout + p.stderr
     return out / "quickstart"
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, assert_clean_error, run_module
+from conftest import ROOT, assert_clean_error, fault_env, run_module
 from pruneflow.results import read_study, read_trials
 from pruneflow.spec import grid, load_spec
 
@@ -106,7 +106,7 @@ def test_forced_timeout_requeues_and_resumes(tmp_path):
     # finish the study and a requeued one can
     ids, _ = submit(tmp_path, "--nodes", 1, "--time", 1, "--signal-delay-s", 15, "--finetune.epochs", 1,
                     "--train.epochs", 1, "--latency.trials", 3, "--prune.methods", "[l1]",
-                    "--prune.sparsities", "[0.3,0.7]", env={"PRUNEFLOW_INJECT_DELAY": "l1-0.70-s0=300"})
+                    "--prune.sparsities", "[0.3,0.7]", env=fault_env(delay={"l1-0.70-s0": 300}))
     wait_for(list(ids.values()), timeout=900)
     rows = sacct_states([ids["sweep"]])
     assert any(state == "REQUEUED" for _, state in rows), rows
@@ -178,7 +178,7 @@ def test_slurms_environment_gives_the_sweep_its_gpus_and_memory(tmp_path):
     --cpus-per-task or not (1 then: this node does not bind CPUs, so every core is in the job's affinity), are
     the trials' cores."""
     probe = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); "
-             "from pruneflow.infer.device import job_cpus, keep_to_slurm_gpus; from pruneflow.sweep import job_memory; "
+             "from pruneflow.cluster import job_cpus, job_memory, keep_to_slurm_gpus; "
              f"hid = keep_to_slurm_gpus('auto', gpu_files={str(tmp_path / 'nvidia[0-9]*')!r}); "
              "print(hid, repr(os.environ.get('CUDA_VISIBLE_DEVICES')), job_memory()[0], job_cpus())")
     ids = {}

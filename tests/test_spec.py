@@ -1,6 +1,6 @@
 import pytest
 
-from pruneflow.infer.errors import UserError
+from pruneflow.errors import UserError
 from pruneflow.spec import grid, load_spec, parse_shard, resolved, shard_trials
 
 JOBS = ["jobs/quickstart.yaml", "jobs/mnist_cnn.yaml", "jobs/resnet101_cifar10.yaml"]

@@ -1,4 +1,4 @@
-"""The whole training step as one CUDA graph (pruneflow.step_graph): it must train exactly as eager steps do.
+"""The whole training step as one CUDA graph (pruneflow.step.StepGraph): it must train exactly as eager steps do.
 
 CUDA graphs need a CUDA device: these tests skip on the CI machine and run where a GPU is lent
 (`python -m pytest tests/test_step_graph.py`; docs/benchmarks.md names the card and the outcome)."""
@@ -10,7 +10,8 @@ import torch
 
 from pruneflow.infer.data import Batches
 from pruneflow.models import build_model
-from pruneflow.train import fit, get_recipe, make_optimizer, resolve_perf, steps_for, train_one_epoch
+from pruneflow.step import Perf, make_step, resolve_perf
+from pruneflow.train import fit, get_recipe, make_optimizer, train_one_epoch
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
@@ -47,11 +48,11 @@ def assert_same_state(a, b, rtol=1e-4, atol=1e-5):
 
 
 def train_epochs(model, mode, masks=None, epochs=2, recipe="cifar_resnet", amp_dtype=None):
-    opt, _ = make_optimizer(model, get_recipe(recipe), 10, mode)
-    step_model, graph = steps_for(model, opt, mode, masks=masks, amp_dtype=amp_dtype)
+    perf = Perf(amp_dtype=amp_dtype, channels_last=True, compile=mode)
+    opt, _ = make_optimizer(model, get_recipe(recipe), 10, perf)
+    step = make_step(model, opt, perf, masks)
     batches = cifar_batches()
-    return [train_one_epoch(model, batches, opt, masks, step_model=step_model, graph=graph, amp_dtype=amp_dtype)
-            for _ in range(epochs)], graph
+    return [train_one_epoch(model, batches, step) for _ in range(epochs)], step.graph
 
 
 @cuda
@@ -87,13 +88,14 @@ def test_bf16_autocast_inside_the_recorded_step_trains_as_eager_bf16(same_kernel
 
 @cuda
 def test_a_new_learning_rate_records_the_step_again(same_kernels):
-    # fit with the seed's MNIST recipe: Adadelta (capturable: its step counts live on the device) with the
+    # fit with the 2022 report's MNIST recipe: Adadelta (capturable: its step counts live on the device) with the
     # learning rate x0.7 every epoch; a graph that kept epoch 1's rate would train epochs 2-3 with the wrong one
     eager = resnet18()
     recorded = copy.deepcopy(eager)
     recipe = get_recipe("mnist")
     for model, mode in ((eager, None), (recorded, "cudagraphs")):
-        history = fit(model, cifar_batches(), cifar_batches(train=False), recipe, 3, compile=mode)
+        perf = Perf(channels_last=True, compile=mode)
+        history = fit(model, cifar_batches(), cifar_batches(train=False), recipe, 3, perf)
         assert [h["lr"] for h in history] == pytest.approx([1.0, 0.7, 0.49])
     assert_same_state(eager, recorded)
 
@@ -114,8 +116,8 @@ def test_reduce_overhead_records_inductors_kernels():
 
 
 def test_resolve_perf_keeps_graph_modes_on_cuda_only():
-    assert resolve_perf(dict(compile="cudagraphs"), "cuda")["compile"] == "cudagraphs"
-    assert resolve_perf(dict(compile="reduce-overhead"), "cpu")["compile"] is None
+    assert resolve_perf(dict(compile="cudagraphs"), "cuda").compile == "cudagraphs"
+    assert resolve_perf(dict(compile="reduce-overhead"), "cpu").compile is None
 
 
 class SyncingNet(torch.nn.Module):

@@ -8,7 +8,7 @@ import time
 import h5py
 import pytest
 
-from conftest import ROOT, assert_clean_error, run_module
+from conftest import ROOT, assert_clean_error, fault_env, run_module
 from pruneflow.results import read_study, read_trials
 from pruneflow.spec import grid, load_spec, shard_trials
 
@@ -93,7 +93,7 @@ def test_shards_together_equal_the_whole_grid(tmp_path, dense_ckpt):
 def test_injected_failure_is_recorded_while_others_finish(tmp_path, dense_ckpt):
     only_l2 = ["--prune.methods", "[l2]"]
     p = sweep("jobs/quickstart.yaml", tmp_path, "--retries", "1", *only_l2, dense=dense_ckpt,
-              env={"PRUNEFLOW_INJECT_FAILURE": "l2-0.70-s0"})
+              env=fault_env(fail=["l2-0.70-s0"]))
     assert p.returncode == 1
     assert "3 done, 1 failed" in p.stdout and "retrying" in p.stderr + p.stdout
     records = read_trials(tmp_path / "quickstart" / "shard-0-of-1.h5")
@@ -208,10 +208,10 @@ def test_resuming_with_settings_that_change_results_is_refused(tmp_path):
     machine may change."""
     import copy
 
-    from pruneflow.infer.errors import UserError
+    from pruneflow.errors import UserError
     from pruneflow.results import ResultStore
     from pruneflow.spec import load_spec, resolved
-    from pruneflow.sweep import check_same_settings
+    from pruneflow.sweep.driver import check_same_settings
 
     config = resolved(load_spec("jobs/quickstart.yaml")[0])
     path = tmp_path / "shard-0-of-1.h5"
@@ -235,9 +235,9 @@ def test_resuming_with_settings_that_change_results_is_refused(tmp_path):
 def test_an_existing_dense_checkpoint_must_fit_the_study(dense_ckpt):
     # dense_ckpt: train_dense's own checkpoint of a SimpleCNN on digits, 3 epochs, the mnist recipe, seed 0
     from pruneflow.infer.checkpoint import read_meta
-    from pruneflow.infer.errors import UserError
+    from pruneflow.errors import UserError
     from pruneflow.spec import load_spec, resolved
-    from pruneflow.sweep import check_dense
+    from pruneflow.sweep.driver import check_dense
 
     meta = read_meta(dense_ckpt)
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from conftest import assert_clean_error, quickstart_study, run_module
 from pruneflow.infer import checkpoint as ckpt_io
-from pruneflow.infer.errors import UserError
+from pruneflow.errors import UserError
 from pruneflow.models import build_model, default_prune_targets
 from pruneflow.prune import prune, pruned_meta
 from pruneflow.train import model_meta

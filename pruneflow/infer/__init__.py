@@ -1,7 +1,7 @@
 """Portable inference: run pruneflow checkpoints anywhere with torch, torchvision and safetensors only.
 
-This subpackage imports nothing from the rest of pruneflow and nothing heavier than torch; the rest of
-pruneflow imports it for the checkpoint format, timing and device choice (one implementation of each).
+This subpackage imports nothing heavier than torch, and from the rest of pruneflow only the standard-library
+modules ``pruneflow.errors``, ``pruneflow.cli`` and ``pruneflow.cluster``; the rest of pruneflow imports it for the checkpoint format, timing and device choice (one implementation of each).
 Names are resolved lazily so that ``python -m pruneflow.infer --help`` does not pay for importing torch.
 """
 
@@ -11,7 +11,7 @@ _EXPORTS = {
     "available_devices": "device", "resolve_device": "device", "synchronize": "device",
     "time_forward": "timing", "summarize": "timing",
     "time_forward_paired": "timing", "paired_speedup": "timing",
-    "UserError": "errors",
+    "UserError": ".errors",
 }
 
 

@@ -11,7 +11,8 @@ import platform
 import socket
 import sys
 
-from .errors import UserError, check_flag, check_writable_file, run_cli
+from ..cli import run_cli
+from ..errors import UserError, check_flag, check_writable_file
 
 # torch and friends are imported inside the functions: `--help` must answer without loading torch.
 JSON_SCHEMA = "pruneflow-device/1"
@@ -25,9 +26,9 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     Args:
       ckpt: a checkpoint file, or a directory whose *.safetensors are all run (dense included).
       device: auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps.
-      batch_size: images per timed forward pass (64 as in the seed; 1 for laptop latency).
+      batch_size: images per timed forward pass (64 as in the 2022 report; 1 for laptop latency).
       warmup: untimed passes at the exact shape first.
-      trials: timed passes (25 as in the seed).
+      trials: timed passes (25 as in the 2022 report).
       dtype: float32 | float16 | bfloat16 (where the device supports it).
       channels_last: auto (the NHWC memory format on CUDA and the CPU, NCHW on MPS: as a sweep's trials train
         and are timed, so both measure the same) | true | false.
@@ -45,7 +46,8 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
 
     from . import checkpoint as ckpt_io
     from .data import dataset_info
-    from .device import keep_to_slurm_gpus, resolve_device
+    from ..cluster import keep_to_slurm_gpus
+    from .device import resolve_device
 
     keep_to_slurm_gpus(device, override="pass --device cuda")  # in a Slurm job given no GPUs, auto times the CPU
     batch_size, warmup, trials = _positive(batch_size, "batch size"), _nonneg(warmup, "warmup"), _positive(trials, "trials")

@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class SimpleCNN(nn.Module):
-    """The seed's MNIST network (its appendix A1); ``print(model)`` matches the seed's text.
+    """The 2022 report's MNIST network (its appendix A1); ``print(model)`` matches the 2022 report's text.
 
     The forward pass derives fc1's input from the tensor, so a channel-pruned conv2 just works.
     """
@@ -62,7 +62,7 @@ STEMS = ("imagenet", "cifar")
 def build_model(arch, num_classes=10, in_channels=3, stem="imagenet"):
     """A freshly initialised dense model.
 
-    ``stem='imagenet'`` is torchvision's 7x7/2 conv + max-pool (what the seed used on CIFAR-10);
+    ``stem='imagenet'`` is torchvision's 7x7/2 conv + max-pool (what the 2022 report used on CIFAR-10);
     ``stem='cifar'`` is a 3x3/1 conv and no pool, the usual choice for 32x32 inputs. The CIFAR stem drops
     the max-pool module entirely rather than replacing it with nn.Identity, which NNI's speedup trips on.
     """

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .arch import build_model
-from .errors import UserError
+from ..errors import UserError
 
 FORMAT = "pruneflow-checkpoint/1"
 META_KEY = "pruneflow"

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 # name -> (channels, height, width, classes, mean, std, augment in training)
 DATASETS = {
@@ -126,7 +126,7 @@ def _digits_table():
 def _digits(split):
     table = torch.from_numpy(_digits_table())
     x = (table[:, :64].float() / 16.0).view(-1, 1, 8, 8)  # (1797, 1, 8, 8) in [0, 1]
-    # Bilinear upsampling to MNIST's size so the seed's SimpleCNN (fc1 4608 inputs) runs unchanged.
+    # Bilinear upsampling to MNIST's size so the 2022 report's SimpleCNN (fc1 4608 inputs) runs unchanged.
     x = torch.nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
     images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
     labels = table[:, 64].long()

@@ -1,7 +1,7 @@
 """Inference timing that can be trusted; the one implementation the sweep and ``pruneflow.infer`` share.
 
 - The input batch is on the device before the clock starts: no data loading inside the timed region
-  (the seed timed a whole DataLoader pass, which made its MNIST curves flat).
+  (the 2022 report timed a whole DataLoader pass, which made its MNIST curves flat).
 - Warm-up at the exact shape being timed (cuDNN autotuning, lazy allocations, MPS graph building).
 - Speedups are measured side by side: ``time_forward_paired`` times a model and its reference (the dense
   model) alternately, one call each, and the speedup is the median of the per-pair ratios. Timed one after

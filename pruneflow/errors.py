@@ -1,7 +1,6 @@
 """One way to fail on bad input: a single clear line on stderr and a non-zero exit, never a traceback.
 
-Lives in ``pruneflow.infer`` (torch-free, in fact dependency-free) so that the portable inference package
-and the rest of pruneflow share it; ``pruneflow.infer`` must not import the rest of the package.
+Standard library only, so that the portable ``pruneflow.infer`` and the rest of pruneflow share it.
 """
 
 import os
@@ -54,10 +53,10 @@ def require(command, *modules):
     """Refuse to start ``command`` (before any work) when one of the optional ``modules`` is not installed."""
     missing = missing_packages(*modules)
     if missing:
-        raise UserError(_install_hint(command, missing))
+        raise UserError(install_hint(command, missing))
 
 
-def _install_hint(command, modules):
+def install_hint(command, modules):
     names = ", ".join(EXTRAS[m][0] for m in modules)
     extras = sorted({EXTRAS[m][1] for m in modules})
     return (f"{command} needs {names}, not installed here: pip install 'pruneflow[{','.join(extras)}]' "
@@ -83,40 +82,6 @@ def check_flag(v, what):
     if isinstance(v, str) and v.lower() in ("true", "false"):
         return v.lower() == "true"
     raise UserError(f"{what} must be true or false (--{what} / --no{what}), got {v!r}")
-
-
-def run_cli(component, name=None):
-    """Run a Fire CLI; turn UserError (and Ctrl-C) into one line on stderr and a non-zero exit."""
-    import fire
-
-    try:
-        return exit_on_user_error(fire.Fire, component, command=help_command(sys.argv[1:], component), name=name)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except ModuleNotFoundError as e:  # an optional package that no require() asked for up front
-        # only the package itself missing: a missing submodule of an installed one (another NNI version) is a bug
-        if e.name not in EXTRAS or os.environ.get("PRUNEFLOW_DEBUG"):
-            raise
-        print(f"error: {_install_hint(name or 'this command', [e.name])}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except BrokenPipeError:
-        # the reader went away (``... | head``): stop quietly, as command-line tools do. Python would print
-        # the error again when it flushes stdout at exit, so stdout goes to /dev/null first.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
-
-
-def help_command(argv, component):
-    """``argv``, or Fire's ``-- --help`` for ``component`` (after its subcommand, for a dict of commands) when
-    ``argv`` asks for help anywhere. Fire itself shows help for ``--help`` only where nothing else is on the line
-    and the command takes no **kwargs: ``sweep JOB --help`` ran into "unknown key 'help'" (sweep's dotted
-    settings), ``sweep --help`` printed the help with exit code 2, and ``infer CKPT --help`` timed the checkpoint."""
-    before = argv[:argv.index("--")] if "--" in argv else argv  # after Fire's separator, Fire's own business
-    if not any(a in ("--help", "-h") for a in before):
-        return argv
-    sub = argv[:1] if isinstance(component, dict) and argv[:1] and argv[0] in component else []
-    return sub + ["--", "--help"]
 
 
 def _path(path):

@@ -1,0 +1,141 @@
+"""The node's trials as Ray tasks: a private Ray instance, the probes that packing asks for, and a pool that
+submits, waits, retries and, when the job is stopped, keeps what finished meanwhile.
+
+The driver is the only writer of the results file: each finished trial is stored the moment it comes back.
+"""
+
+import contextlib
+import os
+import shutil
+import sys
+
+from .. import cluster
+
+
+@contextlib.contextmanager
+def local_ray(cpus, gpus):
+    """A Ray instance private to this process: its own temp dir (two jobs on a node never collide), no
+    dashboard, a small object store (trials exchange only small records)."""
+    import ray
+
+    temp_dir = os.path.join("/tmp", f"pf-ray-{cluster.job_tag()}")  # short: Ray's socket paths stay < 108 bytes
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, _temp_dir=temp_dir,
+                 object_store_memory=100 * 1024 * 1024, log_to_driver=False, logging_level="ERROR")
+    except SystemExit as e:  # SIGTERM during start-up reaches Ray's own handler, sys.exit(15)
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if e.code == 15:
+            print("stopped by signal 15 (SIGTERM) while Ray started; the same command resumes", file=sys.stderr)
+            raise SystemExit(143) from None
+        raise
+    cluster.install_stop_handlers("driver")  # again: Ray's core worker replaced it with a crash handler
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def remote_for(fn, plan):
+    """``fn`` as a Ray remote function with a plan's resources and worker reuse (packing.plan_packing)."""
+    import ray
+
+    return ray.remote(max_retries=0, max_calls=plan.max_calls)(fn).options(**plan.options)
+
+
+def run_alone(fn, *args, num_gpus=0, num_cpus=1):
+    """``fn(*args)`` in a single-use Ray worker, waited for in short steps (Slurm's signals are handled between
+    them); the worker's process, CUDA context and memory are gone when it returns."""
+    import ray
+
+    ref = ray.remote(max_retries=0, max_calls=1)(fn).options(num_gpus=num_gpus, num_cpus=num_cpus).remote(*args)
+    while not ray.wait([ref], timeout=1.0)[0]:
+        pass
+    return ray.get(ref)
+
+
+def worker_died(t, e, memory_bounded):
+    """The failure record of trial ``t`` whose worker process died (``e``: Ray's error), e.g. killed for memory."""
+    from ..results import TrialRecord
+
+    hint = "" if memory_bounded else (" (if the node ran out of memory: resources.memory_per_trial runs fewer "
+                                      "trials at a time)")
+    return TrialRecord.failure(t, f"worker died{hint}: {type(e).__name__}: {str(e)[:500]}")
+
+
+class TrialPool:
+    """Submits trials through ``remote`` (``remote.remote(trial, *args)`` returns a TrialRecord), retries a failed
+    one up to ``retries`` times, and stores each kept record in ``store``."""
+
+    def __init__(self, store, remote, args, retries, per_device, memory_bounded, total, progress):
+        from tqdm import tqdm
+
+        self.store, self.remote, self.args, self.retries = store, remote, args, retries
+        self.per_device, self.memory_bounded = per_device, memory_bounded
+        self.attempts, self.pending = {}, {}
+        self.counts = {"done": 0, "failed": 0}
+        self.bar = tqdm(total=total, unit="trial", disable=not progress, dynamic_ncols=True)
+
+    def submit(self, t):
+        self.attempts[t.id] = self.attempts.get(t.id, 0) + 1
+        self.pending[self.remote.remote(t, *self.args)] = t
+
+    def settle(self, t, record, per_device=None):
+        """A trial came back: retry it if it failed and has attempts left, else keep its record."""
+        attempts = self.attempts.setdefault(t.id, 1)
+        if record.status != "done" and attempts <= self.retries:
+            self.bar.write(f"trial {t.id} failed ({record.error[:200]}); retrying ({attempts}/{self.retries})")
+            self.submit(t)
+            return
+        self._keep(record, attempts, per_device)
+        if record.status != "done":
+            self.bar.write(f"trial {t.id} failed: {record.error[:300]}")
+        self.bar.update(1)
+
+    def _keep(self, record, attempts, per_device=None):
+        record.attempts = attempts
+        record.trials_per_device = per_device or self.per_device
+        self.store.add(record)
+        self.counts["done" if record.status == "done" else "failed"] += 1
+
+    def run(self, trials, slots):
+        """Submit ``trials`` and wait until every one is kept; Ray runs ``slots`` of them at a time."""
+        import ray
+
+        for t in trials:
+            self.submit(t)
+        try:
+            while self.pending:
+                self.bar.set_postfix(done=self.counts["done"], failed=self.counts["failed"],
+                                     running=min(len(self.pending), slots))
+                # a short timeout keeps the driver responsive to Slurm's signals (handlers run between waits)
+                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
+                if not ready:
+                    continue
+                t = self.pending.pop(ready[0])
+                try:
+                    record = ray.get(ready[0])
+                except Exception as e:  # the worker died (OOM, segfault): same treatment as a raised error
+                    record = worker_died(t, e, self.memory_bounded)
+                self.settle(t, record)
+        finally:
+            self.drain()
+
+    def drain(self):
+        """Stopped early (SIGTERM, Ctrl-C) or done: keep the trials that finished in the meantime."""
+        import ray
+
+        if self.pending:
+            ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+            for ref in ready:
+                try:
+                    record = ray.get(ref, timeout=0)
+                except Exception:
+                    continue
+                if record.status == "done":
+                    self._keep(record, self.attempts[self.pending[ref].id])
+        self.bar.set_postfix(done=self.counts["done"], failed=self.counts["failed"], running=0)
+        self.bar.close()

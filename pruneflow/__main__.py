@@ -10,7 +10,6 @@ Nothing heavy is imported here: a command's module is imported only when that co
 """
 
 import importlib
-import json
 import os
 import sys
 
@@ -39,33 +38,17 @@ def usage():
     return "\n".join(lines)
 
 
-def install_roots():
-    """Directories that may hold this installation's jobs/: where pip installed it from (PEP 610's
-    direct_url.json: `pip install /opt/pruneflow` in the container, or an editable clone), then the source
-    tree the package is imported from."""
-    roots = []
-    try:
-        import importlib.metadata as md
+def packaged_quickstart():
+    """The quickstart job file shipped inside the package (jobs/quickstart.yaml in a checkout links to it)."""
+    from importlib import resources
 
-        text = md.distribution("pruneflow").read_text("direct_url.json")
-        url = json.loads(text).get("url", "") if text else ""
-        if url.startswith("file://"):
-            from urllib.parse import unquote, urlparse
-
-            roots.append(unquote(urlparse(url).path))
-    except Exception:  # not installed, or installed from an index: only the source tree is left
-        pass
-    roots.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return roots
+    path = resources.files("pruneflow").joinpath("quickstart.yaml")
+    return str(path) if path.is_file() else None
 
 
 def find_quickstart():
-    """jobs/quickstart.yaml in the current directory, else in the tree pruneflow was installed from."""
-    candidates = [QUICKSTART] + [os.path.join(root, QUICKSTART) for root in install_roots()]
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    return None
+    """jobs/quickstart.yaml in the current directory (a checkout, maybe edited), else the packaged one."""
+    return QUICKSTART if os.path.isfile(QUICKSTART) else packaged_quickstart()
 
 
 def option_value(args, flag, default):
@@ -82,7 +65,7 @@ def option_value(args, flag, default):
 def run_quickstart(args):
     job = find_quickstart()
     if job is None:
-        print(f"error: no command given and no {QUICKSTART} here or in the pruneflow installation; "
+        print(f"error: no command given and no {QUICKSTART} here nor in the pruneflow installation; "
               f"commands: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
     out = option_value(args, "--out", "results")

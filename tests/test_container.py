@@ -225,7 +225,8 @@ def test_post_installs_the_staged_checkout(installed):
     site = installed["site"]
     assert (site / "pruneflow" / "__main__.py").exists() and (site / "pruneflow" / "errors.py").exists()
     direct_url = next(site.glob("pruneflow-*.dist-info")) / "direct_url.json"
-    assert f'"file://{installed["repo"]}"' in direct_url.read_text()  # what `python -m pruneflow` finds jobs/ by
+    assert f'"file://{installed["repo"]}"' in direct_url.read_text()
+    assert (site / "pruneflow" / "quickstart.yaml").is_file()  # package data: what bare `python -m pruneflow` runs
     assert (installed["root"] / "results").is_dir() and (installed["root"] / "data").is_dir()
     assert not (installed["root"] / "opt" / "pruneflow" / "build").exists()
 
@@ -367,8 +368,8 @@ def test_infer_help_through_the_dispatcher():
 def test_bare_runscript_runs_the_quickstart_of_the_installed_copy(definition, installed, sweep_sh_run, fake_bin,
                                                                   tmp_path):
     """`apptainer run prune.sif --out DIR ...`: the runscript with flags only, pruneflow imported from the
-    non-editable %post install, the current directory without jobs/: the job file is found through the
-    installation (direct_url.json -> the staged /opt/pruneflow). The results directory is the one
+    non-editable %post install, the current directory without jobs/: the job file is the package's own
+    (pruneflow/quickstart.yaml, package data). The results directory is the one
     sweep.sh just filled with the same study, so the sweep finds every trial done and returns at once."""
     assert installed["proc"].returncode == 0 and sweep_sh_run["proc"].returncode == 0
     env = container_env(fake_bin, PYTHONPATH=str(installed["site"]))
@@ -378,7 +379,7 @@ def test_bare_runscript_runs_the_quickstart_of_the_installed_copy(definition, in
     p = run_section(definition, "runscript", tmp_path, ["--out", sweep_sh_run["out"], *SMALL_ARGS.split()], env=env,
                     cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    job = os.path.join(installed["repo"], "jobs", "quickstart.yaml")
+    job = os.path.join(str(installed["site"]), "pruneflow", "quickstart.yaml")
     assert f"running the quickstart study {job}" in p.stdout
     assert "2 skipped (already done)" in p.stdout
     assert f"results: {os.path.join(sweep_sh_run['out'], 'quickstart')}" in p.stdout
@@ -388,7 +389,7 @@ def test_bare_command_without_a_job_file_is_one_clean_line(monkeypatch, tmp_path
     import pruneflow.__main__ as cli
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "install_roots", lambda: [str(tmp_path)])
+    monkeypatch.setattr(cli, "packaged_quickstart", lambda: None)
     with pytest.raises(SystemExit) as e:
         cli.main([])
     assert e.value.code == 2

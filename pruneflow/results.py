@@ -102,7 +102,7 @@ class TrialRecord:
     latency_dense: list = _field("table: the dense model's seconds, timed alternately with this trial's",
                                  table=True, factory=list)
     widths: list = _field("table: layer, type, in, out of every Conv2d/Linear", table=True, factory=list)
-    traceback: str = _field("where it failed (not stored: printed by the worker)", "", table=True)
+    traceback: str = _field("where it failed (not stored)", "", table=True)
 
     @classmethod
     def failure(cls, trial, error, **fields):
@@ -111,9 +111,18 @@ class TrialRecord:
                    target_mac_reduction=trial.target, status="failed", error=error, **fields)
 
     def attrs(self):
-        """The fields stored as the group's attributes (HDF5 has no None: empty strings)."""
-        return {f.name: "" if getattr(self, f.name) is None else getattr(self, f.name)
-                for f in dataclasses.fields(self) if not f.metadata["table"] and f.name != "id"}
+        """The fields stored as the group's attributes (HDF5 has no None: empty strings). A failed trial stores
+        only what it has: results it never measured are absent, not zero."""
+        kept = {"error", "attempts", "trials_per_device"}
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["table"] or f.name == "id":
+                continue
+            if self.status != "done" and f.metadata["need"] != "all" and f.name not in kept and value == f.default:
+                continue
+            out[f.name] = "" if value is None else value
+        return out
 
 
 def required(need):

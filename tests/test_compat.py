@@ -47,3 +47,16 @@ def test_a_trial_record_round_trips_through_the_store(tmp_path):
         store.add(record)
     (back,) = read_records(tmp_path / "s.h5")
     assert back == record
+
+
+def test_a_failed_trial_stores_only_what_it_has(tmp_path):
+    from pruneflow.results import ResultStore, read_trials
+    from pruneflow.spec import Trial
+
+    record = TrialRecord.failure(Trial("pruned", "l1", 0.5, 0), "worker died: OOM", attempts=2)
+    with ResultStore(tmp_path / "s.h5", "study") as store:
+        store.add(record)
+    (raw,) = read_trials(tmp_path / "s.h5")
+    assert raw["status"] == "failed" and raw["attempts"] == 2 and raw["error"] == "worker died: OOM"
+    assert "params" not in raw and "val_acc" not in raw and "seconds_prune" not in raw  # never measured
+    assert read_records(tmp_path / "s.h5") == [record]

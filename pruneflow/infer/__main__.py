@@ -1,6 +1,6 @@
 """``python -m pruneflow.infer --ckpt FILE|DIR --device auto|cpu|cuda|mps``: latency and accuracy of checkpoints.
 
-With a directory, every ``*.safetensors`` in it is run and a JSON file (schema: docs/device-json.md) is
+With a directory, every ``*.safetensors`` in it is run and a JSON file (schema: docs/device-json.schema.json) is
 written for the report's cross-device figure.
 """
 
@@ -77,13 +77,13 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     words = {"auto": None, "true": True, "false": False}  # Fire passes True/False, but `true` as a string
     if isinstance(channels_last, str) and channels_last.lower() in words:
         channels_last = words[channels_last.lower()]
-    if channels_last is None:  # auto: pruneflow.train.resolve_perf's default, which the sweep's trials are timed with
+    if channels_last is None:  # auto: pruneflow.step.resolve_perf's default, which the sweep's trials are timed with
         channels_last = dev.type in ("cuda", "cpu")
     elif not isinstance(channels_last, bool):
         raise UserError(f"--channels_last must be auto, true or false, got {channels_last!r}")
     settings = dict(batch_size=batch_size, warmup=warmup, trials=trials, dtype=dtype, channels_last=channels_last)
     if dev.type == "cuda":
-        # the kernels a sweep's trials are timed with (pruneflow.train.resolve_perf sets both, with the default
+        # the kernels a sweep's trials are timed with (pruneflow.step.resolve_perf sets both, with the default
         # precision, in the process that then times): cuDNN's autotuned convolutions and TF32 matrix products
         torch.backends.cudnn.benchmark = True
         if dtype == "float32":

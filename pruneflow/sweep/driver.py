@@ -187,7 +187,8 @@ def run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
             import torch
 
             # single-use worker: its process, CUDA context and cached memory are gone before trials are packed
-            probe = lambda device: run_alone(probe_memory, on(device), dense_path, num_gpus=1, num_cpus=0)  # noqa: E731
+            probe = lambda device: run_alone(probe_memory, on(device), dense_path, num_gpus=1, num_cpus=0,  # noqa: E731
+                                             max_retries=3)  # Ray's default: a crashed probe is measured again
             gpu = [torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory]
             probe = packing.remembered(probe, probe_file, packing.probe_key(config, dense_path, gpu))
         alone = {}  # memory_per_trial: auto: the trial measured alone -> its record

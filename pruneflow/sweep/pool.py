@@ -46,12 +46,14 @@ def remote_for(fn, plan):
     return ray.remote(max_retries=0, max_calls=plan.max_calls)(fn).options(**plan.options)
 
 
-def run_alone(fn, *args, num_gpus=0, num_cpus=1):
+def run_alone(fn, *args, num_gpus=0, num_cpus=1, max_retries=0):
     """``fn(*args)`` in a single-use Ray worker, waited for in short steps (Slurm's signals are handled between
-    them); the worker's process, CUDA context and memory are gone when it returns."""
+    them); the worker's process, CUDA context and memory are gone when it returns. ``max_retries``: new workers
+    Ray may start when one dies."""
     import ray
 
-    ref = ray.remote(max_retries=0, max_calls=1)(fn).options(num_gpus=num_gpus, num_cpus=num_cpus).remote(*args)
+    ref = (ray.remote(max_retries=max_retries, max_calls=1)(fn).options(num_gpus=num_gpus, num_cpus=num_cpus)
+           .remote(*args))
     while not ray.wait([ref], timeout=1.0)[0]:
         pass
     return ray.get(ref)

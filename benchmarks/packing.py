@@ -79,9 +79,9 @@ def run_at(job, dense, out, k, on_gpu, cores):
         else:
             os.environ["SLURM_CPUS_PER_TASK"] = env_before
     records = read_trials(summary["file"])
-    failed = [r["id"] for r in records if r["status"] != "done"]
+    failed = [r for r in records if r["status"] != "done"]
     if failed:
-        raise SystemExit(f"K={k}: trial(s) {failed} failed; see {out}.log")
+        raise SystemExit(f"K={k}: trial(s) {[r['id'] for r in failed]} failed (first: {failed[0]['error'][:1500]})")
     return wall, records
 
 

@@ -28,13 +28,13 @@ SCHEMA_VERSION = 1
 RERUN = {"rerun": True}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSpec:
     arch: str = "simple_cnn"  # simple_cnn | resnet18 | resnet34 | resnet50 | resnet101 | resnet152
     stem: str = "cifar"  # ResNets: cifar (3x3/1, no pool) | imagenet (7x7/2 + pool, as the 2022 report)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSpec:
     # digits (embedded) | mnist | cifar10 | synthetic-mnist | synthetic-cifar10 (random images: speed only)
     dataset: str = "digits"
@@ -42,7 +42,7 @@ class DataSpec:
     download: bool = field(default=False, metadata=RERUN)  # only where the node has internet
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSpec:
     recipe: typing.Optional[str] = None  # default: mnist for simple_cnn, cifar_resnet for ResNets
     epochs: int = 5
@@ -51,7 +51,7 @@ class TrainSpec:
     checkpoint: typing.Optional[str] = None  # use this dense checkpoint instead of training one
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneSpec:
     # "l1" = NNI (level, l1, l2, fpgm); "l1@depgraph" = Torch-Pruning (l1, l2, fpgm, taylor, slim)
     methods: typing.List[str] = field(default_factory=lambda: ["level", "l1", "l2"], metadata=RERUN)
@@ -66,7 +66,7 @@ class PruneSpec:
     dependency_aware: typing.Optional[bool] = None  # default: on for ResNets
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneSpec:
     recipe: str = "finetune"
     epochs: int = 3
@@ -74,7 +74,7 @@ class FinetuneSpec:
     lr: typing.Optional[float] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class LatencySpec:
     batch_size: int = 64
     warmup: int = 5
@@ -84,43 +84,36 @@ class LatencySpec:
     threads: int = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResourcesSpec:
     device: str = "auto"  # auto | cpu | cuda | mps
     # Ray packs this many trials on one GPU (num_gpus = 1/K); auto: as many as fit in memory (measured by a
     # short probe of one trial before the sweep), at most one per CPU core
     trials_per_gpu: typing.Union[int, str] = 8
-    # CPU threads each trial's torch trains with (and Ray CPUs it reserves). auto: on CPU nodes the cores shared
-    # out among the trials to run (1 each when there are at least as many trials as cores), on GPU nodes 1. Not
-    # the default: more threads speed up ResNets (a ResNet-18 step 1.75x faster at 2 threads) but left SimpleCNN
-    # on digits no faster (docs/benchmarks.md, "Packing on the CPU")
+    # CPU threads each trial trains with (and Ray CPUs it reserves). auto: on CPU nodes the cores shared out
+    # among the trials to run, on GPU nodes 1 (docs/cluster.md: when more threads pay)
     threads_per_trial: typing.Union[int, str] = 1
     sample_interval_s: float = 1.0  # utilisation sampling (CPU, RAM, GPU, GPU memory) into the results; 0: off
     # Host memory one trial may peak at (8G, 7500M): no more trials run at once than fit in the job's memory
-    # (Slurm's --mem, the cgroup's limit, the machine's RAM). auto (CPU nodes): the sweep first runs one trial
-    # alone (the largest pruned one) and measures its peak, plus 15 %. Off by default. A ResNet-101 trial on
-    # the CPU peaks at 2.1 GiB (ImageNet stem) and 5.3 GiB (CIFAR stem) at batch 64 (benchmarks/trial_memory.py),
-    # so one trial per core does not fit on nodes with a few GB per core: the OOM killer then fails trials.
+    # (Slurm's --mem, the cgroup's limit, the RAM). auto (CPU nodes): one trial runs alone first and is measured.
+    # Off by default (docs/cluster.md: ResNet-101 trials on CPU nodes with a few GB per core need it).
     memory_per_trial: typing.Optional[str] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class PerformanceSpec:
     loader: str = "device"  # device (data set on the device, batched augmentation) | torchvision (the 2022 report's DataLoader)
     precision: str = "auto"  # auto (fp32; TF32 tensor cores on CUDA) | fp32 | bf16 (autocast: large batches)
     channels_last: typing.Optional[bool] = None  # default: on for CUDA and the CPU
-    # torch.compile the training step: slow start, faster epochs (long runs only). true = mode 'default'.
-    # 'cudagraphs' records each whole training step (forward, backward, optimiser) as one CUDA graph around the
-    # eager model (no compilation: a second) and 'reduce-overhead' the same around Inductor's kernels (~1 min to
-    # compile a ResNet-101): they remove the kernel launches that limit batch 64 on a fast GPU (H200: 2.5-15x
-    # the 2022 report's pipeline's images/s, docs/benchmarks.md); both run eagerly off CUDA.
-    # A compilation that fails (no C++ compiler on the node, say) trains eagerly after a one-line warning.
+    # torch.compile the training step (true = mode 'default'): slow start, faster epochs. 'cudagraphs' and
+    # 'reduce-overhead' record each whole step as one CUDA graph (around the eager model, or Inductor's kernels),
+    # CUDA only (docs/performance.md). A compilation that fails trains eagerly after a one-line warning.
     compile: typing.Union[bool, str] = False
     # Removed (CPU kernels tuned for one development machine): accepted so older job files load, with a note.
     cpu_kernels: typing.Optional[bool] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class StudySpec:
     study: str = "study"
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -395,20 +388,29 @@ def check_performance(perf):
     return perf
 
 
-def resolved(spec):
-    """The spec with every default filled in (what is stored with the results)."""
+def resolve(spec):
+    """The spec with every default that depends on others filled in: what trials run with and files store."""
     from .models import default_prune_targets
     from .train import default_recipe
 
-    d = dataclasses.asdict(spec)
     ops, exclude = default_prune_targets(spec.model.arch)
-    d["train"]["recipe"] = spec.train.recipe or default_recipe(spec.model.arch)
-    d["prune"]["op_types"] = spec.prune.op_types or list(ops)
-    d["prune"]["exclude"] = spec.prune.exclude if spec.prune.exclude is not None else list(exclude)
-    if spec.prune.dependency_aware is None:
-        d["prune"]["dependency_aware"] = spec.model.arch != "simple_cnn"
-    d["schema"] = SCHEMA_VERSION
-    return d
+    prune = dataclasses.replace(
+        spec.prune, op_types=spec.prune.op_types or list(ops),
+        exclude=spec.prune.exclude if spec.prune.exclude is not None else list(exclude),
+        dependency_aware=spec.model.arch != "simple_cnn" if spec.prune.dependency_aware is None
+        else spec.prune.dependency_aware)
+    train = dataclasses.replace(spec.train, recipe=spec.train.recipe or default_recipe(spec.model.arch))
+    return dataclasses.replace(spec, prune=prune, train=train)
+
+
+def config_of(spec):
+    """A resolved spec as the plain settings stored with results and checkpoints."""
+    return dict(dataclasses.asdict(spec), schema=SCHEMA_VERSION)
+
+
+def resolved(spec):
+    """The settings of ``spec`` with every default filled in (what is stored with the results)."""
+    return config_of(resolve(spec))
 
 
 # ------------------------------------------------------------------------------------------------- grid

@@ -11,27 +11,28 @@ import traceback
 from .results import TrialRecord
 
 
-def run_trial(trial, config, dense_path, ckpt_dir, threads=1):
-    """Run ``trial`` (a spec.Trial); never raises: a failure comes back as a TrialRecord with status 'failed'."""
+def run_trial(trial, spec, dense_path, ckpt_dir, threads=1):
+    """Run ``trial`` (a spec.Trial) of the resolved ``spec`` (spec.resolve); never raises: a failure comes back as
+    a TrialRecord with status 'failed'."""
     from .cluster import install_stop_handlers
 
     install_stop_handlers("worker")  # the scheduler's warnings are the driver's to act on
     t0, started = time.perf_counter(), time.time()
     try:
-        fields = dict(_run(trial, config, dense_path, ckpt_dir, threads), status="done", error="")
+        fields = dict(_run(trial, spec, dense_path, ckpt_dir, threads), status="done", error="")
     except Exception as e:  # isolate: one trial's failure must not stop the study
         fields = dict(status="failed", error=f"{type(e).__name__}: {e}".strip()[:2000],
                       traceback=traceback.format_exc()[-4000:])
-    return TrialRecord(id=trial.id, arm=trial.arm, method=trial.method, seed=trial.seed, model=config["model"]["arch"],
-                       dataset=config["data"]["dataset"], target_mac_reduction=trial.target, host=os.uname().nodename,
+    return TrialRecord(id=trial.id, arm=trial.arm, method=trial.method, seed=trial.seed, model=spec.model.arch,
+                       dataset=spec.data.dataset, target_mac_reduction=trial.target, host=os.uname().nodename,
                        pid=os.getpid(), started_at=started, wall_s=time.perf_counter() - t0, ended_at=time.time(),
                        **dict(dict(sparsity=trial.sparsity), **fields))
 
 
-def run_trial_measured(trial, config, dense_path, ckpt_dir, threads=1):
+def run_trial_measured(trial, spec, dense_path, ckpt_dir, threads=1):
     """(run_trial's TrialRecord, this process's peak resident memory in bytes). In a single-use worker the peak is the
     trial's own: imports, pruning, fine-tuning, evaluation and timing (resources.memory_per_trial: auto)."""
-    record = run_trial(trial, config, dense_path, ckpt_dir, threads)
+    record = run_trial(trial, spec, dense_path, ckpt_dir, threads)
     return record, peak_rss_bytes()
 
 
@@ -44,7 +45,7 @@ def peak_rss_bytes():
     return peak * (1 if sys.platform == "darwin" else 1024)
 
 
-def probe_memory(config, dense_path, steps=4):
+def probe_memory(spec, dense_path, steps=4):
     """What one trial occupies on its GPU: a few fine-tuning steps of the dense model (the largest a trial
     trains) with the study's recipe, loader, precision and compile mode, then one evaluation batch. Returns
     {footprint_bytes: the whole process's share of the device (CUDA context, cuDNN workspaces, the caching
@@ -59,14 +60,14 @@ def probe_memory(config, dense_path, steps=4):
     from .step import WARMUP, make_step
     from .train import evaluate, get_recipe, make_optimizer, prepare, train_one_epoch
 
-    dev = resolve_device(config["resources"]["device"])
+    dev = resolve_device(spec.resources.device)
     if dev.type != "cuda":
         raise ValueError(f"memory probing needs a CUDA device, got {dev}")
     model, meta = ckpt_io.load(dense_path)
-    ft, data = config["finetune"], config["data"]
-    recipe = get_recipe(ft["recipe"], batch_size=ft["batch_size"], lr=ft["lr"])
-    model, train_b, test_b, p = prepare(model, meta["dataset"], recipe, 0, dev, data["root"], data["download"],
-                                        config.get("performance"))
+    ft, data = spec.finetune, spec.data
+    recipe = get_recipe(ft.recipe, batch_size=ft.batch_size, lr=ft.lr)
+    model, train_b, test_b, p = prepare(model, meta["dataset"], recipe, 0, dev, data.root, data.download,
+                                        spec.performance)
     opt, _ = make_optimizer(model, recipe, 1, p)
     # compiled and recorded as the trials will be: CUDA graphs keep their own memory pools, which a trial holds too
     step = make_step(model, opt, p)
@@ -79,18 +80,19 @@ def probe_memory(config, dense_path, steps=4):
                 max_allocated_bytes=int(torch.cuda.max_memory_allocated(dev)))
 
 
-def _run(trial, config, dense_path, ckpt_dir, threads):
+def _run(trial, spec, dense_path, ckpt_dir, threads):
     import torch
 
     from .infer import checkpoint as ckpt_io
     from .infer.device import describe, resolve_device
     from .infer.timing import paired_speedup, summarize, time_forward, time_forward_paired
     from .prune import calibration_batches, parse_method, prune, prune_to_mac_reduction, pruned_meta
+    from .spec import config_of
     from .step import resolve_perf
     from .train import evaluate, finetune
 
     torch.set_num_threads(max(1, int(threads)))
-    dev = resolve_device(config["resources"]["device"])
+    dev = resolve_device(spec.resources.device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     clock = _StageClock()
@@ -101,39 +103,38 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
                  weight_sparsity=0.0, nonzero_params=stats["params_dense"])
     backend = ""
     if trial.arm == "pruned":
-        p = config["prune"]
+        p = spec.prune
         criterion, backend = parse_method(trial.method)
-        kwargs = dict(op_types=p["op_types"], exclude=p["exclude"], dependency_aware=p["dependency_aware"],
-                      round_to=p["round_to"], global_pruning=p["global_pruning"],
-                      calibration=calibration_batches(meta, data_root=config["data"]["root"]) if criterion == "taylor" else None)
+        kwargs = dict(op_types=p.op_types, exclude=p.exclude, dependency_aware=p.dependency_aware,
+                      round_to=p.round_to, global_pruning=p.global_pruning,
+                      calibration=calibration_batches(meta, data_root=spec.data.root) if criterion == "taylor" else None)
         if trial.target:
             model, stats = prune_to_mac_reduction(model, trial.method, trial.target, meta["input_shape"], **kwargs)
         else:
             model, stats = prune(model, trial.method, trial.sparsity, meta["input_shape"], **kwargs)
         meta = pruned_meta(meta, stats)
     clock.stage("prune")
-    ft = config["finetune"]
-    epochs = 0 if trial.arm == "dense" else ft["epochs"]
-    data = config["data"]
-    history = finetune(model, meta, epochs, ft["recipe"], trial.seed, dev, data["root"], data["download"],
-                       batch_size=ft["batch_size"], lr=ft["lr"], perf=config.get("performance"))
+    ft, data = spec.finetune, spec.data
+    epochs = 0 if trial.arm == "dense" else ft.epochs
+    history = finetune(model, meta, epochs, ft.recipe, trial.seed, dev, data.root, data.download,
+                       batch_size=ft.batch_size, lr=ft.lr, perf=spec.performance)
     last = history[-1]
     clock.stage("finetune")
     # Training accuracy for every arm the same way: eval mode, no augmentation, whole training split (the
     # running accuracy of the last epoch would mix in dropout and the weights' drift over the epoch).
     from .data import EVAL_BATCH_SIZE, Batches, load_split
 
-    images, labels = load_split(meta["dataset"], "train", data["root"])
+    images, labels = load_split(meta["dataset"], "train", data.root)
     _, train_acc = evaluate(model, Batches(images, labels, meta["dataset"], EVAL_BATCH_SIZE, dev))
     clock.stage("evaluate")
-    lat = config["latency"]
-    x = torch.randn(lat["batch_size"], *meta["input_shape"], device=dev)
-    torch.set_num_threads(lat["threads"])  # the study's one setting, not this trial's training threads
-    channels_last = resolve_perf(config.get("performance"), dev).channels_last  # finetune's layout, timed so
+    lat = spec.latency
+    x = torch.randn(lat.batch_size, *meta["input_shape"], device=dev)
+    torch.set_num_threads(lat.threads)  # the study's one setting, not this trial's training threads
+    channels_last = resolve_perf(spec.performance, dev).channels_last  # finetune's layout, timed so
     if channels_last:  # an input in the model's layout, as pruneflow.infer times it (else the first layer converts)
         x = x.contiguous(memory_format=torch.channels_last)
     if trial.arm == "dense":
-        samples, dense_samples, speedup = time_forward(model.to(dev), x, lat["warmup"], lat["trials"]), [], 1.0
+        samples, dense_samples, speedup = time_forward(model.to(dev), x, lat.warmup, lat.trials), [], 1.0
     else:
         # The dense model timed alongside, call by call: the speedup is measured side by side, so the other
         # trials packed on this device (or any drift) slow both sides alike instead of skewing the ratio.
@@ -141,7 +142,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
         dense_model.to(dev)
         if channels_last:  # the layout finetune gave the trial's model
             dense_model.to(memory_format=torch.channels_last)
-        samples, dense_samples = time_forward_paired(model.to(dev), dense_model, x, lat["warmup"], lat["trials"])
+        samples, dense_samples = time_forward_paired(model.to(dev), dense_model, x, lat.warmup, lat.trials)
         speedup = paired_speedup(samples, dense_samples)
         del dense_model
     timing = summarize(samples)
@@ -149,7 +150,7 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
     path = os.path.join(ckpt_dir, f"{trial.id}.safetensors")
     sparsity = stats.get("sparsity", trial.sparsity) if trial.arm == "pruned" else 0.0
     meta = dict(meta, method=trial.method, sparsity=sparsity, arm=trial.arm, seed=trial.seed,
-                accuracy=last["val_acc"], finetune_epochs=epochs, config=config)
+                accuracy=last["val_acc"], finetune_epochs=epochs, config=config_of(spec))
     ckpt_io.save(model, path, meta)
     clock.stage("save")
     return dict(
@@ -164,8 +165,8 @@ def _run(trial, config, dense_path, ckpt_dir, threads):
         speedup=speedup, latency_dense=dense_samples,
         device=str(dev), device_name=describe(dev), checkpoint=os.path.relpath(path, os.path.dirname(ckpt_dir)), architecture=str(model),
         epochs=[e for e in history if e["epoch"] > 0], latency=samples,
-        latency_settings=dict(batch_size=lat["batch_size"], warmup=lat["warmup"], device=str(dev),
-                              threads=lat["threads"], channels_last=bool(channels_last)),
+        latency_settings=dict(batch_size=lat.batch_size, warmup=lat.warmup, device=str(dev),
+                              threads=lat.threads, channels_last=bool(channels_last)),
         widths=ckpt_io.layer_widths(model),
     )
 

@@ -9,17 +9,14 @@ import torch
 
 from conftest import ROOT, assert_clean_error, run_module
 from pruneflow.results import read_trials, read_utilisation
-from pruneflow.spec import StudySpec, load_spec
+from pruneflow.spec import ResourcesSpec, StudySpec, load_spec
 from pruneflow.sweep.packing import AUTO_MEMORY_SHARE, choose_trials_per_gpu, plan_packing, probe_key, remembered
 
 GiB = 2**30
 
 
 def spec_with(**resources):
-    spec = StudySpec()
-    for k, v in resources.items():
-        setattr(spec.resources, k, v)
-    return spec
+    return StudySpec(resources=ResourcesSpec(**resources))
 
 
 def test_auto_k_is_bounded_by_memory_cores_and_at_least_one():

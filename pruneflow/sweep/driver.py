@@ -6,6 +6,7 @@ trial the moment it finishes, so a kill loses nothing finished and a re-run of t
 done.
 """
 
+import dataclasses
 import fcntl
 import os
 import sys
@@ -21,7 +22,7 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
 
     ``train_only`` stops after the dense checkpoint exists (the pipeline's first Slurm job)."""
     from ..results import ResultStore, read_records, study_files
-    from ..spec import grid, load_spec, parse_shard, resolved, shard_trials
+    from ..spec import config_of, grid, load_spec, parse_shard, resolve, shard_trials
 
     spec, job_text = load_spec(job, overrides)
     i, n = parse_shard(shard)
@@ -33,11 +34,14 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     cluster.keep_to_slurm_gpus(spec.resources.device)  # a Slurm job given no GPUs leaves the node's GPUs alone
     check_inputs(spec, dense, train_only)
-    config = resolved(spec)
     study_dir = check_writable_dir(os.path.join(out, spec.study))
     ckpt_dir = check_writable_dir(os.path.join(study_dir, "checkpoints"))
     dense_path = dense or spec.train.checkpoint or os.path.join(study_dir, "dense.safetensors")
-    config["train"]["checkpoint"] = os.path.abspath(dense_path)
+    # what the trials run with and the files store: every default filled in, the dense checkpoint named
+    run_spec = resolve(spec)
+    run_spec = dataclasses.replace(run_spec, train=dataclasses.replace(run_spec.train,
+                                                                       checkpoint=os.path.abspath(dense_path)))
+    config = config_of(run_spec)
     if train_only:
         ensure_dense(dense_path, spec, config, progress, given=bool(dense))
         return {"done": 0, "failed": 0, "skipped": 0, "file": dense_path}
@@ -59,7 +63,7 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
               f"already done; results -> {path}", flush=True)
         if todo:
             ensure_dense(dense_path, spec, config, progress, given=bool(dense))
-            run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress)
+            run_trials(todo, run_spec, dense_path, ckpt_dir, store, progress)
         records = [r for r in read_records(path) if r.id in {t.id for t in trials}]
     print_summary(records)
     failed = [r for r in records if r.status != "done"]
@@ -170,8 +174,10 @@ def slot_counts(device="auto"):
     return cpus, gpus
 
 
-def run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
-    """This node's ``todo`` trials, packed as packing.plan_packing decides, each record stored as it comes back."""
+def run_trials(todo, spec, dense_path, ckpt_dir, store, progress):
+    """This node's ``todo`` trials of the resolved ``spec``, packed as packing.plan_packing decides, each record
+    stored as it comes back."""
+    from ..spec import config_of
     from ..monitor import UtilisationSampler
     from ..trial import probe_memory, run_trial, run_trial_measured
     from . import packing
@@ -180,7 +186,8 @@ def run_trials(todo, config, dense_path, ckpt_dir, store, spec, progress):
     res = spec.resources
     cpus, gpus = slot_counts(res.device)
     probe_file = os.path.join(os.path.dirname(ckpt_dir), packing.PROBE_FILE)
-    on = lambda device: dict(config, resources=dict(config["resources"], device=device))  # noqa: E731
+    config = config_of(spec)
+    on = lambda device: dataclasses.replace(spec, resources=dataclasses.replace(res, device=device))  # noqa: E731
     with local_ray(cpus, gpus), UtilisationSampler(res.sample_interval_s) as sampler:
         probe = host_probe = None
         if gpus and res.trials_per_gpu == "auto":

@@ -38,7 +38,8 @@ class ModelSpec:
 class DataSpec:
     # digits (embedded) | mnist | cifar10 | synthetic-mnist | synthetic-cifar10 (random images: speed only)
     dataset: str = "digits"
-    root: typing.Optional[str] = field(default=None, metadata=RERUN)  # where mnist/cifar10 are staged; default ~/.cache/pruneflow/data
+    # where mnist/cifar10 are staged; default ~/.cache/pruneflow/data
+    root: typing.Optional[str] = field(default=None, metadata=RERUN)
     download: bool = field(default=False, metadata=RERUN)  # only where the node has internet
 
 
@@ -406,11 +407,6 @@ def resolve(spec):
 def config_of(spec):
     """A resolved spec as the plain settings stored with results and checkpoints."""
     return dict(dataclasses.asdict(spec), schema=SCHEMA_VERSION)
-
-
-def resolved(spec):
-    """The settings of ``spec`` with every default filled in (what is stored with the results)."""
-    return config_of(resolve(spec))
 
 
 # ------------------------------------------------------------------------------------------------- grid

@@ -18,15 +18,16 @@ def run_trial(trial, spec, dense_path, ckpt_dir, threads=1):
 
     install_stop_handlers("worker")  # the scheduler's warnings are the driver's to act on
     t0, started = time.perf_counter(), time.time()
+    fields = dict(sparsity=trial.sparsity)  # a pruned trial's _run reports the sparsity it reached instead
     try:
-        fields = dict(_run(trial, spec, dense_path, ckpt_dir, threads), status="done", error="")
+        fields.update(_run(trial, spec, dense_path, ckpt_dir, threads), status="done", error="")
     except Exception as e:  # isolate: one trial's failure must not stop the study
-        fields = dict(status="failed", error=f"{type(e).__name__}: {e}".strip()[:2000],
+        fields.update(status="failed", error=f"{type(e).__name__}: {e}".strip()[:2000],
                       traceback=traceback.format_exc()[-4000:])
     return TrialRecord(id=trial.id, arm=trial.arm, method=trial.method, seed=trial.seed, model=spec.model.arch,
                        dataset=spec.data.dataset, target_mac_reduction=trial.target, host=os.uname().nodename,
                        pid=os.getpid(), started_at=started, wall_s=time.perf_counter() - t0, ended_at=time.time(),
-                       **dict(dict(sparsity=trial.sparsity), **fields))
+                       **fields)
 
 
 def run_trial_measured(trial, spec, dense_path, ckpt_dir, threads=1):

@@ -1,7 +1,7 @@
 import pytest
 
 from pruneflow.errors import UserError
-from pruneflow.spec import grid, load_spec, parse_shard, resolved, shard_trials
+from pruneflow.spec import config_of, grid, load_spec, parse_shard, resolve, shard_trials
 
 JOBS = ["jobs/quickstart.yaml", "jobs/mnist_cnn.yaml", "jobs/resnet101_cifar10.yaml"]
 
@@ -9,7 +9,7 @@ JOBS = ["jobs/quickstart.yaml", "jobs/mnist_cnn.yaml", "jobs/resnet101_cifar10.y
 @pytest.mark.parametrize("job", JOBS)
 def test_shipped_jobs_validate(job):
     spec, text = load_spec(job)
-    cfg = resolved(spec)
+    cfg = config_of(resolve(spec))
     assert cfg["prune"]["op_types"] and text
     assert len(grid(spec)) == 2 + len(spec.prune.methods) * len(spec.prune.sparsities)
 

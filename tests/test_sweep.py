@@ -210,10 +210,10 @@ def test_resuming_with_settings_that_change_results_is_refused(tmp_path):
 
     from pruneflow.errors import UserError
     from pruneflow.results import ResultStore
-    from pruneflow.spec import load_spec, resolved
+    from pruneflow.spec import config_of, load_spec, resolve
     from pruneflow.sweep.driver import check_same_settings
 
-    config = resolved(load_spec("jobs/quickstart.yaml")[0])
+    config = config_of(resolve(load_spec("jobs/quickstart.yaml")[0]))
     path = tmp_path / "shard-0-of-1.h5"
     with ResultStore(path, "quickstart", "", config):
         pass
@@ -236,14 +236,14 @@ def test_an_existing_dense_checkpoint_must_fit_the_study(dense_ckpt):
     # dense_ckpt: train_dense's own checkpoint of a SimpleCNN on digits, 3 epochs, the mnist recipe, seed 0
     from pruneflow.infer.checkpoint import read_meta
     from pruneflow.errors import UserError
-    from pruneflow.spec import load_spec, resolved
+    from pruneflow.spec import config_of, load_spec, resolve
     from pruneflow.sweep.driver import check_dense
 
     meta = read_meta(dense_ckpt)
 
     def check(given=False, **overrides):
         spec, _ = load_spec("jobs/quickstart.yaml", {"train.epochs": "3", **overrides})
-        check_dense("d", meta, spec, resolved(spec), given)
+        check_dense("d", meta, spec, config_of(resolve(spec)), given)
 
     check()  # trained as this study asks
     with pytest.raises(UserError, match=r"epochs 3 \(the study: 4\).*delete it to train a new one"):

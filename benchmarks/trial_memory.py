@@ -33,7 +33,7 @@ def one_arm(arch, stem, arm, batch, steps, sparsity):
     peaks = []
     import torch
 
-    from pruneflow.data import train_test_batches
+    from pruneflow.data import train_val_batches
     from pruneflow.models import build_model, default_prune_targets
     from pruneflow.prune import prune
     from pruneflow.step import Perf, make_step
@@ -52,7 +52,7 @@ def one_arm(arch, stem, arm, batch, steps, sparsity):
         peaks.append(("prune (NNI)", peak_mb()))
     model.to(memory_format=torch.channels_last)
     recipe = get_recipe("finetune", batch_size=batch)
-    train_b, _ = train_test_batches(dataset, batch, torch.device("cpu"), 0, None, False, True, "device")
+    train_b, _ = train_val_batches(dataset, batch, torch.device("cpu"), 0, None, False, True, "device")
     opt, _ = make_optimizer(model, recipe, 1)
     train_one_epoch(model, itertools.islice(iter(train_b), steps), make_step(model, opt, Perf()))
     peaks.append((f"{steps} fine-tune steps", peak_mb()))

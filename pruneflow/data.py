@@ -5,7 +5,8 @@ module adds what only training needs, and the ``fetch`` command for staging data
 ``python -m pruneflow.data fetch cifar10 --data-root /scratch/$USER/data``.
 """
 
-from .infer.data import DATASETS, DEFAULT_DATA_ROOT, SYNTHETIC, Batches, dataset_info, load_split, random_crop_flip  # noqa: F401
+from .infer.data import (DATASETS, DEFAULT_DATA_ROOT, SPLITS, SYNTHETIC, VAL_SIZES, Batches, carve,  # noqa: F401
+                         dataset_info, load_split, random_crop_flip, split_info)
 
 
 LOADERS = ("device", "torchvision")
@@ -15,19 +16,26 @@ LOADERS = ("device", "torchvision")
 EVAL_BATCH_SIZE = 512
 
 
-def train_test_batches(dataset, batch_size, device, seed=0, data_root=None, download=False, channels_last=False,
-                       loader="device"):
-    """(training batches: shuffled + augmented, test batches: fixed order, never augmented).
+def train_val_batches(dataset, batch_size, device, seed=0, data_root=None, download=False, channels_last=False,
+                      loader="device", val=None):
+    """(training batches: shuffled + augmented, val batches: fixed order, never augmented). ``val`` = (size,
+    seed) of the carve (infer.data.load_split): training never sees a val image, and nothing here sees test.
 
     ``loader='device'`` (default): the whole data set on the device, batches augmented there at once.
     ``loader='torchvision'``: the 2022 report's pipeline (DataLoader + per-image CPU transforms), for comparison.
     """
     cls = Batches if loader == "device" else SeedStyleBatches
-    train = cls(*load_split(dataset, "train", data_root, download), dataset, batch_size, device,
+    train = cls(*load_split(dataset, "train", data_root, download, val), dataset, batch_size, device,
                 train=True, seed=seed, channels_last=channels_last)
-    test = cls(*load_split(dataset, "test", data_root, download), dataset, max(batch_size, EVAL_BATCH_SIZE),
-               device, train=False, channels_last=channels_last)
-    return train, test
+    held_out = cls(*load_split(dataset, "val", data_root, download, val), dataset, max(batch_size, EVAL_BATCH_SIZE),
+                   device, train=False, channels_last=channels_last)
+    return train, held_out
+
+
+def eval_batches(dataset, split, device, data_root=None, val=None, channels_last=False):
+    """Fixed-order, unaugmented batches of one split (train, val or test), for scoring a finished model."""
+    return Batches(*load_split(dataset, split, data_root, False, val), dataset, EVAL_BATCH_SIZE, device,
+                   channels_last=channels_last)
 
 
 class _PerImage:

@@ -6,6 +6,8 @@ Layout (schema 1; docs/results-schema.md is the reference):
     /env                 attrs: python, torch, nni, ray, h5py versions, device, device_name, cuda, cpu
     /trials/<id>         attrs: arm (dense|control|pruned), method, sparsity, seed, status (done|failed), error, ...
     /trials/<id>/epochs  compound table: epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds
+    /trials/<id>/val_pred, test_pred  uint8: the class predicted for each image of the val / test split, in order
+    /labels/val, /labels/test  uint8: those images' true classes, once per file; attrs: split_sha (the carve)
     /trials/<id>/latency seconds per timed batch (raw samples); attrs: batch_size, device, warmup
     /trials/<id>/latency_dense the dense model's seconds, timed alternately with the trial's (absent for dense)
     /trials/<id>/widths  compound table: layer, type, in, out (after pruning)
@@ -50,7 +52,8 @@ class TrialRecord:
     arm: str = _field("dense | control | pruned", need="all")
     method: str = _field("none, or a method label: level, l1, l2, fpgm (NNI), l1@depgraph ... slim@depgraph", need="all")
     sparsity: float = _field("nominal fraction removed (pruned arm), else 0", 0.0, need="all")
-    seed: int = _field("random seed of fine-tuning (and, for the first seed, of dense training)", 0, need="all")
+    seed: int = _field("random seed of fine-tuning, and of the dense training it started from", 0, need="all")
+    dense_seed: int = _field("seed of the dense model it started from (-1: unknown; files before 29: seeds[0])", -1)
     status: str = _field("done | failed", "failed", need="all")
     error: str = _field("why it failed (empty when done)", "")
     model: str = _field("model.arch", "")
@@ -74,8 +77,14 @@ class TrialRecord:
     nonzero_params: int = _field("parameters that are not zero", 0)
     dependency_aware: bool = _field("coupled channels pruned together", False)
     train_acc: float = _field("accuracy on the training split, eval mode", 0.0, need="done")
-    val_acc: float = _field("accuracy on the evaluation split after the last epoch", 0.0, need="done")
-    val_loss: float = _field("loss on the evaluation split after the last epoch", 0.0)
+    val_acc: float = _field("accuracy on the val split (held out of train); files before issue 29: on test",
+                            0.0, need="done")
+    val_loss: float = _field("loss on the val split", 0.0)
+    test_acc: float = _field("accuracy on the data set's test split (absent in files before issue 29)", None)
+    test_loss: float = _field("loss on the test split", None)
+    split_sha: str = _field("fingerprint of the val carve (infer.data.carve_id): equal in every comparable trial", "")
+    precision: str = _field("fp32 | bf16: the arithmetic it trained and was scored in", "")
+    compile: str = _field("performance.compile it trained with", "")
     latency_mean: float = _field("seconds per timed batch", 0.0, need="done")
     latency_std: float = _field("seconds per timed batch", 0.0, need="done")
     latency_median: float = _field("seconds per timed batch", 0.0, need="done")
@@ -102,6 +111,14 @@ class TrialRecord:
     latency_dense: list = _field("table: the dense model's seconds, timed alternately with this trial's",
                                  table=True, factory=list)
     widths: list = _field("table: layer, type, in, out of every Conv2d/Linear", table=True, factory=list)
+    val_pred: list = _field("table: the class it predicts for each val image, in order (uint8)", table=True,
+                            factory=list)
+    test_pred: list = _field("table: the class it predicts for each test image, in order (uint8)", table=True,
+                             factory=list)
+    val_labels: list = _field("the val images' classes: stored once per file, /labels/val", table=True,
+                              factory=list)
+    test_labels: list = _field("the test images' classes: stored once per file, /labels/test", table=True,
+                               factory=list)
     traceback: str = _field("where it failed (not stored)", "", table=True)
 
     @classmethod
@@ -119,9 +136,10 @@ class TrialRecord:
             value = getattr(self, f.name)
             if f.metadata["table"] or f.name == "id":
                 continue
-            if self.status != "done" and f.metadata["need"] != "all" and f.name not in kept and value == f.default:
-                continue
-            out[f.name] = "" if value is None else value
+            if value is None or (self.status != "done" and f.metadata["need"] != "all" and f.name not in kept
+                                 and value == f.default):
+                continue  # absent, not zero: a reader tells a missing result from a measured 0
+            out[f.name] = value
         return out
 
 
@@ -140,6 +158,7 @@ def schema_table():
         if f.name == "traceback":  # printed by the worker, never stored
             continue
         kind = ("the group's name" if f.name == "id" else "attributes of latency" if f.name == "latency_settings"
+                else "/labels dataset" if f.name.endswith("_labels")
                 else "dataset" if f.metadata["table"] else f"attribute ({f.type.__name__})")
         doc = f.metadata["doc"].replace("|", "\\|")
         rows.append(f"| {f.name} | {kind} | {f.metadata['need'] or ''} | {doc} |")
@@ -244,6 +263,26 @@ class ResultStore:
             wt = np.array([(n, t, i, o) for n, t, i, o in record.widths],
                           dtype=[("layer", h5py.string_dtype()), ("type", h5py.string_dtype()), ("in", "i8"), ("out", "i8")])
             g.create_dataset("widths", data=wt)
+            for split in ("val", "test"):
+                pred = getattr(record, f"{split}_pred")
+                if len(pred):
+                    g.create_dataset(f"{split}_pred", data=np.asarray(pred, dtype="u1"))
+                    _add_labels(f, split, np.asarray(getattr(record, f"{split}_labels"), dtype="u1"),
+                                record.split_sha, record.id)
+
+
+def _add_labels(f, split, labels, sha, trial_id):
+    """/labels/<split> once per file; a trial scored on other images (another carve, other data) is refused."""
+    import numpy as np
+
+    group = f.require_group("labels")
+    if split not in group:
+        group.create_dataset(split, data=labels).attrs["split_sha"] = sha
+        return
+    have = group[split]
+    if _plain(have.attrs.get("split_sha", "")) != sha or not np.array_equal(have[()], labels):
+        raise UserError(f"trial {trial_id} was scored on other {split} images than this file's other trials "
+                        f"(carve {sha or '?'} against {_plain(have.attrs.get('split_sha', ''))}); not stored")
 
 
 def _commit(tmp, path):
@@ -307,10 +346,11 @@ def read_trials(path):
     """Every trial record in one file as a dict (attrs + 'epochs' list, 'latency' list, 'widths' list)."""
     check_file(path)
     with _h5py().File(path, "r") as f:
-        return [_read_trial(path, tid, g) for tid, g in f["trials"].items()]
+        labels = {k: v[()] for k, v in f["labels"].items()} if "labels" in f else {}
+        return [_read_trial(path, tid, g, labels) for tid, g in f["trials"].items()]
 
 
-def _read_trial(path, tid, g):
+def _read_trial(path, tid, g, labels):
     where = f"{path}: trial {tid}"
     missing = [k for k in TRIAL_ATTRS if k not in g.attrs]
     if not missing and _plain(g.attrs["status"]) == "done":
@@ -328,6 +368,9 @@ def _read_trial(path, tid, g):
         r["latency_settings"] = {k: _plain(v) for k, v in g["latency"].attrs.items()}
         r["latency_dense"] = [float(x) for x in g["latency_dense"][()]] if "latency_dense" in g else []
         r["widths"] = [(_plain(a), _plain(b), int(c), int(d)) for a, b, c, d in g["widths"][()]]
+        for split in ("val", "test"):  # absent in files before issue 29: no per-image tests for those trials
+            r[f"{split}_pred"] = g[f"{split}_pred"][()] if f"{split}_pred" in g else None
+            r[f"{split}_labels"] = labels.get(split) if r[f"{split}_pred"] is not None else None
     except (KeyError, ValueError, TypeError, OSError) as e:  # a table of the wrong shape or type, unreadable data
         raise UserError(f"{where} could not be read ({type(e).__name__}: {e})") from None
     r["file"] = os.path.basename(path)
@@ -337,7 +380,7 @@ def _read_trial(path, tid, g):
 def read_records(path):
     """Every trial in one file as a TrialRecord (fields absent in older files take their defaults)."""
     names = {f.name for f in dataclasses.fields(TrialRecord)}
-    return [TrialRecord(**{k: v for k, v in r.items() if k in names}) for r in read_trials(path)]
+    return [TrialRecord(**{k: v for k, v in r.items() if k in names and v is not None}) for r in read_trials(path)]
 
 
 def read_utilisation(path):

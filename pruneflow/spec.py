@@ -41,6 +41,14 @@ class DataSpec:
     # where mnist/cifar10 are staged; default ~/.cache/pruneflow/data
     root: typing.Optional[str] = field(default=None, metadata=RERUN)
     download: bool = field(default=False, metadata=RERUN)  # only where the node has internet
+    # images held out of the training part as val (a count, or a fraction of it): training and every choice the
+    # report offers use val; test is scored, never chosen on. Default: 5000 for mnist/cifar10, 0.1 for digits.
+    val_size: typing.Optional[float] = None
+    val_seed: int = 0  # the carve's seed (stratified by class; same seed, same images, on every machine)
+
+    def carve(self):
+        """(size, seed) for infer.data.load_split; None: the data set's default carve."""
+        return None if self.val_size is None else (self.val_size, self.val_seed)
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,8 @@ class ResourcesSpec:
 
 @dataclass(frozen=True)
 class PerformanceSpec:
+    # Every setting here but cpu_kernels changes results (bf16 rounds, layouts pick other kernels, compiled
+    # graphs fuse): a re-run may not change them (sweep.driver.check_same_settings).
     loader: str = "device"  # device (data set on the device, batched augmentation) | torchvision (the 2022 report's DataLoader)
     precision: str = "auto"  # auto (fp32; TF32 tensor cores on CUDA) | fp32 | bf16 (autocast: large batches)
     channels_last: typing.Optional[bool] = None  # default: on for CUDA and the CPU
@@ -111,7 +121,7 @@ class PerformanceSpec:
     # CUDA only (docs/performance.md). A compilation that fails trains eagerly after a one-line warning.
     compile: typing.Union[bool, str] = False
     # Removed (CPU kernels tuned for one development machine): accepted so older job files load, with a note.
-    cpu_kernels: typing.Optional[bool] = None
+    cpu_kernels: typing.Optional[bool] = field(default=None, metadata=RERUN)
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,9 @@ class StudySpec:
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     latency: LatencySpec = field(default_factory=LatencySpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec, metadata=RERUN)  # the whole section
-    performance: PerformanceSpec = field(default_factory=PerformanceSpec, metadata=RERUN)
+    performance: PerformanceSpec = field(default_factory=PerformanceSpec)
+    # each seed trains its own dense model, and prunes and fine-tunes from it (a given train.checkpoint or
+    # --dense: one dense model for every seed, so seeds vary fine-tuning only; the report says which)
     seeds: typing.List[int] = field(default_factory=lambda: [0], metadata=RERUN)
     # the dense model fine-tuned for the same epochs: is a gain pruning or training?
     control: bool = field(default=True, metadata=RERUN)
@@ -343,6 +355,9 @@ def validate(spec, check_backends=True):
             raise UserError(f"{name} must be a whole number or 'auto', got {v!r}")
     if spec.resources.memory_per_trial not in (None, "auto"):
         size_bytes(spec.resources.memory_per_trial, "resources.memory_per_trial")
+    if spec.data.val_size is not None and not spec.data.val_size > 0 or spec.data.val_seed < 0:
+        raise UserError(f"data.val_size must be > 0 (a count of images, or a fraction of the training part) and "
+                        f"data.val_seed >= 0, got {spec.data.val_size} and {spec.data.val_seed}")
     if spec.resources.sample_interval_s < 0:
         raise UserError(f"resources.sample_interval_s must be >= 0, got {spec.resources.sample_interval_s}")
     positive = {"train.epochs": spec.train.epochs, "latency.batch_size": spec.latency.batch_size,

@@ -29,6 +29,9 @@ RECIPES = {
     # Goyal et al. 2017). Fewer, larger steps keep a GPU busy without packing; results differ from 'finetune'
     # (compare both before switching a study).
     "finetune_bs512": dict(optimizer="sgd", lr=0.08, momentum=0.9, weight_decay=0.0, schedule="constant", batch_size=512),
+    # Opt-in, not the 2022 report's: 'finetune' with the lr decaying along a cosine to 0 (docs/methods.md: a
+    # constant 0.01 restarts training at 10x the dense model's final lr and ends the fine-tune still noisy).
+    "finetune_cosine": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="cosine", batch_size=64),
 }
 
 
@@ -59,6 +62,8 @@ def make_optimizer(model, recipe, epochs, perf=None):
         opt = torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"])
     if recipe["schedule"] == "step":
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=recipe["gamma"])
+    elif recipe["schedule"] == "cosine":  # epoch e trains at the cosine's value at its midpoint: ends near 0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * (e + 0.5) / epochs)))
     elif recipe["schedule"] == "multistep":
         milestones = sorted({max(1, round(f * epochs)) for f in recipe["milestones"]})
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=recipe["gamma"])
@@ -97,23 +102,30 @@ def _check_finite(total_loss):
 
 
 @torch.no_grad()
-def evaluate(model, batches, amp_dtype=None):
-    """(mean loss, accuracy) without augmentation, in eval mode."""
+def evaluate(model, batches, amp_dtype=None, predictions=False):
+    """(mean loss, accuracy) without augmentation, in eval mode; with ``predictions``, (loss, accuracy, the
+    predicted class of every image in order, uint8 on the CPU): the report's paired tests need them."""
     model.eval()
     total_loss = correct = 0
-    seen = 0
+    seen, preds = 0, []
     for x, y in batches:
         with autocast(x.device.type, amp_dtype):
             out = model(x)
         total_loss = total_loss + F.cross_entropy(out.float(), y, reduction="sum")  # summed on the device
-        correct = correct + (out.argmax(1) == y).sum()
+        hit = out.argmax(1)
+        correct = correct + (hit == y).sum()
         seen += len(y)
+        if predictions:
+            preds.append(hit)
+    if predictions:
+        return float(total_loss) / seen, int(correct) / seen, torch.cat(preds).to("cpu", torch.uint8)
     return float(total_loss) / seen, int(correct) / seen
 
 
-def fit(model, train_batches, test_batches, recipe, epochs, perf, masks=None, progress=False, on_epoch=None,
+def fit(model, train_batches, val_batches, recipe, epochs, perf, masks=None, progress=False, on_epoch=None,
         resume=None):
-    """Train for ``epochs`` with the step ``perf`` (a step.Perf) asks for; returns the per-epoch history.
+    """Train for ``epochs`` with the step ``perf`` (a step.Perf) asks for, scoring ``val_batches`` after each;
+    returns the per-epoch history.
 
     ``on_epoch(epoch, history, model, opt, sched)`` runs after each epoch (checkpointing for requeue);
     ``resume`` is a state dict written from such a callback ({epoch, history, model, optimizer, scheduler}).
@@ -131,7 +143,7 @@ def fit(model, train_batches, test_batches, recipe, epochs, perf, masks=None, pr
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(model, train_batches, step, progress, f"epoch {epoch + 1}/{epochs}")
-        val_loss, val_acc = evaluate(model, test_batches, perf.amp_dtype)
+        val_loss, val_acc = evaluate(model, val_batches, perf.amp_dtype)
         sched.step()
         history.append(dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                             val_acc=val_acc, lr=lr, seconds=time.perf_counter() - t0))
@@ -170,12 +182,10 @@ def model_meta(arch, dataset, stem, num_classes):
 
 
 def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, device="auto", data_root=None,
-                download=False, progress=True, batch_size=None, lr=None, config=None, perf=None):
-    """Train a dense model and write its checkpoint; resumable (Slurm requeue) through ``OUT.resume.pt``.
-
-    Returns (checkpoint path, history).
-    """
-    from .data import dataset_info
+                download=False, progress=True, batch_size=None, lr=None, config=None, perf=None, val=None):
+    """Train a dense model on train (``val`` = (size, seed) of the held-out carve) and write its checkpoint;
+    resumable (Slurm requeue) through ``OUT.resume.pt``. Returns (checkpoint path, history)."""
+    from .data import dataset_info, eval_batches, split_info
     from .infer import checkpoint as ckpt_io
     from .infer.device import resolve_device
     from .errors import check_writable_file
@@ -188,9 +198,9 @@ def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, d
     keep_threads_to_job()
     seed_everything(seed)
     model = build_model(arch, num_classes=info["classes"], in_channels=info["shape"][0], stem=stem)
-    model, train_b, test_b, p = prepare(model, dataset, recipe, seed, dev, data_root, download, perf)
+    model, train_b, val_b, p = prepare(model, dataset, recipe, seed, dev, data_root, download, perf, val)
     meta = dict(model_meta(arch, dataset, stem, info["classes"]), seed=seed, recipe=recipe, epochs=epochs,
-                config=config or {})
+                config=config or {}, val_split=split_info(dataset, data_root, download, val))
     state_path = out + ".resume.pt"
     resume = _read_resume(state_path, meta, dev)
     if resume is not None and progress:
@@ -202,8 +212,10 @@ def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, d
                         scheduler=sched.state_dict(), meta=json.dumps(meta, sort_keys=True)), tmp)
         os.replace(tmp, state_path)
 
-    history = fit(model, train_b, test_b, recipe, epochs, p, progress=progress, on_epoch=save_state, resume=resume)
-    meta.update(accuracy=history[-1]["val_acc"] if history else None, history=history)
+    history = fit(model, train_b, val_b, recipe, epochs, p, progress=progress, on_epoch=save_state, resume=resume)
+    # test is scored once, at the end, and stored: nothing in training looks at it
+    _, test_acc = evaluate(model, eval_batches(dataset, "test", dev, data_root, val, p.channels_last), p.amp_dtype)
+    meta.update(accuracy=history[-1]["val_acc"] if history else None, test_accuracy=test_acc, history=history)
     ckpt_io.save(model, out, meta)
     if os.path.exists(state_path):
         os.remove(state_path)
@@ -230,38 +242,47 @@ def _read_resume(path, meta, device):
 
 def finetune(model, meta, epochs, recipe="finetune", seed=0, device="auto", data_root=None, download=False,
              progress=False, batch_size=None, lr=None, perf=None):
-    """Fine-tune a (pruned) model in place; unstructured zeros stay zero. Returns the history."""
+    """Fine-tune a (pruned) model in place on the train split its dense model trained on (``meta``'s carve);
+    unstructured zeros stay zero. Returns the history (val_* on the val split)."""
     from .infer.device import resolve_device
     from .prune import zero_masks
 
     recipe = get_recipe(recipe, batch_size=batch_size, lr=lr)
     dev = resolve_device(device)
     seed_everything(seed)
-    model, train_b, test_b, p = prepare(model, meta["dataset"], recipe, seed, dev, data_root, download, perf)
+    model, train_b, val_b, p = prepare(model, meta["dataset"], recipe, seed, dev, data_root, download, perf,
+                                       meta_carve(meta))
     masks = zero_masks(model) if meta.get("method") == "level" else None
     if epochs == 0:
-        loss, acc = evaluate(model, test_b, p.amp_dtype)
+        loss, acc = evaluate(model, val_b, p.amp_dtype)
         return [dict(epoch=0, train_loss=math.nan, train_acc=math.nan, val_loss=loss, val_acc=acc, lr=0.0, seconds=0.0)]
-    return fit(model, train_b, test_b, recipe, epochs, p, masks=masks, progress=progress)
+    return fit(model, train_b, val_b, recipe, epochs, p, masks=masks, progress=progress)
 
 
-def prepare(model, dataset, recipe, seed, device, data_root=None, download=False, perf=None):
-    """(model, train batches, evaluation batches, step.Perf) ready to train on ``device``: the model moved there in
+def meta_carve(meta):
+    """(size, seed) of the val carve a checkpoint's dense model trained without; None (the data set's default
+    carve) for checkpoints from before carves were recorded."""
+    v = meta.get("val_split") or {}
+    return (v["size"], v["seed"]) if "size" in v else None
+
+
+def prepare(model, dataset, recipe, seed, device, data_root=None, download=False, perf=None, val=None):
+    """(model, train batches, val batches, step.Perf) ready to train on ``device``: the model moved there in
     the layout ``perf`` (a spec.PerformanceSpec) resolves to, the data set's batches in the same layout. Dense
     training, fine-tuning and the sweep's GPU memory probe all start here."""
-    from .data import train_test_batches
+    from .data import train_val_batches
 
     p = resolve_perf(perf, device)
     model.to(device)
     if p.channels_last:
         model.to(memory_format=torch.channels_last)
-    train_b, test_b = train_test_batches(dataset, recipe["batch_size"], device, seed, data_root, download,
-                                         p.channels_last, p.loader)
-    return model, train_b, test_b, p
+    train_b, val_b = train_val_batches(dataset, recipe["batch_size"], device, seed, data_root, download,
+                                       p.channels_last, p.loader, val)
+    return model, train_b, val_b, p
 
 
 def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="cifar", init=None, seed=0,
-        device="auto", data_root=None, download=False, batch_size=None, lr=None):
+        device="auto", data_root=None, download=False, batch_size=None, lr=None, val_size=None, val_seed=0):
     """Train a dense model, or fine-tune a checkpoint (--init), and write a portable checkpoint.
 
     Args:
@@ -278,6 +299,9 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
       download: download the data set if missing (needs internet).
       batch_size: override the recipe's batch size.
       lr: override the recipe's learning rate.
+      val_size: images held out of the training part as val (a count, or a fraction; default 5000 for
+        mnist/cifar10, 0.1 for digits). Fine-tuning (--init) keeps the carve its checkpoint records.
+      val_seed: seed of that carve.
     """
     from .infer import checkpoint as ckpt_io
     from .cluster import keep_to_slurm_gpus
@@ -295,8 +319,9 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
     if init is None:
         if model not in ARCHITECTURES:
             raise UserError(f"unknown model {model!r}; valid models: {', '.join(ARCHITECTURES)}")
+        carve = None if val_size is None else (_positive(val_size, "val size"), check_whole(val_seed, "val seed", 0))
         path, history = train_dense(model, dataset, out, epochs, recipe, stem, seed, device, data_root, download,
-                                    batch_size=batch_size, lr=lr)
+                                    batch_size=batch_size, lr=lr, val=carve)
     else:
         path = check_writable_file(out)
         check_not_input(init, path, "fine-tuned model")
@@ -308,7 +333,9 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
     with open(path + ".json", "w") as f:
         json.dump(history, f, indent=1)
     last = history[-1]
-    print(f"val accuracy {100 * last['val_acc']:.2f} % after {epochs} epoch(s); wrote {path} (+ {os.path.basename(path)}.json)")
+    test = "" if init is not None else f", test {100 * ckpt_io.read_meta(path)['test_accuracy']:.2f} %"
+    print(f"val accuracy {100 * last['val_acc']:.2f} %{test} after {epochs} epoch(s); wrote {path} "
+          f"(+ {os.path.basename(path)}.json)")
 
 
 def _positive(v, what):

@@ -1,7 +1,8 @@
-"""One trial of a study, start to finish: load the dense checkpoint -> prune -> fine-tune -> evaluate ->
-time inference -> save the portable checkpoint. Returns a plain record for the sweep's driver to store.
+"""One trial of a study, start to finish: load its seed's dense checkpoint -> prune -> fine-tune -> evaluate
+on train, val and test -> time inference -> save the portable checkpoint. Returns a TrialRecord for the sweep's
+driver to store.
 
-Every trial starts from the same dense checkpoint file: nothing carries over from one trial to the next.
+Every trial of a seed starts from the same dense checkpoint file: nothing carries over from one trial to the next.
 """
 
 import os
@@ -11,15 +12,16 @@ import traceback
 from .results import TrialRecord
 
 
-def run_trial(trial, spec, dense_path, ckpt_dir, threads=1):
-    """Run ``trial`` (a spec.Trial) of the resolved ``spec`` (spec.resolve); never raises: a failure comes back as
-    a TrialRecord with status 'failed'."""
+def run_trial(trial, spec, dense_paths, ckpt_dir, threads=1):
+    """Run ``trial`` (a spec.Trial) of the resolved ``spec`` (spec.resolve) from ``dense_paths[trial.seed]`` (or
+    one path for every seed); never raises: a failure comes back as a TrialRecord with status 'failed'."""
     from .cluster import install_stop_handlers
 
     install_stop_handlers("worker")  # the scheduler's warnings are the driver's to act on
     t0, started = time.perf_counter(), time.time()
     fields = dict(sparsity=trial.sparsity)  # a pruned trial's _run reports the sparsity it reached instead
     try:
+        dense_path = dense_paths if isinstance(dense_paths, str) else dense_paths[trial.seed]
         fields.update(_run(trial, spec, dense_path, ckpt_dir, threads), status="done", error="")
     except Exception as e:  # isolate: one trial's failure must not stop the study
         fields.update(status="failed", error=f"{type(e).__name__}: {e}".strip()[:2000],
@@ -30,10 +32,10 @@ def run_trial(trial, spec, dense_path, ckpt_dir, threads=1):
                        **fields)
 
 
-def run_trial_measured(trial, spec, dense_path, ckpt_dir, threads=1):
+def run_trial_measured(trial, spec, dense_paths, ckpt_dir, threads=1):
     """(run_trial's TrialRecord, this process's peak resident memory in bytes). In a single-use worker the peak is the
     trial's own: imports, pruning, fine-tuning, evaluation and timing (resources.memory_per_trial: auto)."""
-    record = run_trial(trial, spec, dense_path, ckpt_dir, threads)
+    record = run_trial(trial, spec, dense_paths, ckpt_dir, threads)
     return record, peak_rss_bytes()
 
 
@@ -67,14 +69,14 @@ def probe_memory(spec, dense_path, steps=4):
     model, meta = ckpt_io.load(dense_path)
     ft, data = spec.finetune, spec.data
     recipe = get_recipe(ft.recipe, batch_size=ft.batch_size, lr=ft.lr)
-    model, train_b, test_b, p = prepare(model, meta["dataset"], recipe, 0, dev, data.root, data.download,
-                                        spec.performance)
+    model, train_b, val_b, p = prepare(model, meta["dataset"], recipe, 0, dev, data.root, data.download,
+                                       spec.performance, data.carve())
     opt, _ = make_optimizer(model, recipe, 1, p)
     # compiled and recorded as the trials will be: CUDA graphs keep their own memory pools, which a trial holds too
     step = make_step(model, opt, p)
     steps = max(steps, WARMUP + 2) if step.graph is not None else steps  # the warm-up, the capture and a replay
     train_one_epoch(model, itertools.islice(iter(train_b), steps), step)
-    evaluate(model, itertools.islice(iter(test_b), 1), p.amp_dtype)  # an evaluation batch, as fit runs them
+    evaluate(model, itertools.islice(iter(val_b), 1), p.amp_dtype)  # an evaluation batch, as fit runs them
     torch.cuda.synchronize(dev)
     free, total = torch.cuda.mem_get_info(dev)
     return dict(footprint_bytes=int(total - free), total_bytes=int(total),
@@ -98,6 +100,7 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
         torch.cuda.reset_peak_memory_stats(dev)
     clock = _StageClock()
     model, meta = ckpt_io.load(dense_path)
+    dense_seed = int(meta.get("seed", -1))
     clock.stage("load")
     stats = {"params_dense": ckpt_io.count_params(model), "macs_dense": ckpt_io.count_macs(model, meta["input_shape"])}
     stats.update(params=stats["params_dense"], macs=stats["macs_dense"], mac_reduction=1.0, channel_sparsity=0.0,
@@ -119,14 +122,17 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
     epochs = 0 if trial.arm == "dense" else ft.epochs
     history = finetune(model, meta, epochs, ft.recipe, trial.seed, dev, data.root, data.download,
                        batch_size=ft.batch_size, lr=ft.lr, perf=spec.performance)
-    last = history[-1]
     clock.stage("finetune")
-    # Training accuracy for every arm the same way: eval mode, no augmentation, whole training split (the
-    # running accuracy of the last epoch would mix in dropout and the weights' drift over the epoch).
-    from .data import EVAL_BATCH_SIZE, Batches, load_split
+    # Every arm scored the same way: eval mode, no augmentation, each whole split (the running accuracy of the
+    # last epoch would mix in dropout and the weights' drift over the epoch). val and test keep every image's
+    # prediction: the report tests pruned against control on the same images.
+    from .data import eval_batches, load_split
 
-    images, labels = load_split(meta["dataset"], "train", data.root)
-    _, train_acc = evaluate(model, Batches(images, labels, meta["dataset"], EVAL_BATCH_SIZE, dev))
+    amp = resolve_perf(spec.performance, dev).amp_dtype
+    scores = {split: evaluate(model, eval_batches(meta["dataset"], split, dev, data.root, data.carve()), amp,
+                              predictions=split != "train") for split in ("train", "val", "test")}
+    labels = {split: load_split(meta["dataset"], split, data.root, False, data.carve())[1].to(torch.uint8)
+              for split in ("val", "test")}
     clock.stage("evaluate")
     lat = spec.latency
     x = torch.randn(lat.batch_size, *meta["input_shape"], device=dev)
@@ -151,7 +157,8 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
     path = os.path.join(ckpt_dir, f"{trial.id}.safetensors")
     sparsity = stats.get("sparsity", trial.sparsity) if trial.arm == "pruned" else 0.0
     meta = dict(meta, method=trial.method, sparsity=sparsity, arm=trial.arm, seed=trial.seed,
-                accuracy=last["val_acc"], finetune_epochs=epochs, config=config_of(spec))
+                accuracy=scores["val"][1], test_accuracy=scores["test"][1], finetune_epochs=epochs,
+                config=config_of(spec))
     ckpt_io.save(model, path, meta)
     clock.stage("save")
     return dict(
@@ -161,7 +168,12 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
         mac_reduction=stats["mac_reduction"], channel_sparsity=stats["channel_sparsity"],
         weight_sparsity=stats["weight_sparsity"], nonzero_params=stats["nonzero_params"],
         dependency_aware=bool(stats.get("dependency_aware", False)),
-        train_acc=train_acc, val_acc=last["val_acc"], val_loss=last["val_loss"],
+        train_acc=scores["train"][1], val_acc=scores["val"][1], val_loss=scores["val"][0],
+        test_acc=scores["test"][1], test_loss=scores["test"][0], dense_seed=dense_seed,
+        val_pred=scores["val"][2].numpy(), test_pred=scores["test"][2].numpy(),
+        val_labels=labels["val"].numpy(), test_labels=labels["test"].numpy(),
+        split_sha=(meta.get("val_split") or {}).get("sha", ""), precision=_precision(amp),
+        compile=str(spec.performance.compile),
         latency_mean=timing["mean"], latency_std=timing["std"], latency_median=timing["median"], latency_p95=timing["p95"],
         speedup=speedup, latency_dense=dense_samples,
         device=str(dev), device_name=describe(dev), checkpoint=os.path.relpath(path, os.path.dirname(ckpt_dir)), architecture=str(model),
@@ -170,6 +182,10 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
                               threads=lat.threads, channels_last=bool(channels_last)),
         widths=ckpt_io.layer_widths(model),
     )
+
+
+def _precision(amp_dtype):
+    return "fp32" if amp_dtype is None else str(amp_dtype).replace("torch.", "").replace("bfloat16", "bf16")
 
 
 class _StageClock:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pruneflow.data import Batches, load_split, random_crop_flip
+from pruneflow.data import Batches, carve, load_split, random_crop_flip
+from pruneflow.infer.data import carve_id
 from pruneflow.errors import UserError
 
 
@@ -64,10 +65,12 @@ def skip_cifar_checksums(monkeypatch):
 
 def test_mnist_idx_files(tmp_path):
     written = make_mnist(tmp_path)
-    images, labels = load_split("mnist", "train", tmp_path)
-    assert images.shape == (20, 1, 28, 28) and images.dtype == torch.uint8
-    assert torch.equal(images[:, 0], torch.from_numpy(written["train"][0]))
-    assert torch.equal(labels, torch.from_numpy(written["train"][1]).long())
+    images, labels = load_split("mnist", "train", tmp_path, val=(1, 0))  # one image held out as val
+    val_images, val_labels = load_split("mnist", "val", tmp_path, val=(1, 0))
+    assert images.shape == (19, 1, 28, 28) and images.dtype == torch.uint8 and val_images.shape == (1, 1, 28, 28)
+    train, held = carve(torch.from_numpy(written["train"][1]).long(), 1, 0)
+    assert torch.equal(images[:, 0], torch.from_numpy(written["train"][0])[train])
+    assert torch.equal(val_labels, torch.from_numpy(written["train"][1]).long()[held])
     test_images, _ = load_split("mnist", "test", tmp_path)
     assert torch.equal(test_images[:, 0], torch.from_numpy(written["t10k"][0]))
 
@@ -75,9 +78,10 @@ def test_mnist_idx_files(tmp_path):
 def test_cifar10_pickle_batches(tmp_path, monkeypatch):
     written = make_cifar10(tmp_path)
     skip_cifar_checksums(monkeypatch)
-    images, labels = load_split("cifar10", "train", tmp_path)
-    assert images.shape == (40, 3, 32, 32)
-    first = torch.from_numpy(written["data_batch_1"][0][0].reshape(3, 32, 32))
+    images, labels = load_split("cifar10", "train", tmp_path)  # the default carve: a tenth of 40 images
+    assert images.shape == (36, 3, 32, 32) and load_split("cifar10", "val", tmp_path)[0].shape == (4, 3, 32, 32)
+    train, _ = carve(labels=torch.tensor(sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])), size=4)
+    first = torch.from_numpy(written["data_batch_1"][0][int(train[0])].reshape(3, 32, 32))
     assert torch.equal(images[0], first)
     test_images, test_labels = load_split("cifar10", "test", tmp_path)
     assert test_images.shape == (8, 3, 32, 32) and test_labels.tolist() == written["test_batch"][1]
@@ -107,11 +111,29 @@ def test_a_failed_download_says_so_in_one_line_and_leaves_no_empty_folders(tmp_p
 
 def test_digits_split_is_fixed_and_disjoint():
     xtr, ytr = load_split("digits", "train")
+    xva, yva = load_split("digits", "val")
     xte, yte = load_split("digits", "test")
-    assert len(ytr) + len(yte) == 1797 and xtr.shape[1:] == (1, 28, 28)
+    assert (len(ytr), len(yva), len(yte)) == (1294, 144, 359) and xtr.shape[1:] == (1, 28, 28)
     assert torch.equal(load_split("digits", "train")[0], xtr)  # seeded: same every time
     tr = {bytes(x.numpy()) for x in xtr}
     assert not any(bytes(x.numpy()) in tr for x in xte[:100])
+    assert not any(bytes(x.numpy()) in tr for x in xva)
+
+
+def test_the_val_carve_is_stratified_seeded_and_disjoint():
+    labels = torch.arange(10).repeat_interleave(torch.tensor([50, 30, 20, 100, 10, 10, 40, 40, 100, 100]))
+    train, val = carve(labels, 0.1, seed=3)
+    assert len(val) == 50 and len(train) == len(labels) - 50
+    assert not set(train.tolist()) & set(val.tolist()) and set(train.tolist()) | set(val.tolist()) == set(range(500))
+    # each class gives its share: 10 % of 50 is 5, of 100 is 10 (the 1s and 4s round by largest remainder)
+    counts = torch.bincount(labels[val], minlength=10).tolist()
+    assert counts[0] == 5 and counts[3] == 10 and counts[8] == 10 and sum(counts) == 50
+    assert torch.equal(carve(labels, 0.1, seed=3)[1], val)  # the same seed, the same images
+    assert not torch.equal(carve(labels, 0.1, seed=4)[1], val)
+    assert carve_id(labels, 0.1, 3) != carve_id(labels, 0.1, 4)
+    for bad in (0, 500, 1.5, -0.1):
+        with pytest.raises(UserError, match="data.val_size"):
+            carve(labels, bad)
 
 
 def test_digits_table_is_sklearns_load_digits(monkeypatch):

@@ -29,7 +29,10 @@ DATASETS = {
 SYNTHETIC = {"synthetic-mnist": ("mnist", 60000, 10000), "synthetic-cifar10": ("cifar10", 50000, 10000)}
 for _name, (_base, _, _) in SYNTHETIC.items():
     DATASETS[_name] = DATASETS[_base]
-SPLITS = ("train", "test")
+# train is the data set's training part minus a held-out val carve (``carve``); test is the data set's own.
+SPLITS = ("train", "val", "test")
+# The val carve when a job file does not size it: a count of images, or a fraction of the training part.
+VAL_SIZES = {"digits": 0.1, "mnist": 5000, "cifar10": 5000, "synthetic-mnist": 5000, "synthetic-cifar10": 5000}
 DEFAULT_DATA_ROOT = os.environ.get("PRUNEFLOW_DATA", os.path.join("~", ".cache", "pruneflow", "data"))
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -41,17 +44,89 @@ def dataset_info(name):
     return DATASETS[name]
 
 
-def load_split(name, split, root=None, download=False):
-    """Return (images uint8 (N,C,H,W), labels int64 (N,)) for one split of a data set."""
+def load_split(name, split, root=None, download=False, val=None):
+    """Return (images uint8 (N,C,H,W), labels int64 (N,)) for one split of a data set.
+
+    ``val`` = (size, seed) of the carve that holds val out of train (default: VAL_SIZES, seed 0): train and val
+    never share an image, and the same (size, seed) gives the same carve on every machine."""
     dataset_info(name)
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if split == "test":
+        return _load(name, False, root, download)
+    images, labels = _load(name, True, root, download)
+    train_idx, val_idx = carve(labels, *(val or default_carve(name, len(labels))))
+    idx = train_idx if split == "train" else val_idx
+    return images[idx].contiguous(), labels[idx].contiguous()
+
+
+def default_carve(name, n):
+    """(size, seed) of the carve a job file does not size: VAL_SIZES, at most a tenth of the training part (the
+    small staged files of tests and first tries)."""
+    size = VAL_SIZES[name]
+    return (size if size < 1 or size <= n / 10 else 0.1), 0
+
+
+def val_count(size, n):
+    """The images a val carve of ``size`` (a count, or a fraction of the ``n`` training images) holds."""
+    k = int(round(size * n)) if 0 < size < 1 else int(size)
+    if size != int(size) and not 0 < size < 1 or not 0 < k < n:
+        raise UserError(f"data.val_size {size:g} is not valid for {n:,} training images: give a count from 1 to "
+                        f"{n - 1:,} or a fraction between 0 and 1")
+    return k
+
+
+def carve(labels, size, seed=0):
+    """(train indices, val indices), both sorted: a seeded, stratified carve of ``size`` images (a count, or a
+    fraction) as val. Each class gives its share (largest remainders round), so val has train's class mix."""
+    labels = torch.as_tensor(labels)
+    n = len(labels)
+    k = val_count(size, n)
+    classes, counts = torch.unique(labels, return_counts=True)
+    quota = counts.double() * k / n
+    take = quota.floor().long()
+    extra = k - int(take.sum())
+    if extra:  # the largest fractional parts get the remaining images; ties go to the lower class
+        order = sorted(range(len(classes)), key=lambda i: (-(quota[i] - take[i]).item(), i))
+        for i in order[:extra]:
+            take[i] += 1
+    g = torch.Generator().manual_seed(int(seed))
+    val = []
+    for c, t in zip(classes.tolist(), take.tolist()):
+        members = (labels == c).nonzero().flatten()
+        val.append(members[torch.randperm(len(members), generator=g)[:t]])
+    val = torch.cat(val).sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().flatten(), val
+
+
+def carve_id(labels, size, seed=0):
+    """A short fingerprint of the carve (sha256 of the val indices): files and checkpoints record it, so two
+    results made on different carves are never mixed unnoticed."""
+    import hashlib
+
+    _, val = carve(labels, size, seed)
+    return hashlib.sha256(val.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def split_info(name, root=None, download=False, val=None):
+    """What the val carve of data set ``name`` is: {size: images, seed, sha, train: images left to train on}."""
+    _, labels = _load(name, True, root, download)
+    size, seed = val or default_carve(name, len(labels))
+    k = val_count(size, len(labels))
+    return dict(size=k, seed=int(seed), sha=carve_id(labels, size, seed), train=len(labels) - k)
+
+
+@functools.lru_cache(maxsize=2)
+def _load(name, train, root=None, download=False):
+    """The data set's own training (``train``) or test part, read once per process (train and val share it)."""
     if name == "digits":
-        return _digits(split)
+        return _digits("train" if train else "test")
     if name in SYNTHETIC:
         base, n_train, n_test = SYNTHETIC[name]
-        g = torch.Generator().manual_seed(0 if split == "train" else 1)
-        n = n_train if split == "train" else n_test
+        g = torch.Generator().manual_seed(0 if train else 1)
+        n = n_train if train else n_test
         images = torch.randint(0, 256, (n, *DATASETS[base]["shape"]), dtype=torch.uint8, generator=g)
         return images, torch.randint(0, DATASETS[base]["classes"], (n,), generator=g)
     root = os.path.expanduser(os.fspath(root or DEFAULT_DATA_ROOT))
@@ -62,7 +137,7 @@ def load_split(name, split, root=None, download=False):
     cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
     made = [d for d in _folders(name, root) if not os.path.exists(d)]  # what a failed download may leave empty
     try:
-        ds = cls(root, train=(split == "train"), download=download)
+        ds = cls(root, train=train, download=download)
     except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found ..." / "... or corrupted"; no network
         for d in made:
             with contextlib.suppress(OSError):
@@ -133,7 +208,7 @@ def _digits(split):
     g = torch.Generator().manual_seed(DIGITS_SPLIT_SEED)
     order = torch.randperm(len(labels), generator=g)
     n_test = int(round(len(labels) * DIGITS_TEST_FRACTION))
-    idx = order[n_test:] if split == "train" else order[:n_test]
+    idx = order[n_test:] if split == "train" else order[:n_test]  # the data set's own parts; val is carved later
     return images[idx].contiguous(), labels[idx].contiguous()
 
 

@@ -1,6 +1,6 @@
 """One node's sweep: ``python -m pruneflow.sweep jobs/<study>.yaml [--shard i/n] [--out results]``.
 
-Trains the dense baseline if its checkpoint is absent, expands the grid, and hands this node's shard to the trial
+Trains each seed's dense model if its checkpoint is absent, expands the grid, and hands this node's shard to the trial
 pool (packed K per GPU, or per CPU slot). The driver is the only writer of the shard's HDF5 file and adds each
 trial the moment it finishes, so a kill loses nothing finished and a re-run of the same command skips what is
 done.
@@ -36,15 +36,18 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     check_inputs(spec, dense, train_only)
     study_dir = check_writable_dir(os.path.join(out, spec.study))
     ckpt_dir = check_writable_dir(os.path.join(study_dir, "checkpoints"))
-    dense_path = dense or spec.train.checkpoint or os.path.join(study_dir, "dense.safetensors")
-    # what the trials run with and the files store: every default filled in, the dense checkpoint named
+    given = dense or spec.train.checkpoint  # one dense model for every seed, else one per seed
+    dense_paths = {s: given or os.path.join(study_dir, f"dense-s{s}.safetensors") for s in spec.seeds}
+    # what the trials run with and the files store: every default filled in, the dense checkpoint(s) named
     run_spec = resolve(spec)
-    run_spec = dataclasses.replace(run_spec, train=dataclasses.replace(run_spec.train,
-                                                                       checkpoint=os.path.abspath(dense_path)))
-    config = config_of(run_spec)
+    named = os.path.abspath(given or os.path.join(study_dir, "dense-s<seed>.safetensors"))
+    run_spec = dataclasses.replace(run_spec, train=dataclasses.replace(run_spec.train, checkpoint=named))
+    # the device kind the trials run on shapes results as much as any setting: a re-run may not change it
+    config = dict(config_of(run_spec), device_kind=device_kind(spec.resources.device))
     if train_only:
-        ensure_dense(dense_path, spec, config, progress, given=bool(dense))
-        return {"done": 0, "failed": 0, "skipped": 0, "file": dense_path}
+        for s in spec.seeds:
+            ensure_dense(dense_paths[s], s, run_spec, config, progress, given=bool(dense))
+        return {"done": 0, "failed": 0, "skipped": 0, "file": ", ".join(sorted(set(dense_paths.values())))}
     trials = shard_trials(grid(spec), (i, n))
     env = describe_env(spec.resources.device)
     path = os.path.join(study_dir, f"shard-{i}-of-{n}.h5")
@@ -62,12 +65,21 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
         print(f"study {spec.study}: shard {i}/{n} has {len(trials)} trial(s), {len(done & {t.id for t in trials})} "
               f"already done; results -> {path}", flush=True)
         if todo:
-            ensure_dense(dense_path, spec, config, progress, given=bool(dense))
-            run_trials(todo, run_spec, dense_path, ckpt_dir, store, progress)
+            for s in sorted({t.seed for t in todo}):
+                ensure_dense(dense_paths[s], s, run_spec, config, progress, given=bool(dense))
+            run_trials(todo, run_spec, {s: dense_paths[s] for s in {t.seed for t in todo}}, ckpt_dir, store,
+                       progress)
         records = [r for r in read_records(path) if r.id in {t.id for t in trials}]
     print_summary(records)
     failed = [r for r in records if r.status != "done"]
     return {"done": len(records) - len(failed), "failed": len(failed), "skipped": len(trials) - len(todo), "file": path}
+
+
+def device_kind(device):
+    """cpu | cuda | mps: what resources.device resolves to on this node."""
+    from ..infer.device import resolve_device
+
+    return resolve_device(device).type
 
 
 def check_inputs(spec, dense, train_only):
@@ -113,12 +125,14 @@ def check_same_settings(path, config):
                         "settings, or give the new ones their own --out (or study name)")
 
 
-def check_dense(path, meta, spec, config, given):
+def check_dense(path, meta, seed, spec, config, given):
     """An existing dense checkpoint must be this study's model on this study's data; one this study trained
-    (not ``given`` by --dense or train.checkpoint) must also have its training settings: a re-run with
-    --train.epochs 4 used to reuse a 1-epoch dense model and record 4."""
+    (not ``given`` by --dense or train.checkpoint) must also have its training settings and ``seed``: a re-run
+    with --train.epochs 4 used to reuse a 1-epoch dense model and record 4. Any dense model must have trained
+    without this study's val images (its recorded carve), or val would score images it learnt."""
     import json
 
+    from ..data import split_info
     from ..train import get_recipe
 
     want = {"arch": spec.model.arch, "dataset": spec.data.dataset}
@@ -126,7 +140,15 @@ def check_dense(path, meta, spec, config, given):
         want["stem"] = spec.model.stem
     if not given:  # the recipe as train_dense stored it: resolved, with the job's batch size and lr, via JSON
         recipe = get_recipe(config["train"]["recipe"], batch_size=spec.train.batch_size, lr=spec.train.lr)
-        want.update(epochs=spec.train.epochs, recipe=json.loads(json.dumps(recipe)), seed=spec.seeds[0])
+        want.update(epochs=spec.train.epochs, recipe=json.loads(json.dumps(recipe)), seed=seed)
+    carve = split_info(spec.data.dataset, spec.data.root, spec.data.download, spec.data.carve())
+    if (meta.get("val_split") or {}).get("sha") != carve["sha"]:
+        had = meta.get("val_split") or {}
+        was = (f"a val carve of {had['size']} images, seed {had['seed']}" if had else
+               "no recorded val carve (trained before pruneflow held val out: on every training image)")
+        raise UserError(f"dense checkpoint {path} was trained with {was}; this study holds out {carve['size']} "
+                        f"images (data.val_size, seed {carve['seed']}), so its val split would score images the "
+                        "model learnt: train a new dense model (delete it, or give another --dense)")
     differ = [f"{k} {meta.get(k)!r} (the study: {v!r})" for k, v in want.items() if k in meta and meta[k] != v]
     if differ:
         fix = ("pass a dense checkpoint of this model and data set" if given else
@@ -134,30 +156,31 @@ def check_dense(path, meta, spec, config, given):
         raise UserError(f"dense checkpoint {path} does not fit this study: {'; '.join(differ)}; {fix}")
 
 
-def ensure_dense(dense_path, spec, config, progress, given=False):
-    """Train the dense model unless its checkpoint exists (``given``: named by --dense, not trained by this
-    study); concurrent shards wait for one trainer."""
+def ensure_dense(dense_path, seed, spec, config, progress, given=False):
+    """Train seed ``seed``'s dense model of the resolved ``spec`` unless its checkpoint exists (``given``: named by
+    --dense, not trained by this study); concurrent shards wait for one trainer."""
     from ..infer.checkpoint import read_meta
     from ..isolated import run_isolated
     from ..train import train_dense
 
+    given = given or bool(spec.train.checkpoint) and "<seed>" not in spec.train.checkpoint
     if os.path.exists(dense_path):
-        check_dense(dense_path, read_meta(dense_path), spec, config, given or bool(spec.train.checkpoint))
+        check_dense(dense_path, read_meta(dense_path), seed, spec, config, given)
         return
-    if spec.train.checkpoint:
+    if given:
         raise UserError(f"train.checkpoint {dense_path} does not exist")
     with open(dense_path + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another shard may be training it right now
         if os.path.exists(dense_path):
             return
-        print(f"training the dense {spec.model.arch} on {spec.data.dataset} for {spec.train.epochs} epoch(s) "
-              f"-> {dense_path}", flush=True)
+        print(f"training the dense {spec.model.arch} on {spec.data.dataset} for {spec.train.epochs} epoch(s), "
+              f"seed {seed} -> {dense_path}", flush=True)
         # in a process of its own: whatever the training held on the GPU is released before trials are packed
         run_isolated(train_dense, "dense training", arch=spec.model.arch, dataset=spec.data.dataset, out=dense_path,
                      epochs=spec.train.epochs, recipe=config["train"]["recipe"], stem=spec.model.stem,
-                     seed=spec.seeds[0], device=spec.resources.device, data_root=spec.data.root,
+                     seed=seed, device=spec.resources.device, data_root=spec.data.root,
                      download=spec.data.download, progress=progress, batch_size=spec.train.batch_size,
-                     lr=spec.train.lr, config=config, perf=config["performance"])
+                     lr=spec.train.lr, config=config, perf=config["performance"], val=spec.data.carve())
 
 
 def slot_counts(device="auto"):
@@ -174,9 +197,9 @@ def slot_counts(device="auto"):
     return cpus, gpus
 
 
-def run_trials(todo, spec, dense_path, ckpt_dir, store, progress):
-    """This node's ``todo`` trials of the resolved ``spec``, packed as packing.plan_packing decides, each record
-    stored as it comes back."""
+def run_trials(todo, spec, dense_paths, ckpt_dir, store, progress):
+    """This node's ``todo`` trials of the resolved ``spec`` ({seed: dense checkpoint} in ``dense_paths``), packed
+    as packing.plan_packing decides, each record stored as it comes back."""
     from ..spec import config_of
     from ..monitor import UtilisationSampler
     from ..trial import probe_memory, run_trial, run_trial_measured
@@ -187,6 +210,7 @@ def run_trials(todo, spec, dense_path, ckpt_dir, store, progress):
     cpus, gpus = slot_counts(res.device)
     probe_file = os.path.join(os.path.dirname(ckpt_dir), packing.PROBE_FILE)
     config = config_of(spec)
+    dense_path = dense_paths[min(dense_paths)]  # the probes measure one seed's: every seed's has the same shape
     on = lambda device: dataclasses.replace(spec, resources=dataclasses.replace(res, device=device))  # noqa: E731
     with local_ray(cpus, gpus), UtilisationSampler(res.sample_interval_s) as sampler:
         probe = host_probe = None
@@ -205,7 +229,7 @@ def run_trials(todo, spec, dense_path, ckpt_dir, store, progress):
             t = heaviest
             print(f"memory_per_trial: auto: trial {t.id} runs alone first, to measure a trial's memory", flush=True)
             try:
-                record, peak = run_alone(run_trial_measured, t, on("cpu"), dense_path, ckpt_dir, threads,
+                record, peak = run_alone(run_trial_measured, t, on("cpu"), dense_paths, ckpt_dir, threads,
                                          num_cpus=threads)
             except Exception as e:  # the worker died: no measurement
                 record, peak = worker_died(t, e, memory_bounded=True), None
@@ -230,7 +254,7 @@ def run_trials(todo, spec, dense_path, ckpt_dir, store, progress):
             print(plan.note, flush=True)
         print(f"running {len(todo)} trial(s): {plan.slots} at a time on {gpus} GPU(s) / {cpus} CPU(s), "
               f"{plan.threads} thread(s) each", flush=True)
-        pool = TrialPool(store, remote_for(run_trial, plan), (on(plan.device), dense_path, ckpt_dir, plan.threads),
+        pool = TrialPool(store, remote_for(run_trial, plan), (on(plan.device), dense_paths, ckpt_dir, plan.threads),
                          spec.retries, plan.per_device, bool(res.memory_per_trial), len(todo), progress)
         try:
             for t, record in alone.values():  # measured alone: kept (it ran one at a time), or retried

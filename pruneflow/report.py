@@ -40,22 +40,39 @@ def table(rows, head):
     return lines
 
 
-TABLE_HEAD = ["trial", "sparsity", "params", "MACs", "latency ms (median ± std)", "speedup ×", "train acc %",
-              "val acc %", "Δ val vs dense (pp)", "Δ val vs control (pp)", "status"]
+TABLE_HEAD = ["trial", "sparsity", "achieved", "params", "MACs", "latency ms (median ± std)", "speedup × [95 %]",
+              "train acc %", "val acc % [95 %]", "test acc % [95 %]", "Δ test vs dense (pp)",
+              "Δ test vs control (pp)", "status"]
+
+
+def _acc_cell(r, split):
+    """'94.4 [90.1, 96.8]' (Wilson, from the stored predictions); the bare value for older files; '—' absent."""
+    from .compare import accuracy_interval
+
+    acc, lo, hi, n = accuracy_interval(r, split)
+    if acc is None or acc != acc:
+        return "—"
+    return f"{100 * acc:.1f}" + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if n else "")
 
 
 def trial_row(r, records, with_device):
+    from .compare import achieved, speedup_interval
+
     if r["status"] != "done":
-        row = [r["id"], f"{r['sparsity']:.2f}", "", "", "", "", "", "", "", "", "failed"]
+        row = [r["id"], f"{r['sparsity']:.2f}"] + [""] * 10 + ["failed"]
     else:
         sp = speedup(r, records)
+        _, slo, shi = speedup_interval([r])
+        split = "test" if r.get("test_acc") is not None else "val"  # files before issue 29: val was test
         deltas = []
         for arm in ("dense", "control"):
             b = baseline(r, records, arm)
-            deltas.append("" if b is None else f"{100 * (r['val_acc'] - b['val_acc']):+.2f}")
-        row = [r["id"], f"{r['sparsity']:.2f}", f"{r['params']:,}", f"{r['macs']:,}",
-               f"{1e3 * r['latency_median']:.3f} ± {1e3 * r['latency_std']:.3f}", "" if sp is None else f"{sp:.2f}",
-               _pct(r["train_acc"]), _pct(r["val_acc"]), *deltas, "done"]
+            deltas.append("" if b is None or b.get(f"{split}_acc") is None else
+                          f"{100 * (r[f'{split}_acc'] - b[f'{split}_acc']):+.2f}")
+        row = [r["id"], f"{r['sparsity']:.2f}", f"{achieved(r):.2f}", f"{r['params']:,}", f"{r['macs']:,}",
+               f"{1e3 * r['latency_median']:.3f} ± {1e3 * r['latency_std']:.3f}",
+               "" if sp is None else f"{sp:.2f}" + ("" if slo != slo else f" [{slo:.2f}, {shi:.2f}]"),
+               _pct(r["train_acc"]), _acc_cell(r, "val"), _acc_cell(r, "test"), *deltas, "done"]
     return row + ([device_label(r["device_key"])] if with_device else [])
 
 
@@ -93,6 +110,7 @@ def summary_md(study, notes, figures, series_by_model, shown, command, arch_line
              "against the dense model and against the control (the dense model fine-tuned for the same epochs) of "
              "the same seed.", ""]
     lines += ["## Notes", ""] + ([f"- {n}" for n in notes] or ["- nothing missing, nothing failed"]) + [""]
+    lines += comparison_md(recs)
     for model in sorted({r.get("model") for r in recs}, key=str):
         rs = [r for r in recs if r.get("model") == model]
         dataset = rs[0].get("dataset", "?")
@@ -130,6 +148,33 @@ def summary_md(study, notes, figures, series_by_model, shown, command, arch_line
                           "channels (pick another trial with --show).", ""]
             lines += ["```", text, "```", ""]
     return "\n".join(lines)
+
+
+def comparison_md(records):
+    """The pruned-vs-control table and the answer to the 2022 report's question (pruneflow/compare.py)."""
+    from .compare import ALPHA, CORRECTION, answer_2022, grid_comparisons
+
+    comps = grid_comparisons(records, "test")
+    if not comps or not comps[0].n_images:  # files before issue 29 have no per-image predictions
+        return ["## Pruned vs control", "", "These results hold no per-image predictions (written before "
+                "pruneflow stored them): no intervals or tests; re-run the study to get them.", ""]
+    head = ["cell", "sparsity (nominal / achieved)", "seeds", "pruned test acc %", "control test acc %",
+            "pruned − control (pts) [95 %]", "p", f"p ({CORRECTION})", "verdict", "speedup × [95 %]"]
+    rows = [[f"{c.model} {c.label}", f"{c.sparsity:.2f} / {c.achieved:.2f}", len(c.seeds), f"{100 * c.pruned:.1f}",
+             f"{100 * c.control:.1f}", f"{100 * c.diff:+.1f} [{100 * c.lo:+.1f}, {100 * c.hi:+.1f}]",
+             f"{c.p:.3f}", f"{c.p_adjusted:.3f}", c.verdict,
+             "" if c.speedup[0] != c.speedup[0] else f"{c.speedup[0]:.2f} [{c.speedup[1]:.2f}, {c.speedup[2]:.2f}]"]
+            for c in comps]
+    lines = ["## Pruned vs control (test split)", "",
+             f"Each cell against the control of the same seeds on the same test images. Test: {comps[0].test}; "
+             f"a difference is called only where every test rejects (the largest p), after {CORRECTION}'s "
+             f"correction over the {len(comps)} cells at alpha {ALPHA}. Interval: the wider of Bonett–Price's for "
+             "paired proportions (pooled images) and, with 2+ seeds, the t-interval of per-seed differences. "
+             "Accuracy intervals in the trial tables: Wilson 95 %. Speedup: percentile bootstrap of the median "
+             "per-pair ratio (pairs pooled over seeds).", ""]
+    lines += table(rows, head) + [""]
+    lines += ["## Does accuracy rise after pruning?", ""] + answer_2022(comps, records) + [""]
+    return lines
 
 
 def devices_table(series):

@@ -77,6 +77,18 @@ class Comparison:
     verdict: str = "no detectable difference"
     speedup: tuple = (math.nan, math.nan, math.nan)
     per_seed_p: list = dataclasses.field(default_factory=list)
+    per_seed_diff: list = dataclasses.field(default_factory=list)
+
+    def decide(self, p_adjusted):
+        """Set the verdict from the adjusted p. A difference every seed shows on its own (exact McNemar) that
+        the spread across seeds leaves undecided is named as such: more seeds would settle it."""
+        self.p_adjusted = p_adjusted
+        self.verdict = stats.verdict(self.lo, self.hi, p_adjusted, ALPHA)
+        k = len(self.per_seed_p)
+        if (self.verdict == "no detectable difference" and k >= 2 and all(p < ALPHA for p in self.per_seed_p)
+                and len({d > 0 for d in self.per_seed_diff}) == 1):
+            self.verdict = (f"{'better' if self.diff > 0 else 'worse'} in each of {k} seeds, undecided across "
+                            "seeds (run more)")
 
     @property
     def label(self):
@@ -132,7 +144,8 @@ def compare(group, controls, split="test"):
         achieved=sum(achieved(r) for r, _ in pairs) / len(pairs), split=split, n_images=images,
         pruned=_mean([accuracy_interval(r, split)[0] for r, _ in pairs]),
         control=_mean([accuracy_interval(c, split)[0] for _, c in pairs]), diff=mean_diff, lo=lo, hi=hi, p=p,
-        test=" and ".join(tests), speedup=speedup_interval([r for r, _ in pairs]), per_seed_p=per_seed)
+        test=" and ".join(tests), speedup=speedup_interval([r for r, _ in pairs]), per_seed_p=per_seed,
+        per_seed_diff=diffs)
 
 
 def _mean(xs):
@@ -155,8 +168,7 @@ def grid_comparisons(records, split="test"):
         if c is not None:
             out.append(c)
     for c, p in zip(out, stats.holm([c.p for c in out])):
-        c.p_adjusted = p
-        c.verdict = stats.verdict(c.lo, c.hi, p, ALPHA)
+        c.decide(p)
     return out
 
 
@@ -166,8 +178,7 @@ def control_vs_dense(records, model, split="test"):
     c = compare([r for r in done if _get(r, "arm") == "control"], [r for r in done if _get(r, "arm") == "dense"],
                 split)
     if c is not None:
-        c.p_adjusted = c.p
-        c.verdict = stats.verdict(c.lo, c.hi, c.p, ALPHA)
+        c.decide(c.p)
     return c
 
 
@@ -178,11 +189,13 @@ def answer_2022(comparisons, records):
         return ["No pruned trial has a control of the same seed to compare with (control: true in the job file)."]
     better = [c for c in comparisons if c.verdict == "better"]
     worse = [c for c in comparisons if c.verdict == "worse"]
+    each = [c for c in comparisons if " in each of " in c.verdict]
     seeds = max(len(c.seeds) for c in comparisons)
     lines = [f"{len(comparisons)} pruned cells against the control on the {comparisons[0].split} split "
              f"({comparisons[0].n_images or '?'} images, {seeds} seed(s); {CORRECTION}-adjusted over the grid, "
              f"alpha {ALPHA}): {len(better)} better, {len(worse)} worse, "
-             f"{len(comparisons) - len(better) - len(worse)} with no detectable difference.", ""]
+             f"{len(each)} better or worse in every seed but undecided across seeds, "
+             f"{len(comparisons) - len(better) - len(worse) - len(each)} with no detectable difference.", ""]
     if better:
         lines.append("**Yes, for some cells**: " + "; ".join(f"{c.label} ({c.sentence()})" for c in better) + ".")
     else:
@@ -192,7 +205,7 @@ def answer_2022(comparisons, records):
         cd = control_vs_dense(records, model, comparisons[0].split)
         if cd is not None:
             lines += ["", f"{model}: control − dense (the fine-tuning alone, no pruning): "
-                      f"{cd.sentence().replace('pruned − control', 'control − dense')}. A pruned model that beats "
+                      f"{cd.sentence().replace('pruned − control', 'control − dense').replace(CORRECTION, 'uncorrected')}. A pruned model that beats "
                       "the dense model by about this much owes it to the extra training, not to pruning."]
     if seeds < 2:
         lines += ["", "With one seed the intervals cover only which images were drawn, not training randomness: "

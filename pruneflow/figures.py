@@ -8,7 +8,7 @@ import contextlib
 import os
 import re
 
-from .study import curve, device_label, done, mean, pareto_front, speedup
+from .study import curve, device_label, done, mean, pareto_front, speedup, yerr
 
 # Fixed colours so a method looks the same in every figure.
 METHOD_COLORS = {"level": "C0", "l1": "C1", "l2": "C2", "fpgm": "C3", "taylor": "C5", "slim": "C6"}
@@ -48,6 +48,14 @@ def mstyle(m, line=True):
 
 
 DENSE_ALONGSIDE = "dense model, timed alongside each trial (mean)"
+XLABEL = {"nominal": "target sparsity (%)",
+          "achieved": "achieved sparsity (%): channels removed (level: weights zeroed)"}
+
+
+def _n(c, split):
+    """'n = 144 images x 3 seeds' for a curve's split."""
+    images = int(max(c[f"n_{split}"], default=0)) if len(c[f"n_{split}"]) else 0
+    return f"n = {images or '?'} images × {int(max(c['seeds']))} seed(s)"
 
 
 def slug(text):
@@ -59,7 +67,11 @@ def _context(study, records, latency=True):
     attrs = study.files[records[0]["file"]]
     cfg = attrs["config"]
     lat = cfg.get("latency") or {}
-    timing = f"latency: batch {lat.get('batch_size', '?')}, {lat.get('trials', '?')} timed runs; " if latency else ""
+    st = records[0].get("latency_settings") or {}
+    layout = "channels_last" if st.get("channels_last") else "contiguous (NCHW)"
+    timing = (f"latency: {st.get('device', '?')}, batch {lat.get('batch_size', '?')}, {layout}, "
+              f"{st.get('threads', '?')} thread(s), {lat.get('trials', '?')} timed runs; " if latency else "")
+    timing += f"{(cfg.get('performance') or {}).get('precision', '?')} precision; "
     return (f"fine-tuned {(cfg.get('finetune') or {}).get('epochs', '?')} epoch(s); {timing}"
             f"torch {attrs['env'].get('torch', '?')}, host {attrs.get('host', '?')}")
 
@@ -79,14 +91,15 @@ def _baselines(ax, records, value, dense_label="dense", control_label="control (
 
 # ------------------------------------------------------------------------------------------ figures
 
-def fig_time(study, model, dataset, method, key, records):
-    """The 2022 report's figure: inference time (mean ± std) on the left, train and val accuracy on the right."""
+def fig_time(study, model, dataset, method, key, records, x="nominal"):
+    """The 2022 report's figure: inference time (mean ± std) on the left, train, val and test accuracy (95 %
+    intervals) on the right."""
     import numpy as np
 
     pruned = [r for r in done(records, arm="pruned", method=method)]
     if not any(r["device_key"] == key for r in pruned):
         return None
-    c = curve(pruned, key)
+    c = curve(pruned, key, x)
     dense, control = done(records, arm="dense"), done(records, arm="control")
     fig, (ax,) = new_figure(width=8.5, height=5.2)
     ax2 = ax.twinx()
@@ -97,8 +110,11 @@ def fig_time(study, model, dataset, method, key, records):
         # The dense model as timed alternately with each trial: packed trials share the machine, so the
         # absolute times drift from trial to trial; this line drifts with them (the gap is the speedup).
         ax.plot(c["x"], c["d_mean"], "x:", color="C0", alpha=0.8, label=DENSE_ALONGSIDE)
-    ax2.errorbar(c["x"], c["train"], yerr=c["train_std"], fmt="s-", color="C1", label="train accuracy", capsize=3)
-    ax2.errorbar(c["x"], c["val"], yerr=c["val_std"], fmt="^-", color="C2", label="val accuracy", capsize=3)
+    ax2.errorbar(c["x"], c["train"], yerr=yerr(c, "train"), fmt="s-", color="C1", label="train accuracy", capsize=3)
+    ax2.errorbar(c["x"], c["val"], yerr=yerr(c, "val"), fmt="^-", color="C2", capsize=3,
+                 label=f"val accuracy (95 % CI; {_n(c, 'val')})")
+    ax2.errorbar(c["x"], c["test"], yerr=yerr(c, "test"), fmt="v--", color="C3", capsize=3,
+                 label=f"test accuracy (95 % CI; {_n(c, 'test')})")
     dense_t = [r for r in dense if r["device_key"] == key]
     if dense_t:
         _hline(ax, 1e3 * mean([r["latency_mean"] for r in dense_t]), "C0", "dense time")
@@ -108,7 +124,7 @@ def fig_time(study, model, dataset, method, key, records):
     if control:
         _hline(ax2, 100 * mean([r["val_acc"] for r in control]), CONTROL_COLOR,
                "control val accuracy (dense, fine-tuned)", style="-.")
-    ax.set_xlabel("target sparsity (%)")
+    ax.set_xlabel(XLABEL[x])
     ax.set_ylabel("inference time per batch (ms)", color="C0")
     ax2.set_ylabel("accuracy (%)")
     ax.set_ylim(bottom=0)
@@ -117,26 +133,29 @@ def fig_time(study, model, dataset, method, key, records):
     fig.suptitle(f"{model} on {dataset}: {method} pruning, timed on {device_label(key)}")
     handles = {lab: h for a in (ax, ax2) for h, lab in zip(*a.get_legend_handles_labels())}
     # column-major in 3 columns: time | this method's accuracies and the control | the dense accuracies
-    order = ["inference time (mean)", "inference time ± std", DENSE_ALONGSIDE, "dense time", "train accuracy", "val accuracy",
+    order = ["inference time (mean)", "inference time ± std", DENSE_ALONGSIDE, "dense time", "train accuracy",
+             *[k for k in handles if k.startswith(("val accuracy", "test accuracy"))],
              "control val accuracy (dense, fine-tuned)", "dense train accuracy", "dense val accuracy"]
     fig.legend([handles[k] for k in order if k in handles], [k for k in order if k in handles],
-               loc="outside lower center", ncol=3, fontsize=9)
+               loc="outside lower center", ncol=2, fontsize=8)
     return fig
 
 
-def fig_methods(study, model, dataset, methods, records):
+def fig_methods(study, model, dataset, methods, records, x="nominal"):
     pruned = done(records, arm="pruned")
     if not pruned:
         return None
     fig, (ax,) = new_figure()
+    n = ""
     for m in methods:
         rs = [r for r in pruned if r["method"] == m]
         if rs:
-            c = curve(rs, None)
-            ax.errorbar(c["x"], c["val"], yerr=c["val_std"], capsize=3, **mstyle(m))
+            c = curve(rs, None, x)
+            ax.errorbar(c["x"], c["val"], yerr=yerr(c, "val"), capsize=3, **mstyle(m))
+            n = _n(c, "val")
     _baselines(ax, records, lambda r: 100 * r["val_acc"])
-    ax.set_xlabel("target sparsity (%)")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_xlabel(XLABEL[x])
+    ax.set_ylabel(f"val accuracy (%), 95 % CI; {n}")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
     keys = sorted({device_label(r["device_key"]) for r in pruned})

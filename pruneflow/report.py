@@ -240,7 +240,8 @@ def _kinds(only):
     return items
 
 
-def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KINDS, dpi=100, command="", arch=None):
+def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KINDS, dpi=100, command="", arch=None,
+                x="nominal"):
     """Write the figures and summary.md; returns (written paths, notes)."""
     from .views import arch_views, check_arch
 
@@ -267,7 +268,7 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
         for key in keys:
             if "time" in kinds:
                 figs += [(f"time-{slug(model)}-{slug(m)}-{slug(device_label(key))}",
-                          fig_time(study, model, dataset, m, key, records)) for m in methods]
+                          fig_time(study, model, dataset, m, key, records, x)) for m in methods]
             if "pareto" in kinds:
                 figs.append((f"pareto-{slug(model)}-{slug(device_label(key))}",
                              fig_pareto(study, model, dataset, methods, key, records)))
@@ -275,7 +276,7 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
                 figs.append((f"size-{slug(model)}-{slug(device_label(key))}",
                              fig_size(study, model, dataset, methods, key, records)))
         if "methods" in kinds:
-            figs.append((f"methods-{slug(model)}", fig_methods(study, model, dataset, methods, records)))
+            figs.append((f"methods-{slug(model)}", fig_methods(study, model, dataset, methods, records, x)))
         series = series_by_model[model] = device_series(study, model, records)
         if "devices" in kinds:
             if len(series) < 2:
@@ -322,7 +323,7 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
     return written, notes
 
 
-def cli(study, out=None, format="png,pdf", show=None, only=None, dpi=100, arch=None):
+def cli(study, out=None, format="png,pdf", show=None, only=None, dpi=100, arch=None, x="nominal"):
     """Figures and a summary.md from a study's results (every shard file plus device JSONs).
 
     Args:
@@ -337,9 +338,13 @@ def cli(study, out=None, format="png,pdf", show=None, only=None, dpi=100, arch=N
         dense model and one pruned model, and the channels kept per layer for each method. A trial id
         (--arch l1-0.70-s0) picks the pruned model drawn and the chart's sparsity; a number (--arch 0.7)
         the sparsity (default 0.5 or the nearest present); --noarch leaves them out.
+      x: x-axis of the sparsity figures: nominal (the sparsity asked for) or achieved (channels removed;
+        level: weights zeroed).
     """
     require("pruneflow.report", "h5py", "matplotlib")
     formats, kinds = _formats(format), _kinds(only)
+    if x not in ("nominal", "achieved"):
+        raise UserError(f"--x must be nominal or achieved, got {x!r}")
     try:
         dpi = float(dpi)
     except (TypeError, ValueError):
@@ -348,12 +353,13 @@ def cli(study, out=None, format="png,pdf", show=None, only=None, dpi=100, arch=N
         raise UserError(f"dpi must be between 10 and 1200, got {dpi:g}")
     # Rebuilt from the arguments, not sys.argv: submit.py calls cli() inside a submitit job.
     given = dict(out=out, format=None if format == "png,pdf" else ",".join(formats), show=show,
-                 only=None if only is None else ",".join(kinds), dpi=None if dpi == 100 else f"{dpi:g}")
+                 only=None if only is None else ",".join(kinds), dpi=None if dpi == 100 else f"{dpi:g}",
+                 x=None if x == "nominal" else x)
     command = " ".join(["python -m pruneflow.report", shlex.quote(os.fspath(study))]
                        + [f"--{k} {shlex.quote(str(v))}" for k, v in given.items() if v is not None]
                        + (["--arch"] if arch is True else ["--noarch"] if arch is False else
                           [] if arch is None else [f"--arch {shlex.quote(str(arch))}"]))
-    written, notes = make_report(os.fspath(study), out, formats, show, kinds, dpi, command, arch)
+    written, notes = make_report(os.fspath(study), out, formats, show, kinds, dpi, command, arch, x)
     for n in notes:
         print(f"note: {n}")
     print(f"wrote {len(written)} file(s):")

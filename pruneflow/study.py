@@ -3,6 +3,7 @@ beside them, what the config expected and is missing, and the numbers figures an
 speedups, per-sparsity curves). No plotting here: pruneflow/figures.py draws, pruneflow/report.py writes.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -42,6 +43,40 @@ def load_study(study_dir):
     devices, notes = read_device_jsons(study_dir)
     return types.SimpleNamespace(dir=study_dir, name=os.path.basename(os.path.abspath(study_dir)), paths=paths,
                                  files=files, records=records, devices=devices, notes=notes)
+
+
+class Study:
+    """A study read back for analysis: ``load("results/quickstart").trials`` is a pandas DataFrame of every
+    trial across shards, one column per TrialRecord field plus the intervals (pandas: the report extra)."""
+
+    def __init__(self, study_dir):
+        self.dir = os.fspath(study_dir)
+        self.records = load_study(self.dir).records
+
+    @property
+    def trials(self):
+        try:
+            import pandas as pd
+        except ImportError:
+            raise UserError("Study.trials needs pandas: pip install 'pruneflow[report]'") from None
+        from .compare import accuracy_interval, speedup_interval
+        from .results import TrialRecord
+
+        names = [f.name for f in dataclasses.fields(TrialRecord) if f.name != "traceback"]
+        rows = []
+        for r in self.records:
+            row = {k: r.get(k) for k in names}
+            for split in ("val", "test"):
+                _, row[f"{split}_acc_lo"], row[f"{split}_acc_hi"], row[f"{split}_n"] = accuracy_interval(r, split)
+            _, row["speedup_lo"], row["speedup_hi"] = speedup_interval([r]) if r["status"] == "done" else (None,) * 3
+            row["file"] = r["file"]
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def load(study_dir):
+    """The study in ``study_dir`` (every shard file), for pandas: ``load(dir).trials``."""
+    return Study(study_dir)
 
 
 def sweep_device(r, env):
@@ -177,28 +212,47 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def curve(records, device_key):
-    """Per sparsity over seeds: x, latency mean/std in ms (raw samples pooled), the mean in ms of the dense
-    model's samples timed alternately with those trials (d_mean; NaN for files from before pairing), train/val
-    acc % (mean, std)."""
+def curve(records, device_key, x="nominal"):
+    """Per sparsity over seeds: x (nominal %, or with ``x='achieved'`` the mean achieved %), latency mean/std in
+    ms (raw samples pooled), the mean in ms of the dense model's samples timed alternately with those trials
+    (d_mean; NaN for files from before pairing), train/val/test accuracy % with a 95 % interval (<k>_lo,
+    <k>_hi): Student t over seeds with 2+ seeds, else Wilson on the one trial's images; n_<k> images."""
     import numpy as np
 
+    from .compare import accuracy_interval, achieved
+    from .stats import t_interval
+
     rows = sorted(r for r in {round(r["sparsity"], 4) for r in records})
-    out = {k: [] for k in ("x", "t_mean", "t_std", "d_mean", "train", "train_std", "val", "val_std")}
+    out = {k: [] for k in ("x", "t_mean", "t_std", "d_mean", "train", "train_lo", "train_hi", "val", "val_lo",
+                           "val_hi", "test", "test_lo", "test_hi", "n_val", "n_test", "seeds")}
     for s in rows:
         group = [r for r in records if round(r["sparsity"], 4) == s]
         timed = [r for r in group if r["device_key"] == device_key]
         samples = [x for r in timed for x in r["latency"]] or [r["latency_mean"] for r in timed]
         dense_samples = [x for r in timed for x in r.get("latency_dense") or []]
-        out["x"].append(100 * s)
+        out["x"].append(100 * (np.mean([achieved(r) for r in group]) if x == "achieved" else s))
         out["t_mean"].append(1e3 * np.mean(samples) if samples else np.nan)
         out["t_std"].append(1e3 * np.std(samples, ddof=1) if len(samples) > 1 else 0.0)
         out["d_mean"].append(1e3 * np.mean(dense_samples) if dense_samples else np.nan)
-        for k in ("train", "val"):
-            accs = [100 * r[f"{k}_acc"] for r in group]
-            out[k].append(np.mean(accs))
-            out[f"{k}_std"].append(np.std(accs, ddof=1) if len(accs) > 1 else 0.0)
+        out["seeds"].append(len(group))
+        for k in ("train", "val", "test"):
+            if k == "train":
+                scored = [(r["train_acc"], np.nan, np.nan, 0) for r in group]
+            else:
+                scored = [accuracy_interval(r, k) for r in group]
+                out[f"n_{k}"].append(max(n for *_, n in scored))
+            accs = [a for a, *_ in scored]
+            m, lo, hi = t_interval(accs) if len(accs) > 1 else (accs[0], scored[0][1], scored[0][2])
+            for name, v in ((k, m), (f"{k}_lo", lo), (f"{k}_hi", hi)):
+                out[name].append(100 * v if v is not None else np.nan)
     return {k: np.asarray(v, dtype=float) for k, v in out.items()}
+
+
+def yerr(c, k):
+    """matplotlib's yerr for series ``k`` of a curve: distances to the interval's ends (0 where unknown)."""
+    import numpy as np
+
+    return np.nan_to_num(np.vstack([c[k] - c[f"{k}_lo"], c[f"{k}_hi"] - c[k]]), nan=0.0).clip(min=0)
 
 
 def pareto_front(points):

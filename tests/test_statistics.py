@@ -88,3 +88,15 @@ def test_a_rerun_may_not_change_precision(tmp_path):
         check_same_settings(tmp_path / "shard-0-of-1.h5", dict(bf16, device_kind="cpu"))
     with pytest.raises(UserError, match=r"device_kind 'cpu' -> 'cuda'"):
         check_same_settings(tmp_path / "shard-0-of-1.h5", dict(config, device_kind="cuda"))
+
+
+def test_the_study_loads_as_one_dataframe(tmp_path):
+    pytest.importorskip("pandas")
+    from pruneflow.results import TrialRecord as R
+    from pruneflow.study import load
+
+    trials = load(study(tmp_path, pruned_right=360)).trials
+    assert len(trials) == 9 and set(f.name for f in __import__("dataclasses").fields(R)) - {"traceback"} <= set(trials)
+    row = trials.set_index("id").loc["l1-0.50-s0"]
+    assert row.test_acc == pytest.approx(0.9) and row.test_acc_lo < 0.9 < row.test_acc_hi and row.test_n == N_TEST
+    assert row.speedup_lo <= 2.0 <= row.speedup_hi

@@ -68,7 +68,7 @@ def trial_row(r, records, with_device):
         for arm in ("dense", "control"):
             b = baseline(r, records, arm)
             deltas.append("" if b is None or b.get(f"{split}_acc") is None else
-                          f"{100 * (r[f'{split}_acc'] - b[f'{split}_acc']):+.2f}")
+                          f"{100 * (r[f'{split}_acc'] - b[f'{split}_acc']):+.1f}")
         row = [r["id"], f"{r['sparsity']:.2f}", f"{achieved(r):.2f}", f"{r['params']:,}", f"{r['macs']:,}",
                f"{1e3 * r['latency_median']:.3f} ± {1e3 * r['latency_std']:.3f}",
                "" if sp is None else f"{sp:.2f}" + ("" if slo != slo else f" [{slo:.2f}, {shi:.2f}]"),

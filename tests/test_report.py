@@ -73,7 +73,8 @@ def trial_rows(summary):
 
 
 def num(cell):
-    return float(cell.replace(",", "").replace("+", ""))
+    """The number a cell starts with: '94.4 [89.4, 97.2]' -> 94.4."""
+    return float(cell.split(" [")[0].replace(",", "").replace("+", ""))
 
 
 def test_every_figure_is_a_valid_image(report):
@@ -102,11 +103,15 @@ def test_summary_numbers_equal_the_hdf5_values(report, study):
         median, std = (num(x) for x in row["latency ms (median ± std)"].split("±"))
         assert median == pytest.approx(1e3 * r["latency_median"], abs=5e-4)
         assert std == pytest.approx(1e3 * r["latency_std"], abs=5e-4)
-        assert num(row["speedup ×"]) == pytest.approx(r["speedup"], abs=0.005)  # measured side by side
+        assert num(row["speedup × [95 %]"]) == pytest.approx(r["speedup"], abs=0.005)  # measured side by side
         assert num(row["train acc %"]) == pytest.approx(100 * r["train_acc"], abs=0.005)
-        assert num(row["val acc %"]) == pytest.approx(100 * r["val_acc"], abs=0.005)
-        assert num(row["Δ val vs dense (pp)"]) == pytest.approx(100 * (r["val_acc"] - dense["val_acc"]), abs=0.0051)
-        assert num(row["Δ val vs control (pp)"]) == pytest.approx(100 * (r["val_acc"] - control["val_acc"]), abs=0.0051)
+        assert num(row["val acc % [95 %]"]) == pytest.approx(100 * r["val_acc"], abs=0.05)
+        assert num(row["test acc % [95 %]"]) == pytest.approx(100 * r["test_acc"], abs=0.05)
+        lo, hi = (num(x) for x in row["test acc % [95 %]"].split("[")[1].rstrip("]").split(","))
+        assert lo <= 100 * r["test_acc"] <= hi  # its Wilson interval
+        assert num(row["Δ test vs dense (pp)"]) == pytest.approx(100 * (r["test_acc"] - dense["test_acc"]), abs=0.051)
+        assert num(row["Δ test vs control (pp)"]) == pytest.approx(100 * (r["test_acc"] - control["test_acc"]),
+                                                                   abs=0.051)
     notes = text.split("## Notes")[1].split("\n## ")[0]
     assert "missing" not in notes and "failed" not in notes and "## Failed trials" not in text
     # provenance: versions from /env, the job file, the resolved config (with the overrides), print(model)
@@ -138,7 +143,7 @@ def test_files_without_paired_timing_fall_back_to_the_ratio_of_medians(study, tm
     dense = records["dense-s0"]
     for tid, r in records.items():
         assert "speedup" not in r and r["latency_dense"] == []
-        assert num(rows[tid]["speedup ×"]) == pytest.approx(dense["latency_median"] / r["latency_median"], abs=0.005)
+        assert num(rows[tid]["speedup × [95 %]"]) == pytest.approx(dense["latency_median"] / r["latency_median"], abs=0.005)
     # the benchmark comparing both estimates needs the paired samples: one line, exit 2
     assert_clean_error(subprocess.run([sys.executable, "benchmarks/speedup_pairing.py", old / "shard-0-of-1.h5"],
                                       capture_output=True, text=True, cwd=ROOT), "timed alongside")
@@ -212,7 +217,7 @@ def test_partial_study_reports_the_missing_shard_and_the_failure(partial):
         assert tid in text.split("## Notes")[1].split("##")[0]
     rows = trial_rows(text)
     assert rows["l1-0.30-s0"]["status"] == "failed" and rows["l1-0.30-s0"]["params"] == ""
-    assert rows["l2-0.30-s0"]["status"] == "done" and rows["l2-0.30-s0"]["Δ val vs control (pp)"] == ""
+    assert rows["l2-0.30-s0"]["status"] == "done" and rows["l2-0.30-s0"]["Δ test vs control (pp)"] == ""
     failed = text.split("## Failed trials")[1]
     assert "l1-0.30-s0" in failed and "injected failure" in failed
 

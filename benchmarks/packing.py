@@ -46,7 +46,7 @@ from pruneflow.train import model_meta
 
 def make_study(tmp, arch, dataset, sparsities, epochs, device, compile_mode=None):
     """A job file and a random-init dense checkpoint (packing does not depend on trained weights)."""
-    from pruneflow.data import dataset_info
+    from pruneflow.data import dataset_info, split_info
 
     info = dataset_info(dataset)
     job = dict(study="packing", model=dict(arch=arch), data=dict(dataset=dataset),
@@ -59,7 +59,7 @@ def make_study(tmp, arch, dataset, sparsities, epochs, device, compile_mode=None
         yaml.safe_dump(job, f)
     dense = os.path.join(tmp, "dense.safetensors")
     ckpt_io.save(build_model(arch, info["classes"], info["shape"][0], "cifar"), dense,
-                 model_meta(arch, dataset, "cifar", info["classes"]))
+                 dict(model_meta(arch, dataset, "cifar", info["classes"]), val_split=split_info(dataset)))
     return job_path, dense
 
 

@@ -13,7 +13,7 @@ costs what a real one does; accuracy is meaningless) unless --real-data:
 An epoch's cost is the fastest measured epoch; what the others took beyond it (cuDNN autotuning, and with
 --compile the compilation, which a first epoch pays) counts once per run as a fixed cost. With every number
 read back from the results file and the dense checkpoint:
-  dense  = train.epochs x the dense epoch + the dense run's first-epoch excess;
+  dense  = seeds x (train.epochs x the dense epoch + the dense run's first-epoch excess): one per seed;
   trials = sum over the study's full grid of (fixed stages + finetune.epochs x one fine-tune epoch) / n, where
            n = how many trials ran at once while measuring (their epoch times already include that sharing).
            A trial takes the numbers of the measured trial of its kind: the control for dense-shaped arms
@@ -24,6 +24,7 @@ Not included: NNI's own pruning time (CPU, overlapped with other trials' GPU wor
 
 import argparse
 import contextlib
+import glob
 import os
 import tempfile
 import time
@@ -61,7 +62,7 @@ def measure(job, out, dataset, sparsities, epochs, device, k, compile_mode, prec
     records = [r for r in read_trials(summary["file"]) if r["status"] == "done"]
     if summary["failed"]:
         raise SystemExit(f"{summary['failed']} measuring trial(s) failed; see {out}.log")
-    dense_meta = read_meta(os.path.join(os.path.dirname(summary["file"]), "dense.safetensors"))
+    dense_meta = read_meta(sorted(glob.glob(os.path.join(os.path.dirname(summary["file"]), "dense-s*.safetensors")))[0])
     return wall, records, dense_meta
 
 
@@ -109,7 +110,8 @@ def main():
         wall, records, dense_meta = measure(args.job, os.path.join(tmp, "out"), dataset, sparsities, epochs,
                                             str(dev), k, args.compile, args.precision)
     dense_epoch, dense_excess = split_epochs([e["seconds"] for e in dense_meta["history"]])
-    dense_s = spec.train.epochs * dense_epoch + dense_excess
+    # one dense model per seed (docs/statistics.md), unless the study starts from a given checkpoint
+    dense_s = (0 if spec.train.checkpoint else len(spec.seeds)) * (spec.train.epochs * dense_epoch + dense_excess)
     n = overlap(records)
     cost = {}  # kind -> (fixed seconds, seconds per fine-tune epoch)
     for r in records:

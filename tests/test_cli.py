@@ -118,7 +118,7 @@ def test_submit_cluster_local_runs_the_whole_pipeline_here(tmp_path):
     # `submit --cluster local`: dense training -> the shard -> the report through submitit's local executor, each
     # step announced with its log (it was silent for the whole run) and no literal '%j' folder left behind
     p = run_module("pruneflow.submit", "jobs/quickstart.yaml", "--cluster", "local", "--out", tmp_path,
-                   "--train.epochs", 1, "--finetune.epochs", 1, "--latency.trials", 3,
+                   "--seeds", "[0]", "--train.epochs", 1, "--finetune.epochs", 1, "--latency.trials", 3,
                    "--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.5]")
     assert p.returncode == 0, p.stdout + p.stderr
     steps = re.findall(r"^local: (.+) \(job \d+, log (\S+)\)$", p.stdout, re.M)

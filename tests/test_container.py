@@ -34,7 +34,7 @@ KNOWN_SECTIONS = {"setup", "files", "post", "environment", "runscript", "startsc
 SHELL_SECTIONS = ("post", "environment", "runscript", "test")
 COMMANDS = ("train", "prune", "sweep", "submit", "report", "infer", "convert", "data")
 # A study small enough for a test (dense + one L1 trial, one epoch each), as slurm/sweep.sh takes it.
-SMALL_ARGS = ("--prune.methods [l1] --prune.sparsities [0.5] --train.epochs 1 --finetune.epochs 1 "
+SMALL_ARGS = ("--seeds [0] --prune.methods [l1] --prune.sparsities [0.5] --train.epochs 1 --finetune.epochs 1 "
               "--latency.trials 2 --control false --resources.device cpu")
 
 

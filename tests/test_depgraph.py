@@ -134,7 +134,7 @@ def test_prune_cli_target_macs(dense_ckpt, tmp_path):
 
 
 def test_one_sweep_mixes_backends_and_target_mode(tmp_path, dense_ckpt):
-    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--dense", dense_ckpt,
+    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--seeds", "[0]", "--out", tmp_path, "--dense", dense_ckpt,
                    "--prune.methods", "[l1, l1@depgraph, taylor@depgraph]", "--prune.sparsities", "[0.5]",
                    "--prune.mac_targets", "[2]", "--finetune.epochs", 1, "--latency.trials", 3, "--noprogress")
     assert p.returncode == 0, p.stdout + p.stderr

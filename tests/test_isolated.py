@@ -63,7 +63,7 @@ def children(pid):
 def test_stopping_the_sweep_during_dense_training_stops_the_training(tmp_path, sig, status, says):
     """The signal reaches the sweep only (as slurm/sweep.sh sends it): its training process must not live on,
     and the epochs it finished stay in the resume file."""
-    proc = subprocess.Popen([sys.executable, "-m", "pruneflow.sweep", "jobs/quickstart.yaml", "--out", str(tmp_path),
+    proc = subprocess.Popen([sys.executable, "-m", "pruneflow.sweep", "jobs/quickstart.yaml", "--seeds", "[0]", "--out", str(tmp_path),
                              "--train_only", "--train.epochs", "200", "--noprogress"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     resume = tmp_path / "quickstart" / "dense.safetensors.resume.pt"

@@ -53,7 +53,7 @@ def test_depgraph_quickstart_sweep_runs_without_nni(python_without_nni, tmp_path
 
 
 def test_nni_methods_say_nni_is_missing(python_without_nni, tmp_path, dense_ckpt):
-    p = run(python_without_nni, "-m", "pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path)
+    p = run(python_without_nni, "-m", "pruneflow.sweep", "jobs/quickstart.yaml", "--seeds", "[0]", "--out", tmp_path)
     line = assert_clean_error(p, "needs NNI", "pruneflow[nni]", "l1@depgraph")
     assert "level" in line and "no unstructured pruning" in line  # the grid's first method; DepGraph has no twin
     assert not (tmp_path / "quickstart" / "dense.safetensors").exists()  # refused before any training

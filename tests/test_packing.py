@@ -98,14 +98,14 @@ def test_job_file_trials_per_gpu(tmp_path):
     assert load_spec(job)[0].resources.trials_per_gpu == 4
     for key in ("trials_per_gpu", "threads_per_trial"):
         for bad, needle in (("many", "'auto'"), ("0", ">= 1")):
-            p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, f"--resources.{key}", bad)
+            p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--seeds", "[0]", "--out", tmp_path, f"--resources.{key}", bad)
             assert_clean_error(p, key, needle)
 
 
 def test_sweep_with_one_slurm_cpu_runs_one_thread_and_samples_utilisation(tmp_path, dense_ckpt):
     """Slurm gave one CPU, the job asks 3 threads per trial and auto packing: one trial at a time, one thread
     (Ray would wait forever for a 3-CPU slot on a 1-CPU instance), and the run's utilisation is stored."""
-    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--dense", dense_ckpt,
+    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--seeds", "[0]", "--out", tmp_path, "--dense", dense_ckpt,
                    "--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.5]", "--finetune.epochs", "1",
                    "--latency.trials", "3", "--resources.threads_per_trial", "3", "--resources.trials_per_gpu", "auto",
                    "--resources.sample_interval_s", "0.2", "--latency.threads", "2", "--noprogress",
@@ -440,7 +440,7 @@ def test_memory_per_trial_auto_measures_one_trial_alone_then_packs(tmp_path, den
     """A real sweep: the least-pruned trial runs alone and is kept; the others are packed by its measured peak
     into Slurm's --mem (2000M, less what the driver and Ray hold, holds one); a grown study reuses the
     measurement instead of running one alone."""
-    args = ["jobs/quickstart.yaml", "--out", tmp_path, "--dense", dense_ckpt, "--prune.methods", "[l1@depgraph]",
+    args = ["jobs/quickstart.yaml", "--seeds", "[0]", "--out", tmp_path, "--dense", dense_ckpt, "--prune.methods", "[l1@depgraph]",
             "--finetune.epochs", "1", "--latency.trials", "3", "--resources.memory_per_trial", "auto", "--noprogress",
             "--control", "false"]
     env = {"SLURM_MEM_PER_NODE": "2000", "SLURM_CPUS_PER_TASK": "2"}

@@ -16,7 +16,7 @@ from pruneflow.spec import grid, load_spec
 # one local Slurm node: these tests run one after another on one xdist worker (make test uses -n 2)
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
-SMALL = ["--prune.sparsities", "[0.5]", "--finetune.epochs", "1", "--latency.trials", "3", "--train.epochs", "1"]
+SMALL = ["--seeds", "[0]", "--prune.sparsities", "[0.5]", "--finetune.epochs", "1", "--latency.trials", "3", "--train.epochs", "1"]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -198,6 +198,8 @@ def load_spec(path, overrides=None, check_backends=True):
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     spec = build(StudySpec, raw, where="")
+    from .validate import validate
+
     validate(spec, check_backends)
     if spec.performance.cpu_kernels is not None:
         import sys
@@ -300,94 +302,6 @@ def _parse_scalar(text):
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-
-
-# ------------------------------------------------------------------------------------------- validation
-
-def validate(spec, check_backends=True):
-    from .data import DATASETS
-    from .models import ARCHITECTURES, STEMS
-    from .prune import OP_TYPES, parse_method, require_backend
-    from .train import RECIPES
-
-    def one_of(value, valid, what):
-        if value not in valid:
-            raise UserError(f"{what} {value!r} is not valid; choose from: {', '.join(valid)}")
-
-    one_of(spec.model.arch, ARCHITECTURES, "model.arch")
-    one_of(spec.model.stem, STEMS, "model.stem")
-    one_of(spec.data.dataset, tuple(DATASETS), "data.dataset")
-    if spec.train.recipe is not None:
-        one_of(spec.train.recipe, tuple(RECIPES), "train.recipe")
-    one_of(spec.finetune.recipe, tuple(RECIPES), "finetune.recipe")
-    one_of(spec.resources.device.split(":")[0], ("auto", "cpu", "cuda", "mps"), "resources.device")
-    if spec.resources.device.startswith("cuda:"):
-        # Ray gives each trial one GPU of those the sweep can see, always 'cuda' (cuda:0) inside the trial
-        n = spec.resources.device.split(":", 1)[1]
-        raise UserError(f"resources.device {spec.resources.device!r}: a sweep spreads its trials over every GPU it "
-                        f"can see; to use only GPU {n}, run it with CUDA_VISIBLE_DEVICES={n} and device: cuda "
-                        "(under Slurm, --gpus chooses the GPUs)")
-    check_performance(spec.performance)
-    for m in spec.prune.methods:
-        (require_backend if check_backends else parse_method)(m)  # before hours of dense training
-    for t in spec.prune.mac_targets:
-        if not t > 1:
-            raise UserError(f"prune.mac_targets: {t} must be > 1 (the factor by which MACs shrink)")
-    if spec.prune.round_to is not None and spec.prune.round_to < 1:
-        raise UserError(f"prune.round_to must be >= 1, got {spec.prune.round_to}")
-    for t in spec.prune.op_types or []:
-        one_of(t, OP_TYPES, "prune.op_types entry")
-    for s in spec.prune.sparsities:
-        if not 0.0 < s < 1.0:
-            raise UserError(f"prune.sparsities: {s} is outside (0, 1) (sparsity is the fraction removed)")
-    for name, values in (("prune.sparsities", spec.prune.sparsities), ("prune.methods", spec.prune.methods),
-                         ("prune.mac_targets", spec.prune.mac_targets), ("seeds", spec.seeds)):
-        twice = sorted({str(v) for v in values if values.count(v) > 1})
-        if twice:
-            raise UserError(f"{name} lists {', '.join(twice)} more than once")
-    for name, lr in (("train.lr", spec.train.lr), ("finetune.lr", spec.finetune.lr)):
-        if lr is not None and not lr > 0:
-            raise UserError(f"{name} must be > 0, got {lr}")
-    counts = {"resources.trials_per_gpu": spec.resources.trials_per_gpu,  # a whole number or 'auto'
-              "resources.threads_per_trial": spec.resources.threads_per_trial}
-    for name, v in counts.items():
-        if isinstance(v, str) and v != "auto":
-            raise UserError(f"{name} must be a whole number or 'auto', got {v!r}")
-    if spec.resources.memory_per_trial not in (None, "auto"):
-        size_bytes(spec.resources.memory_per_trial, "resources.memory_per_trial")
-    if spec.data.val_size is not None and not spec.data.val_size > 0 or spec.data.val_seed < 0:
-        raise UserError(f"data.val_size must be > 0 (a count of images, or a fraction of the training part) and "
-                        f"data.val_seed >= 0, got {spec.data.val_size} and {spec.data.val_seed}")
-    if spec.resources.sample_interval_s < 0:
-        raise UserError(f"resources.sample_interval_s must be >= 0, got {spec.resources.sample_interval_s}")
-    positive = {"train.epochs": spec.train.epochs, "latency.batch_size": spec.latency.batch_size,
-                "latency.trials": spec.latency.trials, "latency.threads": spec.latency.threads,
-                **{name: 1 if v == "auto" else v for name, v in counts.items()}}
-    for b in ("train", "finetune"):
-        if getattr(spec, b).batch_size is not None:
-            positive[f"{b}.batch_size"] = getattr(spec, b).batch_size
-    for name, v in positive.items():
-        if v < 1:
-            raise UserError(f"{name} must be >= 1, got {v}")
-    for name, v in {"finetune.epochs": spec.finetune.epochs, "latency.warmup": spec.latency.warmup,
-                    "retries": spec.retries}.items():
-        if v < 0:
-            raise UserError(f"{name} must be >= 0, got {v}")
-    if not spec.study or any(c in spec.study for c in "/\\") or spec.study.startswith("."):
-        raise UserError(f"study name {spec.study!r} must be a plain name (it becomes a directory)")
-    if not spec.seeds:
-        raise UserError("seeds must list at least one seed")
-    if not spec.prune.methods or not (spec.prune.sparsities or spec.prune.mac_targets):
-        raise UserError("the grid is empty: list at least one method in prune.methods and one sparsity in "
-                        "prune.sparsities (or a target in prune.mac_targets)")
-    seen = {}
-    for t in grid(spec):  # ids keep two decimals: 0.5 and 0.501 would share one record and one checkpoint
-        other = seen.setdefault(t.id, t)
-        if other is not t:
-            key, a, b = ("mac_targets", other.target, t.target) if t.target else ("sparsities", other.sparsity, t.sparsity)
-            raise UserError(f"prune.{key} {a:g} and {b:g} would both be trial {t.id}: trial ids keep two decimals; "
-                            "make them differ there")
-    return spec
 
 
 def check_performance(perf):

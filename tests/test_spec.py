@@ -11,7 +11,8 @@ def test_shipped_jobs_validate(job):
     spec, text = load_spec(job)
     cfg = config_of(resolve(spec))
     assert cfg["prune"]["op_types"] and text
-    assert len(grid(spec)) == 2 + len(spec.prune.methods) * len(spec.prune.sparsities)
+    per_seed = 1 + spec.control + len(spec.prune.methods) * len(spec.prune.sparsities)
+    assert len(grid(spec)) == len(spec.seeds) * per_seed
 
 
 def test_seed_studies_are_the_seeds():

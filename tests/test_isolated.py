@@ -66,7 +66,7 @@ def test_stopping_the_sweep_during_dense_training_stops_the_training(tmp_path, s
     proc = subprocess.Popen([sys.executable, "-m", "pruneflow.sweep", "jobs/quickstart.yaml", "--seeds", "[0]", "--out", str(tmp_path),
                              "--train_only", "--train.epochs", "200", "--noprogress"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    resume = tmp_path / "quickstart" / "dense.safetensors.resume.pt"
+    resume = tmp_path / "quickstart" / "dense-s0.safetensors.resume.pt"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not resume.exists():
         time.sleep(0.1)
@@ -80,4 +80,4 @@ def test_stopping_the_sweep_during_dense_training_stops_the_training(tmp_path, s
     assert proc.returncode == status and says in err and "Traceback" not in err, err
     time.sleep(1)
     assert not os.path.exists(f"/proc/{trainers[0]}")  # no orphan still training (and still writing)
-    assert resume.exists() and not (tmp_path / "quickstart" / "dense.safetensors").exists()
+    assert resume.exists() and not (tmp_path / "quickstart" / "dense-s0.safetensors").exists()

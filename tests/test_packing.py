@@ -133,7 +133,9 @@ def test_synthetic_datasets_have_the_real_shapes_and_sizes():
     assert x.shape == (10000, 3, 32, 32) and x.dtype == torch.uint8 and y.max() < 10
     x2, _ = load_split("synthetic-cifar10", "test")
     assert torch.equal(x, x2)  # seeded: every trial sees the same images
-    assert load_split("synthetic-mnist", "train")[0].shape == (60000, 1, 28, 28)
+    # MNIST's 60,000 training images: 55,000 to train on, 5,000 held out as val
+    assert load_split("synthetic-mnist", "train")[0].shape == (55000, 1, 28, 28)
+    assert load_split("synthetic-mnist", "val")[0].shape == (5000, 1, 28, 28)
 
 
 @pytest.mark.slow

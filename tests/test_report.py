@@ -19,7 +19,7 @@ from pruneflow.results import read_study
 pytestmark = pytest.mark.xdist_group("report")
 
 # The sweep's small grid: dense + control + level/l1/l2 x {0.3, 0.7}, one seed (about 35 s on 2 CPU cores).
-SMALL = ["--prune.sparsities", "[0.3, 0.7]", "--finetune.epochs", "1", "--latency.trials", "5", "--train.epochs", "2",
+SMALL = ["--seeds", "[0]", "--prune.sparsities", "[0.3, 0.7]", "--finetune.epochs", "1", "--latency.trials", "5", "--train.epochs", "2",
          "--noprogress"]
 METHODS = ("level", "l1", "l2")
 

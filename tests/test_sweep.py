@@ -13,7 +13,7 @@ from pruneflow.results import read_study, read_trials
 from pruneflow.spec import grid, load_spec, shard_trials
 
 # A quickstart-shaped grid, small enough for CI: dense + control + 3 methods x 2 sparsities.
-SMALL = ["--prune.sparsities", "[0.3, 0.7]", "--finetune.epochs", "1", "--latency.trials", "5", "--noprogress"]
+SMALL = ["--seeds", "[0]", "--prune.sparsities", "[0.3, 0.7]", "--finetune.epochs", "1", "--latency.trials", "5", "--noprogress"]
 
 
 def sweep(job, out, *extra, dense=None, env=None):
@@ -221,9 +221,9 @@ def test_resuming_with_settings_that_change_results_is_refused(tmp_path):
     grown["prune"]["sparsities"] += [0.95]
     grown["seeds"] = [0, 1]
     grown["resources"].update(device="cpu", trials_per_gpu="auto")
-    grown["performance"]["compile"] = "reduce-overhead"
     check_same_settings(path, grown)  # nothing raised
     for section, key, value in (("finetune", "epochs", 7), ("latency", "batch_size", 1), ("data", "dataset", "mnist"),
+                                ("performance", "compile", "reduce-overhead"), ("data", "val_size", 0.2),
                                 ("prune", "exclude", []), ("train", "checkpoint", "/elsewhere/dense.safetensors")):
         changed = copy.deepcopy(config)
         changed[section][key] = value

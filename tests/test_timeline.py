@@ -18,7 +18,7 @@ from pruneflow.timeline import STAGES, assign_lanes, fig_timeline
 pytestmark = pytest.mark.xdist_group("timeline")
 
 # dense + control + l1@depgraph x {0.3, 0.6}, 2 slots on 2 cores, sampled every 0.25 s (4-40 s)
-SMALL = ["--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.3,0.6]", "--train.epochs", "1",
+SMALL = ["--seeds", "[0]", "--prune.methods", "[l1@depgraph]", "--prune.sparsities", "[0.3,0.6]", "--train.epochs", "1",
          "--finetune.epochs", "1", "--latency.trials", "5", "--resources.sample_interval_s", "0.25", "--noprogress"]
 
 

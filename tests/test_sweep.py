@@ -243,7 +243,7 @@ def test_an_existing_dense_checkpoint_must_fit_the_study(dense_ckpt):
 
     def check(given=False, **overrides):
         spec, _ = load_spec("jobs/quickstart.yaml", {"train.epochs": "3", **overrides})
-        check_dense("d", meta, spec, config_of(resolve(spec)), given)
+        check_dense("d", meta, 0, resolve(spec), config_of(resolve(spec)), given)
 
     check()  # trained as this study asks
     with pytest.raises(UserError, match=r"epochs 3 \(the study: 4\).*delete it to train a new one"):

@@ -141,6 +141,11 @@ def check_dense(path, meta, seed, spec, config, given):
     if not given:  # the recipe as train_dense stored it: resolved, with the job's batch size and lr, via JSON
         recipe = get_recipe(config["train"]["recipe"], batch_size=spec.train.batch_size, lr=spec.train.lr)
         want.update(epochs=spec.train.epochs, recipe=json.loads(json.dumps(recipe)), seed=seed)
+    differ = [f"{k} {meta.get(k)!r} (the study: {v!r})" for k, v in want.items() if k in meta and meta[k] != v]
+    if differ:
+        fix = ("pass a dense checkpoint of this model and data set" if given else
+               "delete it to train a new one, or run with the settings it was trained with")
+        raise UserError(f"dense checkpoint {path} does not fit this study: {'; '.join(differ)}; {fix}")
     carve = split_info(spec.data.dataset, spec.data.root, spec.data.download, spec.data.carve())
     if (meta.get("val_split") or {}).get("sha") != carve["sha"]:
         had = meta.get("val_split") or {}
@@ -149,11 +154,6 @@ def check_dense(path, meta, seed, spec, config, given):
         raise UserError(f"dense checkpoint {path} was trained with {was}; this study holds out {carve['size']} "
                         f"images (data.val_size, seed {carve['seed']}), so its val split would score images the "
                         "model learnt: train a new dense model (delete it, or give another --dense)")
-    differ = [f"{k} {meta.get(k)!r} (the study: {v!r})" for k, v in want.items() if k in meta and meta[k] != v]
-    if differ:
-        fix = ("pass a dense checkpoint of this model and data set" if given else
-               "delete it to train a new one, or run with the settings it was trained with")
-        raise UserError(f"dense checkpoint {path} does not fit this study: {'; '.join(differ)}; {fix}")
 
 
 def ensure_dense(dense_path, seed, spec, config, progress, given=False):

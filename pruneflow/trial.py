@@ -126,18 +126,18 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
     # Every arm scored the same way: eval mode, no augmentation, each whole split (the running accuracy of the
     # last epoch would mix in dropout and the weights' drift over the epoch). val and test keep every image's
     # prediction: the report tests pruned against control on the same images.
-    from .data import eval_batches, load_split
+    from .data import eval_batches
 
-    amp = resolve_perf(spec.performance, dev).amp_dtype
-    scores = {split: evaluate(model, eval_batches(meta["dataset"], split, dev, data.root, data.carve()), amp,
-                              predictions=split != "train") for split in ("train", "val", "test")}
-    labels = {split: load_split(meta["dataset"], split, data.root, False, data.carve())[1].to(torch.uint8)
-              for split in ("val", "test")}
+    perf = resolve_perf(spec.performance, dev)
+    batches = {split: eval_batches(meta["dataset"], split, dev, data.root, data.carve())
+               for split in ("train", "val", "test")}
+    scores = {split: evaluate(model, b, perf.amp_dtype, predictions=split != "train") for split, b in batches.items()}
+    labels = {split: batches[split].labels.to("cpu", torch.uint8) for split in ("val", "test")}
     clock.stage("evaluate")
     lat = spec.latency
     x = torch.randn(lat.batch_size, *meta["input_shape"], device=dev)
     torch.set_num_threads(lat.threads)  # the study's one setting, not this trial's training threads
-    channels_last = resolve_perf(spec.performance, dev).channels_last  # finetune's layout, timed so
+    channels_last = perf.channels_last  # finetune's layout, timed so
     if channels_last:  # an input in the model's layout, as pruneflow.infer times it (else the first layer converts)
         x = x.contiguous(memory_format=torch.channels_last)
     if trial.arm == "dense":
@@ -172,7 +172,7 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
         test_acc=scores["test"][1], test_loss=scores["test"][0], dense_seed=dense_seed,
         val_pred=scores["val"][2].numpy(), test_pred=scores["test"][2].numpy(),
         val_labels=labels["val"].numpy(), test_labels=labels["test"].numpy(),
-        split_sha=(meta.get("val_split") or {}).get("sha", ""), precision=_precision(amp),
+        split_sha=(meta.get("val_split") or {}).get("sha", ""), precision=_precision(perf.amp_dtype),
         compile=str(spec.performance.compile),
         latency_mean=timing["mean"], latency_std=timing["std"], latency_median=timing["median"], latency_p95=timing["p95"],
         speedup=speedup, latency_dense=dense_samples,

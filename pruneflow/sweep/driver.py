@@ -46,7 +46,7 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     config = dict(config_of(run_spec), device_kind=device_kind(spec.resources.device))
     if train_only:
         for s in spec.seeds:
-            ensure_dense(dense_paths[s], s, run_spec, config, progress, given=bool(dense))
+            ensure_dense(dense_paths[s], s, spec, config, progress, given=bool(dense))
         return {"done": 0, "failed": 0, "skipped": 0, "file": ", ".join(sorted(set(dense_paths.values())))}
     trials = shard_trials(grid(spec), (i, n))
     env = describe_env(spec.resources.device)
@@ -65,10 +65,10 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
         print(f"study {spec.study}: shard {i}/{n} has {len(trials)} trial(s), {len(done & {t.id for t in trials})} "
               f"already done; results -> {path}", flush=True)
         if todo:
-            for s in sorted({t.seed for t in todo}):
-                ensure_dense(dense_paths[s], s, run_spec, config, progress, given=bool(dense))
-            run_trials(todo, run_spec, {s: dense_paths[s] for s in {t.seed for t in todo}}, ckpt_dir, store,
-                       progress)
+            seeds = sorted({t.seed for t in todo})
+            for s in seeds:
+                ensure_dense(dense_paths[s], s, spec, config, progress, given=bool(dense))
+            run_trials(todo, run_spec, {s: dense_paths[s] for s in seeds}, ckpt_dir, store, progress)
         records = [r for r in read_records(path) if r.id in {t.id for t in trials}]
     print_summary(records)
     failed = [r for r in records if r.status != "done"]
@@ -157,17 +157,16 @@ def check_dense(path, meta, seed, spec, config, given):
 
 
 def ensure_dense(dense_path, seed, spec, config, progress, given=False):
-    """Train seed ``seed``'s dense model of the resolved ``spec`` unless its checkpoint exists (``given``: named by
-    --dense, not trained by this study); concurrent shards wait for one trainer."""
+    """Train seed ``seed``'s dense model unless its checkpoint exists (``given``: named by --dense, not trained by
+    this study); concurrent shards wait for one trainer."""
     from ..infer.checkpoint import read_meta
     from ..isolated import run_isolated
     from ..train import train_dense
 
-    given = given or bool(spec.train.checkpoint) and "<seed>" not in spec.train.checkpoint
     if os.path.exists(dense_path):
-        check_dense(dense_path, read_meta(dense_path), seed, spec, config, given)
+        check_dense(dense_path, read_meta(dense_path), seed, spec, config, given or bool(spec.train.checkpoint))
         return
-    if given:
+    if spec.train.checkpoint:
         raise UserError(f"train.checkpoint {dense_path} does not exist")
     with open(dense_path + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another shard may be training it right now

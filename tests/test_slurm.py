@@ -104,7 +104,7 @@ def test_forced_timeout_requeues_and_resumes(tmp_path):
     # The last trial stalls in the first allocation (fault injection), so that one cannot finish the study and a
     # requeued one can. Slurm's timer is coarse: with a 1-minute limit an allocation was signalled 15-30 s in,
     # ~20 s after its start, too short on a slow 2-core machine for one trial's worker to start and finish
-    ids, _ = submit(tmp_path, "--nodes", 1, "--time", 2, "--signal-delay-s", 15, "--finetune.epochs", 1,
+    ids, _ = submit(tmp_path, "--nodes", 1, "--time", 2, "--signal-delay-s", 15, "--seeds", "[0]", "--finetune.epochs", 1,
                     "--train.epochs", 1, "--latency.trials", 3, "--prune.methods", "[l1]",
                     "--prune.sparsities", "[0.3,0.7]", env=fault_env(delay={"l1-0.70-s0": 300}))
     wait_for(list(ids.values()), timeout=900)

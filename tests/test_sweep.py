@@ -260,7 +260,7 @@ def test_an_existing_dense_checkpoint_must_fit_the_study(dense_ckpt):
 def test_a_regrown_or_resharded_study_runs_each_trial_once(tmp_path, dense_ckpt):
     """Shards split the grid by position, so more sparsities or another shard count move trials between
     shard files: a trial done in any of them is skipped."""
-    base = ["--prune.methods", "[l1]", "--nocontrol", "--finetune.epochs", "1", "--latency.trials", "3", "--noprogress",
+    base = ["--seeds", "[0]", "--prune.methods", "[l1]", "--nocontrol", "--finetune.epochs", "1", "--latency.trials", "3", "--noprogress",
             "--dense", dense_ckpt]
     for shard in ("0/2", "1/2"):
         p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--shard", shard, *base,

@@ -44,25 +44,30 @@ def time_forward(model, batch, warmup=5, trials=25):
 
 def time_forward_paired(model, reference, batch, warmup=5, trials=25):
     """Forward passes of ``model`` and ``reference`` timed alternately on ``batch``: (model seconds, reference
-    seconds), ``trials`` each, sample i of both taken back to back. The order within a pair alternates, so
-    whatever the first call leaves behind (caches, clock boost) favours neither."""
-    if trials < 1:
-        raise ValueError("trials must be >= 1")
+    seconds), ``trials`` each, sample i of both taken back to back."""
     model.eval()
     reference.eval()
-    device = batch.device
-    samples = ([], [])
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(batch)
-            reference(batch)
-        synchronize(device)
-        for i in range(trials):
-            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-                start = time.perf_counter()
-                (model, reference)[j](batch)
-                synchronize(device)
-                samples[j].append(time.perf_counter() - start)
+        return time_calls_paired(lambda: model(batch), lambda: reference(batch), batch.device, warmup, trials)
+
+
+def time_calls_paired(fn, reference_fn, device, warmup=5, trials=25):
+    """``fn()`` and ``reference_fn()`` timed alternately: (fn seconds, reference seconds), ``trials`` each,
+    sample i of both taken back to back. The order within a pair alternates, so whatever the first call
+    leaves behind (caches, clock boost) favours neither. Any runtime's calls: eager, compiled, ONNX Runtime."""
+    if trials < 1:
+        raise ValueError("trials must be >= 1")
+    samples = ([], [])
+    for _ in range(warmup):
+        fn()
+        reference_fn()
+    synchronize(device)
+    for i in range(trials):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            (fn, reference_fn)[j]()
+            synchronize(device)
+            samples[j].append(time.perf_counter() - start)
     return samples
 
 

@@ -31,7 +31,7 @@ $(STAMP):
 	$(PIP) --upgrade pip $(QUIET)
 	$(PIP) $(TORCH) $(QUIET)
 	$(PIP) -e '.[hpc,test]' $(QUIET)
-	$(PY) -c "import torch, nni, ray, h5py, submitit, pytest, xdist, jsonschema"
+	$(PY) -c "import torch, nni, ray, h5py, submitit, onnxruntime, onnxscript, pytest, xdist, jsonschema"
 	touch $@
 
 demo: setup

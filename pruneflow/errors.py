@@ -34,7 +34,8 @@ EXTRAS = {"yaml": ("pyyaml", "sweep"), "h5py": ("h5py", "sweep"), "ray": ("ray",
           "matplotlib": ("matplotlib", "sweep"), "tqdm": ("tqdm", "sweep"), "psutil": ("psutil", "sweep"),
           "sklearn": ("scikit-learn", "sweep"), "torch_pruning": ("torch-pruning", "sweep"),
           "pynvml": ("nvidia-ml-py", "sweep"), "nni": ("nni", "nni"), "tensorboard": ("tensorboard", "nni"),
-          "submitit": ("submitit", "hpc")}
+          "submitit": ("submitit", "hpc"), "onnx": ("onnx", "onnx"), "onnxruntime": ("onnxruntime", "onnx"),
+          "onnxscript": ("onnxscript", "onnx")}
 
 
 def missing_packages(*modules):

@@ -11,6 +11,8 @@ Layout (schema 1; docs/results-schema.md is the reference):
     /trials/<id>/latency seconds per timed batch (raw samples); attrs: batch_size, device, warmup
     /trials/<id>/latency_dense the dense model's seconds, timed alternately with the trial's (absent for dense)
     /trials/<id>/widths  compound table: layer, type, in, out (after pruning)
+    /trials/<id>/deploy/<runtime>-b<batch>  attrs: runtime, batch_size, status, provider, speedup [lo, hi], ...;
+                         datasets latency, latency_dense: one cell per latency.runtimes x batch_sizes
     /utilisation/run-<k> one group per sweep run: float64 columns time (unix s), cpu_percent, memory_used_bytes,
                          gpu<i>_util_percent, gpu<i>_memory_used_bytes; attrs interval_s, host, gpus, ...
 
@@ -119,6 +121,9 @@ class TrialRecord:
                               factory=list)
     test_labels: list = _field("the test images' classes: stored once per file, /labels/test", table=True,
                                factory=list)
+    deploy: list = _field("group deploy/<runtime>-b<batch>: one infer.deploy.DeployTiming per latency.runtimes x "
+                          "batch_sizes cell; attrs = its fields, datasets latency and latency_dense", table=True,
+                          factory=list)
     traceback: str = _field("where it failed (not stored)", "", table=True)
 
     @classmethod
@@ -158,7 +163,7 @@ def schema_table():
         if f.name == "traceback":  # printed by the worker, never stored
             continue
         kind = ("the group's name" if f.name == "id" else "attributes of latency" if f.name == "latency_settings"
-                else "/labels dataset" if f.name.endswith("_labels")
+                else "/labels dataset" if f.name.endswith("_labels") else "group" if f.name == "deploy"
                 else "dataset" if f.metadata["table"] else f"attribute ({f.type.__name__})")
         doc = f.metadata["doc"].replace("|", "\\|")
         rows.append(f"| {f.name} | {kind} | {f.metadata['need'] or ''} | {doc} |")
@@ -263,6 +268,13 @@ class ResultStore:
             wt = np.array([(n, t, i, o) for n, t, i, o in record.widths],
                           dtype=[("layer", h5py.string_dtype()), ("type", h5py.string_dtype()), ("in", "i8"), ("out", "i8")])
             g.create_dataset("widths", data=wt)
+            if record.deploy:
+                cells = g.create_group("deploy")
+                for cell in record.deploy:
+                    c = cells.create_group(cell.key)
+                    c.attrs.update(cell.attrs())
+                    c.create_dataset("latency", data=np.asarray(cell.latency, dtype="f8"))
+                    c.create_dataset("latency_dense", data=np.asarray(cell.latency_dense, dtype="f8"))
             for split in ("val", "test"):
                 pred = getattr(record, f"{split}_pred")
                 if len(pred):
@@ -371,10 +383,23 @@ def _read_trial(path, tid, g, labels):
         for split in ("val", "test"):  # absent in files before issue 29: no per-image tests for those trials
             r[f"{split}_pred"] = g[f"{split}_pred"][()] if f"{split}_pred" in g else None
             r[f"{split}_labels"] = labels.get(split) if r[f"{split}_pred"] is not None else None
+        r["deploy"] = _read_deploy(g["deploy"]) if "deploy" in g else []  # absent before issue 30
     except (KeyError, ValueError, TypeError, OSError) as e:  # a table of the wrong shape or type, unreadable data
         raise UserError(f"{where} could not be read ({type(e).__name__}: {e})") from None
     r["file"] = os.path.basename(path)
     return r
+
+
+def _read_deploy(group):
+    from .infer.deploy import DeployTiming
+
+    names = {f.name for f in dataclasses.fields(DeployTiming)}
+    cells = []
+    for c in group.values():
+        kw = {k: _plain(v) for k, v in c.attrs.items() if k in names}
+        kw.update(latency=[float(x) for x in c["latency"][()]], latency_dense=[float(x) for x in c["latency_dense"][()]])
+        cells.append(DeployTiming(**kw))
+    return sorted(cells, key=lambda c: (c.runtime, c.batch_size))
 
 
 def read_records(path):

@@ -91,6 +91,11 @@ class LatencySpec:
     # CPU threads for the timed forward passes, whatever threads a trial trained with (resources.threads_per_trial
     # 'auto' varies with the trials left), so the latencies of one study compare
     threads: int = 1
+    # Deployment timing (issue 30): each runtime x batch size, dense and trial timed pair by pair in it.
+    # eager | compiled (torch.compile) | onnxruntime; batch_sizes empty = [batch_size]
+    runtimes: typing.List[str] = field(default_factory=lambda: ["eager"])
+    batch_sizes: typing.List[int] = field(default_factory=list)
+    compile_mode: str = "auto"  # compiled: auto (CUDA: the faster CUDA-graph mode; CPU: default) or a torch mode
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,7 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
     channels_last = perf.channels_last  # finetune's layout, timed so
     if channels_last:  # an input in the model's layout, as pruneflow.infer times it (else the first layer converts)
         x = x.contiguous(memory_format=torch.channels_last)
+    dense_model = None
     if trial.arm == "dense":
         samples, dense_samples, speedup = time_forward(model.to(dev), x, lat.warmup, lat.trials), [], 1.0
     else:
@@ -151,7 +152,14 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
             dense_model.to(memory_format=torch.channels_last)
         samples, dense_samples = time_forward_paired(model.to(dev), dense_model, x, lat.warmup, lat.trials)
         speedup = paired_speedup(samples, dense_samples)
-        del dense_model
+    deploy = []
+    if list(lat.runtimes) != ["eager"] or lat.batch_sizes:  # the deployment runtimes, each paired the same way
+        from .infer.deploy import time_deployed
+
+        deploy = time_deployed(model, dense_model, meta["input_shape"], dev, lat.runtimes,
+                               lat.batch_sizes or [lat.batch_size], lat.warmup, lat.trials, channels_last,
+                               lat.compile_mode, lat.threads)
+    del dense_model
     timing = summarize(samples)
     clock.stage("time")
     path = os.path.join(ckpt_dir, f"{trial.id}.safetensors")
@@ -180,7 +188,7 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
         epochs=[e for e in history if e["epoch"] > 0], latency=samples,
         latency_settings=dict(batch_size=lat.batch_size, warmup=lat.warmup, device=str(dev),
                               threads=lat.threads, channels_last=bool(channels_last)),
-        widths=ckpt_io.layer_widths(model),
+        widths=ckpt_io.layer_widths(model), deploy=deploy,
     )
 
 

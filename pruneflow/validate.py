@@ -4,6 +4,26 @@ from .errors import UserError
 from .spec import check_performance, grid, size_bytes
 
 
+def check_latency(lat):
+    """latency.runtimes, batch_sizes and compile_mode: known names, whole positive batches, nothing twice."""
+    from .infer.runtimes import COMPILE_MODES, RUNTIMES
+
+    if not lat.runtimes:
+        raise UserError("latency.runtimes must list at least one runtime (eager, compiled, onnxruntime)")
+    for r in lat.runtimes:
+        if r not in RUNTIMES:
+            raise UserError(f"latency.runtimes: {r!r} is not valid; choose from: {', '.join(RUNTIMES)}")
+    for b in lat.batch_sizes:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise UserError(f"latency.batch_sizes: {b!r} must be a whole number >= 1")
+    for name, values in (("latency.runtimes", lat.runtimes), ("latency.batch_sizes", lat.batch_sizes)):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise UserError(f"{name} lists {', '.join(twice)} more than once")
+    if lat.compile_mode not in COMPILE_MODES:
+        raise UserError(f"latency.compile_mode {lat.compile_mode!r} is not valid; choose from: {', '.join(COMPILE_MODES)}")
+
+
 def validate(spec, check_backends=True):
     from .data import DATASETS
     from .models import ARCHITECTURES, STEMS
@@ -28,6 +48,7 @@ def validate(spec, check_backends=True):
                         f"can see; to use only GPU {n}, run it with CUDA_VISIBLE_DEVICES={n} and device: cuda "
                         "(under Slurm, --gpus chooses the GPUs)")
     check_performance(spec.performance)
+    check_latency(spec.latency)
     for m in spec.prune.methods:
         (require_backend if check_backends else parse_method)(m)  # before hours of dense training
     for t in spec.prune.mac_targets:

@@ -15,12 +15,13 @@ def run_module(module, *args, env=None, timeout=600, cwd=ROOT):
                           env=full_env, timeout=timeout, cwd=cwd)
 
 
-def fault_env(fail=(), delay=None):
+def fault_env(fail=(), delay=None, fail_export=()):
     """Environment for a command whose trials ``fail`` (ids) or stall (``delay``: {id: seconds}), through the
     test-only hook tests/faults/sitecustomize.py: production code reads no such variables."""
     path = os.pathsep.join(p for p in (os.path.join(ROOT, "tests", "faults"), os.environ.get("PYTHONPATH")) if p)
     return dict(PYTHONPATH=path, PRUNEFLOW_TEST_FAIL=",".join(fail),
-                PRUNEFLOW_TEST_DELAY=",".join(f"{k}={v}" for k, v in (delay or {}).items()))
+                PRUNEFLOW_TEST_DELAY=",".join(f"{k}={v}" for k, v in (delay or {}).items()),
+                PRUNEFLOW_TEST_FAIL_EXPORT=",".join(fail_export))
 
 
 def assert_clean_error(proc, *needles):

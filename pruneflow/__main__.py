@@ -21,6 +21,7 @@ COMMANDS = {
     "submit": ("pruneflow.submit", "the whole study as Slurm jobs (train -> shard array -> report), with submitit"),
     "report": ("pruneflow.report", "figures and summary.md from a study's HDF5 shards"),
     "infer": ("pruneflow.infer.__main__", "latency and accuracy of checkpoints on this machine (needs torch only)"),
+    "export": ("pruneflow.export", "checkpoints -> ONNX files, checked against torch in ONNX Runtime"),
     "convert": ("pruneflow.convert", "a pickled torch.save model -> a portable .safetensors checkpoint"),
     "data": ("pruneflow.data", "stage a data set on a machine with internet (data fetch cifar10 --data-root DIR)"),
 }

@@ -4,6 +4,7 @@ With a directory, every ``*.safetensors`` in it is run and a JSON file (schema: 
 written for the report's cross-device figure.
 """
 
+import dataclasses
 import datetime
 import json
 import os
@@ -20,7 +21,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float32", channels_last="auto",
-          threads=None, dataset=None, data_root=None, accuracy=True, paired=True, out=None):
+          threads=None, dataset=None, data_root=None, accuracy=True, paired=True, out=None, runtime="eager",
+          batch_sizes=None, compile_mode="auto"):
     """Time (and, where the data is present, score) pruneflow checkpoints on this machine.
 
     Args:
@@ -41,6 +43,12 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
         so that its speedup is measured side by side (drift, throttling and other load slow both alike); it
         doubles the timing. --nopaired times each checkpoint once, the speedup being the ratio of medians.
       out: JSON output path in directory mode (default: DIR/devices/<host>-<device>.json).
+      runtime: eager | compiled | onnxruntime, or several with commas (eager,compiled,onnxruntime): each is
+        timed at every --batch-sizes, paired with the dense checkpoint in that same runtime (directory mode).
+        onnxruntime needs pip install 'pruneflow[onnx]'.
+      batch_sizes: batch sizes for the runtimes, e.g. 1,64,256 (default: --batch_size).
+      compile_mode: compiled: auto (CUDA: the faster of reduce-overhead and max-autotune; CPU: default) or a
+        torch.compile mode.
     """
     import torch
 
@@ -57,6 +65,7 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     dev = resolve_device(device)
     if dev.type == "cpu" and dtype == "float16":
         raise UserError("float16 is not supported for CPU inference here; use bfloat16 or float32")
+    runtimes, sizes = deploy_settings(runtime, batch_sizes, batch_size, compile_mode, dtype)
     if threads is not None:
         torch.set_num_threads(_positive(threads, "threads"))
     path = os.fspath(ckpt)
@@ -82,6 +91,8 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     elif not isinstance(channels_last, bool):
         raise UserError(f"--channels_last must be auto, true or false, got {channels_last!r}")
     settings = dict(batch_size=batch_size, warmup=warmup, trials=trials, dtype=dtype, channels_last=channels_last)
+    if runtimes != ["eager"] or batch_sizes is not None:
+        settings.update(runtimes=runtimes, batch_sizes=sizes, compile_mode=compile_mode)
     if dev.type == "cuda":
         # the kernels a sweep's trials are timed with (pruneflow.step.resolve_perf sets both, with the default
         # precision, in the process that then times): cuDNN's autotuned convolutions and TF32 matrix products
@@ -95,9 +106,11 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     rows = [run_one(f, dev, settings, dataset, data_root, accuracy, references) for f in files]
     if len(files) == 1 and not directory:
         print_single(rows[0], dev, settings, accuracy)
+        print_deploy(rows)
         return None
     add_speedups(rows)
     print_table(rows, dev, settings)
+    print_deploy(rows)
     doc = {"schema": JSON_SCHEMA, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "machine": machine(dev), "settings": settings, "checkpoints": rows}
     tmp = f"{out}.tmp"
@@ -188,9 +201,69 @@ def run_one(path, dev, settings, dataset, data_root, accuracy, references=None):
     }
     if dense_samples is not None:  # the dense checkpoint's samples, taken alternately with this one's
         row["latency_dense_samples"] = dense_samples
+    if "runtimes" in settings:  # every runtime x batch, paired with the dense checkpoint in that runtime
+        from .deploy import time_deployed
+
+        ref = reference[1] if reference is not None and reference[0] != path else None
+        cells = time_deployed(model, ref, meta["input_shape"], dev, settings["runtimes"], settings["batch_sizes"],
+                              settings["warmup"], settings["trials"], settings["channels_last"],
+                              settings["compile_mode"], torch.get_num_threads(), dtype)
+        row["deploy"] = [dataclasses.asdict(c) for c in cells]
     if accuracy:
         row["accuracy"] = test_accuracy(model, dataset or meta["dataset"], data_root, dev, dtype, settings, meta)
     return row
+
+
+def deploy_settings(runtime, batch_sizes, batch_size, compile_mode, dtype):
+    """(runtimes, batch sizes) from --runtime and --batch-sizes, each checked; onnxruntime's packages up front."""
+    from ..errors import install_hint, missing_packages
+    from .runtimes import COMPILE_MODES, RUNTIMES
+
+    names = [r.strip() for r in (runtime.split(",") if isinstance(runtime, str) else runtime)]
+    for r in names:
+        if r not in RUNTIMES:
+            raise UserError(f"unknown runtime {r!r}; valid: {', '.join(RUNTIMES)} (several with commas)")
+    if compile_mode not in COMPILE_MODES:
+        raise UserError(f"unknown compile mode {compile_mode!r}; valid: {', '.join(COMPILE_MODES)}")
+    if "onnxruntime" in names:
+        missing = missing_packages("onnx", "onnxruntime", "onnxscript")
+        if missing:
+            raise UserError(install_hint("--runtime onnxruntime", missing))
+        if dtype != "float32":
+            raise UserError("--runtime onnxruntime runs float32 ONNX exports; use --dtype float32")
+    if batch_sizes is None:
+        sizes = [batch_size]
+    else:
+        raw = batch_sizes.split(",") if isinstance(batch_sizes, str) else (
+            batch_sizes if isinstance(batch_sizes, (list, tuple)) else [batch_sizes])
+        sizes = [_positive(_number(b), "each of --batch-sizes") for b in raw]
+    if len(set(names)) < len(names) or len(set(sizes)) < len(sizes):
+        raise UserError("--runtime and --batch-sizes must not list anything twice")
+    return names, sizes
+
+
+def _number(v):
+    try:
+        return int(v) if isinstance(v, str) else v
+    except ValueError:
+        raise UserError(f"each of --batch-sizes must be a whole number >= 1, got {v!r}") from None
+
+
+def print_deploy(rows):
+    """One line per checkpoint x runtime x batch: median, images/s, the paired speedup and its interval."""
+    cells = [(r["file"], c) for r in rows for c in r.get("deploy", [])]
+    if not cells:
+        return
+    print(f"{'runtime':<12} {'batch':>5} {'median ms':>10} {'images/s':>11} {'speedup [95 %]':>20}  "
+          f"{'prepare s':>9}  provider / mode  file")
+    for f, c in cells:
+        if c["status"] != "done":
+            print(f"{c['runtime']:<12} {c['batch_size']:>5}  failed: {c['error']}  {f}")
+            continue
+        sp = (f"{c['speedup']:.2f}x [{c['speedup_lo']:.2f}-{c['speedup_hi']:.2f}]" if c["latency_dense"] else "")
+        how = "/".join(x for x in (c["provider"], c["mode"], f"opset {c['opset']}" if c["opset"] else "") if x)
+        print(f"{c['runtime']:<12} {c['batch_size']:>5} {1e3 * c['median']:>10.3f} {c['images_per_s']:>11,.0f} "
+              f"{sp:>20}  {c['prepare_s']:>9.1f}  {how}  {f}")
 
 
 def macs_of(path, model, meta, dev):

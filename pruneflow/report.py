@@ -14,12 +14,14 @@ import json
 import os
 import shlex
 
-from .figures import (atomic_write, fig_devices, fig_methods, fig_pareto, fig_size, fig_time, save_figure, slug)
+from .deployment import deploy_cells, deploy_md, fig_deploy_speedup, fig_deploy_throughput
+from .figures import (_context, atomic_write, fig_devices, fig_methods, fig_pareto, fig_size, fig_time, save_figure,
+                      slug)
 from .errors import UserError, check_writable_dir, require
 from .study import (baseline, device_label, device_series, done, load_study, method_order, missed_mac_targets,
                     missing_parts, slower_than_dense, speedup)
 
-KINDS = ("time", "methods", "pareto", "size", "devices", "arch", "timeline", "summary")
+KINDS = ("time", "methods", "pareto", "size", "devices", "deploy", "arch", "timeline", "summary")
 FORMATS = ("png", "pdf", "svg")
 ARM_ORDER = {"dense": 0, "control": 1, "pruned": 2}
 
@@ -96,7 +98,8 @@ def pick_shown(records, methods, show):
     return None
 
 
-def summary_md(study, notes, figures, series_by_model, shown, command, arch_lines=(), resource_lines=()):
+def summary_md(study, notes, figures, series_by_model, shown, command, arch_lines=(), resource_lines=(),
+               deploy_lines=()):
     recs = sorted(study.records, key=_sort_key)
     n_failed = sum(r["status"] != "done" for r in recs)
     first = next(iter(study.files.values()))
@@ -111,6 +114,7 @@ def summary_md(study, notes, figures, series_by_model, shown, command, arch_line
              "the same seed.", ""]
     lines += ["## Notes", ""] + ([f"- {n}" for n in notes] or ["- nothing missing, nothing failed"]) + [""]
     lines += comparison_md(recs)
+    lines += list(deploy_lines)
     for model in sorted({r.get("model") for r in recs}, key=str):
         rs = [r for r in recs if r.get("model") == model]
         dataset = rs[0].get("dataset", "?")
@@ -257,7 +261,7 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
     notes += study.notes
     notes += slower_than_dense(study.records)  # e.g. odd channel counts off the CPU's fast convolution paths
     notes += missed_mac_targets(study.records)
-    written, arch_lines = [], []
+    written, arch_lines, deploy_lines = [], [], []
     series_by_model = {}
     for model in sorted({r.get("model") for r in study.records}, key=str):
         records = [r for r in study.records if r.get("model") == model]
@@ -277,6 +281,13 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
                              fig_size(study, model, dataset, methods, key, records)))
         if "methods" in kinds:
             figs.append((f"methods-{slug(model)}", fig_methods(study, model, dataset, methods, records, x)))
+        cells = deploy_cells(records)  # latency.runtimes x batch_sizes (pruneflow/deployment.py); none before 30
+        deploy_lines += deploy_md(cells)
+        if "deploy" in kinds and cells:
+            sub = _context(study, done(records) or records)
+            figs.append((f"deploy-speedup-{slug(model)}", fig_deploy_speedup(model, dataset, cells, sub)))
+            if len({c.batch_size for c in cells}) > 1:  # a curve over batch sizes needs two
+                figs.append((f"deploy-throughput-{slug(model)}", fig_deploy_throughput(model, dataset, cells, sub)))
         series = series_by_model[model] = device_series(study, model, records)
         if "devices" in kinds:
             if len(series) < 2:
@@ -312,7 +323,7 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
 
         path = os.path.join(out, "summary.md")
         text = summary_md(study, notes, [p for p in written if p.endswith(f".{formats[0]}")], series_by_model,
-                          shown, command, arch_lines, resources_md(study.paths))
+                          shown, command, arch_lines, resources_md(study.paths), deploy_lines)
 
         def write(tmp):
             with open(tmp, "w") as f:

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import io
 import logging
-import sys
 import time
 import warnings
 
@@ -20,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from .infer.checkpoint import count_macs, count_params, layer_widths
-from .errors import UserError, check_flag, check_whole
-from .spec import MAC_TOLERANCE, misses_mac_target
+from .errors import UserError, check_whole
+from .spec import MAC_TOLERANCE
 
 NNI_PRUNERS = {"level": "LevelPruner", "l1": "L1NormPruner", "l2": "L2NormPruner", "fpgm": "FPGMPruner"}
 METHODS = tuple(NNI_PRUNERS)
@@ -348,98 +347,10 @@ def pruned_meta(meta, stats):
     return {**meta, **{k: stats[k] for k in keep}, **extra, "accuracy": None}
 
 
-def _as_tuple(v):
-    if v is None:
-        return None
-    if isinstance(v, (str, int, float)):  # Fire parses `--exclude 5` to an int
-        return tuple(s for s in str(v).split(",") if s)
-    return tuple(v)
-
-
-def cli(ckpt, method, out, sparsity=None, target_macs=None, op_types=None, exclude=None, dependency_aware=None,
-        round_to=None, print_model=True, verbose=False):
-    """Prune a checkpoint with NNI and physically shrink it.
-
-    Args:
-      ckpt: dense (or any) pruneflow checkpoint (.safetensors).
-      method: level | l1 | l2 | fpgm (NNI), or l1@depgraph | l2@depgraph | fpgm@depgraph | taylor@depgraph |
-        slim@depgraph (Torch-Pruning's DepGraph).
-      out: where to write the pruned checkpoint (.safetensors).
-      sparsity: fraction removed from each targeted layer, in (0, 1).
-      target_macs: instead of --sparsity, the MAC reduction to reach (e.g. 2 = half the MACs).
-      op_types: comma list of layer types to prune (default: the 2022 report's for this model).
-      exclude: comma list of layer names to keep whole (default: the classifier).
-      dependency_aware: prune residual-coupled channels together (NNI; default: on for ResNets).
-      round_to: DepGraph: keep channel counts multiples of this (e.g. 8, for GPU kernels).
-      print_model: print(model) before and after, as the 2022 report's appendix shows (--noprint_model to skip).
-      verbose: show NNI's own output.
-    """
-    from .infer.checkpoint import load, save
-    from .errors import check_not_input, check_writable_file
-    from .models import default_prune_targets
-
-    criterion, backend = parse_method(method)
-    if (sparsity is None) == (target_macs is None):
-        raise UserError("give exactly one of --sparsity (fraction removed) or --target-macs (MAC reduction)")
-    if sparsity is not None:
-        sparsity = check_sparsity(sparsity)
-    if target_macs is not None:
-        target_macs = _mac_target(target_macs)
-    print_model, verbose = check_flag(print_model, "print_model"), check_flag(verbose, "verbose")
-    if dependency_aware is not None:
-        dependency_aware = check_flag(dependency_aware, "dependency_aware")
-    out = check_writable_file(out)
-    check_not_input(ckpt, out, "pruned model")
-    model, meta = load(ckpt)
-    default_ops, default_exclude = default_prune_targets(meta["arch"])
-    if dependency_aware is None:
-        dependency_aware = meta["arch"] != "simple_cnn"
-    kwargs = dict(op_types=_as_tuple(op_types) or default_ops,
-                  exclude=_as_tuple(exclude) if exclude is not None else default_exclude,
-                  dependency_aware=dependency_aware, verbose=verbose, round_to=round_to,
-                  calibration=calibration_batches(meta) if criterion == "taylor" else None)
-    t0 = time.perf_counter()
-    if target_macs is not None:
-        pruned, stats = prune_to_mac_reduction(model, method, target_macs, meta["input_shape"], **kwargs)
-    else:
-        pruned, stats = prune(model, method, sparsity, meta["input_shape"], **kwargs)
-    seconds = time.perf_counter() - t0
-    save(pruned, out, pruned_meta(meta, stats))
-    print(f"{meta['arch']} pruned with {method} at sparsity {stats['sparsity']:.3f}"
-          + (f" (target: {stats['target_mac_reduction']:g}x fewer MACs)" if target_macs is not None else "")
-          + (" (dependency-aware)" if stats["dependency_aware"] else ""))
-    print(f"params {stats['params_dense']:,} -> {stats['params']:,} ({stats['params'] / stats['params_dense']:.1%}); "
-          f"non-zero {stats['nonzero_params']:,}")
-    print(f"MACs   {stats['macs_dense']:,} -> {stats['macs']:,} ({stats['mac_reduction']:.2f}x fewer)")
-    if criterion != "level":
-        print(f"channels removed from pruned layers: {stats['channel_sparsity']:.1%}")
-    else:
-        print(f"unstructured: same shapes, {stats['weight_sparsity']:.1%} zeros in pruned layers, no speedup")
-    parts = ", ".join(f"{k} {stats['seconds_' + k]:.1f} s" for k in NNI_PARTS if stats["seconds_" + k] > 0)
-    last = "; the last try's" if target_macs is not None else ""
-    print(f"pruning took {seconds:.1f} s" + (f" (NNI: {parts}{last})" if backend == "nni" else ""))
-    print(format_widths(stats))
-    if print_model:
-        print("\nbefore:\n" + str(model) + "\n\nafter:\n" + str(pruned))
-    print(f"wrote {out}")
-    if target_macs is not None and misses_mac_target(stats["mac_reduction"], target_macs):
-        # the closest try is kept (a model at the method's limit is still worth having), but say it missed
-        print(f"warning: MAC target not met: asked for {target_macs:g}x fewer MACs (within {MAC_TOLERANCE:.0%}), "
-              f"the closest try (sparsity {stats['sparsity']:.3f}) has {stats['mac_reduction']:.2f}x fewer; "
-              "wrote it anyway", file=sys.stderr)
-
-
-def _mac_target(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise UserError(f"target_macs must be a number > 1 (e.g. 2 for half the MACs), got {v!r}") from None
-
-
 def main():
-    from .cli import run_cli
+    from .prune_cli import main as cli_main  # the command line lives apart: this module is the pruning itself
 
-    run_cli(cli, name="pruneflow.prune")
+    cli_main()
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class Comparison:
     speedup: tuple = (math.nan, math.nan, math.nan)
     per_seed_p: list = dataclasses.field(default_factory=list)
     per_seed_diff: list = dataclasses.field(default_factory=list)
+    speedup_target: float = 0.0
 
     def decide(self, p_adjusted):
         """Set the verdict from the adjusted p. A difference every seed shows on its own (exact McNemar) that
@@ -92,6 +93,8 @@ class Comparison:
 
     @property
     def label(self):
+        if self.speedup_target:
+            return f"{self.method} {self.speedup_target:g}x faster"
         return f"{self.method} x{self.target:g}" if self.target else f"{self.method} {100 * self.sparsity:.0f} %"
 
     def sentence(self):
@@ -141,6 +144,7 @@ def compare(group, controls, split="test"):
     return Comparison(
         model=_get(first, "model", ""), method=_get(first, "method", ""), sparsity=_get(first, "sparsity", 0.0),
         target=_get(first, "target_mac_reduction", 0.0) or 0.0, seeds=sorted(_get(r, "seed") for r, _ in pairs),
+        speedup_target=_get(first, "target_speedup", 0.0) or 0.0,
         achieved=sum(achieved(r) for r, _ in pairs) / len(pairs), split=split, n_images=images,
         pruned=_mean([accuracy_interval(r, split)[0] for r, _ in pairs]),
         control=_mean([accuracy_interval(c, split)[0] for _, c in pairs]), diff=mean_diff, lo=lo, hi=hi, p=p,
@@ -158,8 +162,9 @@ def grid_comparisons(records, split="test"):
     cells = {}
     for r in done:
         if _get(r, "arm") == "pruned":
-            key = (_get(r, "model", ""), _get(r, "method"), round(_get(r, "sparsity", 0.0), 4) if not
-                   _get(r, "target_mac_reduction") else 0.0, _get(r, "target_mac_reduction", 0.0) or 0.0)
+            targeted = _get(r, "target_mac_reduction") or _get(r, "target_speedup")  # sparsity found, not set
+            key = (_get(r, "model", ""), _get(r, "method"), 0.0 if targeted else round(_get(r, "sparsity", 0.0), 4),
+                   _get(r, "target_mac_reduction", 0.0) or 0.0, _get(r, "target_speedup", 0.0) or 0.0)
             cells.setdefault(key, []).append(r)
     out = []
     for key in sorted(cells):

@@ -19,7 +19,7 @@ from .figures import (_context, atomic_write, fig_devices, fig_methods, fig_pare
                       slug)
 from .errors import UserError, check_writable_dir, require
 from .study import (baseline, device_label, device_series, done, load_study, method_order, missed_mac_targets,
-                    missing_parts, slower_than_dense, speedup)
+                    missed_speedup_targets, missing_parts, slower_than_dense, speedup)
 
 KINDS = ("time", "methods", "pareto", "size", "devices", "deploy", "arch", "timeline", "summary")
 FORMATS = ("png", "pdf", "svg")
@@ -261,6 +261,7 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
     notes += study.notes
     notes += slower_than_dense(study.records)  # e.g. odd channel counts off the CPU's fast convolution paths
     notes += missed_mac_targets(study.records)
+    notes += missed_speedup_targets(study.records)
     written, arch_lines, deploy_lines = [], [], []
     series_by_model = {}
     for model in sorted({r.get("model") for r in study.records}, key=str):

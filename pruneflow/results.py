@@ -11,6 +11,7 @@ Layout (schema 1; docs/results-schema.md is the reference):
     /trials/<id>/latency seconds per timed batch (raw samples); attrs: batch_size, device, warmup
     /trials/<id>/latency_dense the dense model's seconds, timed alternately with the trial's (absent for dense)
     /trials/<id>/widths  compound table: layer, type, in, out (after pruning)
+    /trials/<id>/speedup_probes  compound table: sparsity, speedup, lo, hi (speedup-target trials)
     /trials/<id>/deploy/<runtime>-b<batch>  attrs: runtime, batch_size, status, provider, speedup [lo, hi], ...;
                          datasets latency, latency_dense: one cell per latency.runtimes x batch_sizes
     /utilisation/run-<k> one group per sweep run: float64 columns time (unix s), cpu_percent, memory_used_bytes,
@@ -33,6 +34,7 @@ from .errors import UserError
 
 SCHEMA = 1
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+PROBE_FIELDS = ("sparsity", "speedup", "lo", "hi")
 TRIAL_TABLES = ("epochs", "latency", "widths")  # every trial has them (latency_dense: all but the dense trial)
 
 
@@ -61,7 +63,12 @@ class TrialRecord:
     model: str = _field("model.arch", "")
     dataset: str = _field("data.dataset", "")
     target_mac_reduction: float = _field("MAC reduction asked for (target-MACs mode), else 0", 0.0)
+    target_speedup: float = _field("measured speedup asked for (prune.speedup_targets), else 0", 0.0)
+    target_speedup_reached: bool = _field("speedup-target mode: the search found a sparsity that reached it", False)
+    target_speedup_measured: float = _field("speedup-target mode: the kept probe's paired speedup in the search", 0.0)
+    target_speedup_where: str = _field("speedup-target mode: <runtime>-b<batch> the target was measured in", "")
     backend: str = _field("nni | depgraph (pruned arm), else empty", "")
+    round_to: int = _field("DepGraph: the channel multiple it was pruned to (prune.round_to); 0 = none", 0)
     attempts: int = _field("runs it took (1 + retries used)", 1)
     trials_per_device: int = _field("K: trials sharing its device while it ran", 1)
     host: str = _field("node it ran on", "")
@@ -121,6 +128,8 @@ class TrialRecord:
                               factory=list)
     test_labels: list = _field("the test images' classes: stored once per file, /labels/test", table=True,
                                factory=list)
+    speedup_probes: list = _field("table: sparsity, speedup, lo, hi of every probe a speedup-target search timed",
+                                  table=True, factory=list)
     deploy: list = _field("group deploy/<runtime>-b<batch>: one infer.deploy.DeployTiming per latency.runtimes x "
                           "batch_sizes cell; attrs = its fields, datasets latency and latency_dense", table=True,
                           factory=list)
@@ -130,7 +139,8 @@ class TrialRecord:
     def failure(cls, trial, error, **fields):
         """The record of ``trial`` (a spec.Trial) that failed with ``error``."""
         return cls(id=trial.id, arm=trial.arm, method=trial.method, sparsity=trial.sparsity, seed=trial.seed,
-                   target_mac_reduction=trial.target, status="failed", error=error, **fields)
+                   target_mac_reduction=trial.target, round_to=trial.round_to or 0,
+                   target_speedup=trial.speedup_target, status="failed", error=error, **fields)
 
     def attrs(self):
         """The fields stored as the group's attributes (HDF5 has no None: empty strings). A failed trial stores
@@ -268,6 +278,9 @@ class ResultStore:
             wt = np.array([(n, t, i, o) for n, t, i, o in record.widths],
                           dtype=[("layer", h5py.string_dtype()), ("type", h5py.string_dtype()), ("in", "i8"), ("out", "i8")])
             g.create_dataset("widths", data=wt)
+            if record.speedup_probes:
+                g.create_dataset("speedup_probes", data=np.array([tuple(map(float, p)) for p in record.speedup_probes],
+                                                                 dtype=[(k, "f8") for k in PROBE_FIELDS]))
             if record.deploy:
                 cells = g.create_group("deploy")
                 for cell in record.deploy:
@@ -384,6 +397,8 @@ def _read_trial(path, tid, g, labels):
             r[f"{split}_pred"] = g[f"{split}_pred"][()] if f"{split}_pred" in g else None
             r[f"{split}_labels"] = labels.get(split) if r[f"{split}_pred"] is not None else None
         r["deploy"] = _read_deploy(g["deploy"]) if "deploy" in g else []  # absent before issue 30
+        r["speedup_probes"] = ([tuple(float(row[k]) for k in PROBE_FIELDS) for row in g["speedup_probes"][()]]
+                               if "speedup_probes" in g else [])
     except (KeyError, ValueError, TypeError, OSError) as e:  # a table of the wrong shape or type, unreadable data
         raise UserError(f"{where} could not be read ({type(e).__name__}: {e})") from None
     r["file"] = os.path.basename(path)

@@ -68,7 +68,10 @@ class PruneSpec:
                                            metadata=RERUN)
     # target-MACs mode: MAC reductions to reach (e.g. [2, 4]); each structured method gets these trials too
     mac_targets: typing.List[float] = field(default_factory=list, metadata=RERUN)
-    round_to: typing.Optional[int] = None  # DepGraph: channel counts multiple of this (8 suits GPU kernels)
+    # pruning to a measured speedup (e.g. [1.5, 2]) in latency.target_runtime at latency.target_batch
+    speedup_targets: typing.List[float] = field(default_factory=list, metadata=RERUN)
+    # DepGraph: channel counts multiple of this (8 suits GPU kernels); a list, e.g. [null, 8, 32], is a sweep axis
+    round_to: typing.Union[None, int, typing.List[typing.Optional[int]]] = None
     global_pruning: bool = False  # DepGraph: rank channels across layers instead of per layer
     op_types: typing.Optional[typing.List[str]] = None  # default: the 2022 report's for the model
     exclude: typing.Optional[typing.List[str]] = None  # default: the classifier
@@ -96,6 +99,8 @@ class LatencySpec:
     runtimes: typing.List[str] = field(default_factory=lambda: ["eager"])
     batch_sizes: typing.List[int] = field(default_factory=list)
     compile_mode: str = "auto"  # compiled: auto (CUDA: the faster CUDA-graph mode; CPU: default) or a torch mode
+    target_runtime: str = "eager"  # where prune.speedup_targets are measured
+    target_batch: typing.Optional[int] = None  # and at which batch (default: batch_size)
 
 
 @dataclass(frozen=True)
@@ -163,14 +168,20 @@ class Trial:
     sparsity: float
     seed: int
     target: float = 0.0  # target-MACs mode: the MAC reduction to reach (sparsity is then found)
+    round_to: typing.Optional[int] = None  # DepGraph: the channel multiple it is pruned to
+    round_axis: bool = False  # prune.round_to lists several: the id names this trial's (r1 = no rounding)
+    speedup_target: float = 0.0  # speedup-target mode: the measured speedup to reach
 
     @property
     def id(self):
         if self.arm != "pruned":
             return f"{self.arm}-s{self.seed}"
+        r = f"-r{self.round_to or 1}" if self.round_axis else ""
         if self.target:
-            return f"{self.method}-x{self.target:.2f}-s{self.seed}"
-        return f"{self.method}-{self.sparsity:.2f}-s{self.seed}"
+            return f"{self.method}-x{self.target:.2f}{r}-s{self.seed}"
+        if self.speedup_target:
+            return f"{self.method}-t{self.speedup_target:.2f}{r}-s{self.seed}"
+        return f"{self.method}-{self.sparsity:.2f}{r}-s{self.seed}"
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -266,6 +277,8 @@ def convert(tp, value, where):
     if dataclasses.is_dataclass(tp):
         return build(tp, value if value is not None else {}, where)
     if origin is typing.Union:  # Optional[X], or X | Y: the first type that takes the value
+        if isinstance(value, str) and value.strip().lower() in ("null", "none", "~"):  # Fire: [null, 8] -> ['null', 8]
+            value = None
         if value is None and type(None) in typing.get_args(tp):
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -353,12 +366,25 @@ def grid(spec):
         if spec.control:
             trials.append(Trial("control", "none", 0.0, seed))
         for method in spec.prune.methods:
-            for s in spec.prune.sparsities:
-                trials.append(Trial("pruned", method, round(float(s), 4), seed))
-            if not method.startswith("level"):
-                for target in spec.prune.mac_targets:
-                    trials.append(Trial("pruned", method, 0.0, seed, target=float(target)))
+            # NNI ignores round_to: its methods get one trial per cell, not one per rounding
+            rounds = round_values(spec.prune) if method.endswith("@depgraph") else [None]
+            axis = isinstance(spec.prune.round_to, list) and len(rounds) > 1
+            for r in rounds:
+                for s in spec.prune.sparsities:
+                    trials.append(Trial("pruned", method, round(float(s), 4), seed, round_to=r, round_axis=axis))
+                if not method.startswith("level"):
+                    for target in spec.prune.mac_targets:
+                        trials.append(Trial("pruned", method, 0.0, seed, target=float(target), round_to=r,
+                                            round_axis=axis))
+                    for target in spec.prune.speedup_targets:
+                        trials.append(Trial("pruned", method, 0.0, seed, round_to=r, round_axis=axis,
+                                            speedup_target=float(target)))
     return trials
+
+
+def round_values(prune):
+    """prune.round_to as a list: [None] (no rounding), [8], or the axis given."""
+    return list(prune.round_to) if isinstance(prune.round_to, list) else [prune.round_to]
 
 
 def parse_shard(shard):

@@ -40,9 +40,21 @@ def load_study(study_dir):
         raise UserError(f"no results found in {study_dir}: its shard file(s) hold no trials yet")
     for r in records:
         r["device_key"] = sweep_device(r, files[r["file"]]["env"])
+    label_roundings(records)
     devices, notes = read_device_jsons(study_dir)
     return types.SimpleNamespace(dir=study_dir, name=os.path.basename(os.path.abspath(study_dir)), paths=paths,
                                  files=files, records=records, devices=devices, notes=notes)
+
+
+def label_roundings(records):
+    """A method pruned at several prune.round_to values becomes one method per rounding ("l1@depgraph r8"), so
+    that tables, figures and tests never pool trials whose channel counts were rounded differently."""
+    pruned = [r for r in records if r["arm"] == "pruned"]
+    several = {m for m in {r["method"] for r in pruned}
+               if len({int(r.get("round_to") or 0) for r in pruned if r["method"] == m}) > 1}
+    for r in pruned:
+        if r["method"] in several:
+            r["method"] = f"{r['method']} r{int(r.get('round_to') or 0) or 1}"
 
 
 class Study:
@@ -120,7 +132,9 @@ def expected_ids(config):
     spec = types.SimpleNamespace(seeds=config.get("seeds") or [0], control=config.get("control", True),
                                  prune=types.SimpleNamespace(methods=prune.get("methods") or [],
                                                              sparsities=prune.get("sparsities") or [],
-                                                             mac_targets=prune.get("mac_targets") or []))
+                                                             mac_targets=prune.get("mac_targets") or [],
+                                                             speedup_targets=prune.get("speedup_targets") or [],
+                                                             round_to=prune.get("round_to")))
     return [t.id for t in grid(spec)]
 
 
@@ -206,6 +220,14 @@ def missed_mac_targets(records, tolerance=MAC_TOLERANCE):
             notes.append(f"{r['id']} reached {r['mac_reduction']:.2f}x fewer MACs against its {target:g}x target "
                          f"(sparsity {r['sparsity']:.3f}, the closest try)")
     return notes
+
+
+def missed_speedup_targets(records):
+    """Notes for speedup-target trials whose search did not reach the target: the fastest try stays, named."""
+    return [f"{r['id']} did not reach its {r['target_speedup']:g}x speedup target in {r.get('target_speedup_where', '?')}: "
+            f"the fastest try measured {r.get('target_speedup_measured', 0):.2f}x at sparsity {r['sparsity']:.3f}"
+            for r in sorted(done(records, arm="pruned"), key=lambda r: r["id"])
+            if r.get("target_speedup") and not r.get("target_speedup_reached")]
 
 
 def mean(xs):

@@ -27,7 +27,9 @@ def run_trial(trial, spec, dense_paths, ckpt_dir, threads=1):
         fields.update(status="failed", error=f"{type(e).__name__}: {e}".strip()[:2000],
                       traceback=traceback.format_exc()[-4000:])
     return TrialRecord(id=trial.id, arm=trial.arm, method=trial.method, seed=trial.seed, model=spec.model.arch,
-                       dataset=spec.data.dataset, target_mac_reduction=trial.target, host=os.uname().nodename,
+                       round_to=trial.round_to or 0 if trial.arm == "pruned" else 0,
+                       dataset=spec.data.dataset, target_mac_reduction=trial.target,
+                       target_speedup=trial.speedup_target, host=os.uname().nodename,
                        pid=os.getpid(), started_at=started, wall_s=time.perf_counter() - t0, ended_at=time.time(),
                        **fields)
 
@@ -105,15 +107,17 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
     stats = {"params_dense": ckpt_io.count_params(model), "macs_dense": ckpt_io.count_macs(model, meta["input_shape"])}
     stats.update(params=stats["params_dense"], macs=stats["macs_dense"], mac_reduction=1.0, channel_sparsity=0.0,
                  weight_sparsity=0.0, nonzero_params=stats["params_dense"])
-    backend = ""
+    backend, search = "", None
     if trial.arm == "pruned":
         p = spec.prune
         criterion, backend = parse_method(trial.method)
         kwargs = dict(op_types=p.op_types, exclude=p.exclude, dependency_aware=p.dependency_aware,
-                      round_to=p.round_to, global_pruning=p.global_pruning,
+                      round_to=trial.round_to, global_pruning=p.global_pruning,
                       calibration=calibration_batches(meta, data_root=spec.data.root) if criterion == "taylor" else None)
         if trial.target:
             model, stats = prune_to_mac_reduction(model, trial.method, trial.target, meta["input_shape"], **kwargs)
+        elif trial.speedup_target:
+            model, stats, search = _prune_to_speedup(model, trial, spec, meta, dev, kwargs)
         else:
             model, stats = prune(model, trial.method, trial.sparsity, meta["input_shape"], **kwargs)
         meta = pruned_meta(meta, stats)
@@ -188,8 +192,36 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
         epochs=[e for e in history if e["epoch"] > 0], latency=samples,
         latency_settings=dict(batch_size=lat.batch_size, warmup=lat.warmup, device=str(dev),
                               threads=lat.threads, channels_last=bool(channels_last)),
-        widths=ckpt_io.layer_widths(model), deploy=deploy,
+        widths=ckpt_io.layer_widths(model), deploy=deploy, **_search_fields(search),
     )
+
+
+def _prune_to_speedup(model, trial, spec, meta, dev, kwargs):
+    """Speedup-target mode: bisection on measured paired speedup in latency.target_runtime at target_batch,
+    timed with the study's timing threads and layout (pruneflow/speedup.py)."""
+    import torch
+
+    from .speedup import prune_to_speedup
+    from .step import resolve_perf
+
+    lat, threads = spec.latency, torch.get_num_threads()
+    torch.set_num_threads(lat.threads)
+    try:
+        return prune_to_speedup(model, trial.method, trial.speedup_target, meta["input_shape"], dev,
+                                runtime=lat.target_runtime, batch_size=lat.target_batch or lat.batch_size,
+                                channels_last=resolve_perf(spec.performance, dev).channels_last,
+                                compile_mode=lat.compile_mode, threads=lat.threads, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _search_fields(search):
+    if search is None:
+        return {}
+    return dict(target_speedup_reached=search.reached,
+                target_speedup_measured=search.speedup,
+                target_speedup_where=f"{search.runtime}-b{search.batch_size}",
+                speedup_probes=[(p.sparsity, p.speedup, p.lo, p.hi) for p in search.probes])
 
 
 def _precision(amp_dtype):

@@ -20,6 +20,10 @@ def check_latency(lat):
         twice = sorted({str(v) for v in values if values.count(v) > 1})
         if twice:
             raise UserError(f"{name} lists {', '.join(twice)} more than once")
+    if lat.target_runtime not in RUNTIMES:
+        raise UserError(f"latency.target_runtime {lat.target_runtime!r} is not valid; choose from: {', '.join(RUNTIMES)}")
+    if lat.target_batch is not None and lat.target_batch < 1:
+        raise UserError(f"latency.target_batch must be >= 1, got {lat.target_batch}")
     if lat.compile_mode not in COMPILE_MODES:
         raise UserError(f"latency.compile_mode {lat.compile_mode!r} is not valid; choose from: {', '.join(COMPILE_MODES)}")
 
@@ -54,15 +58,27 @@ def validate(spec, check_backends=True):
     for t in spec.prune.mac_targets:
         if not t > 1:
             raise UserError(f"prune.mac_targets: {t} must be > 1 (the factor by which MACs shrink)")
-    if spec.prune.round_to is not None and spec.prune.round_to < 1:
-        raise UserError(f"prune.round_to must be >= 1, got {spec.prune.round_to}")
+    for t in spec.prune.speedup_targets:
+        if not t > 1:
+            raise UserError(f"prune.speedup_targets: {t} must be > 1 (how many times faster, measured)")
+    from .spec import round_values
+
+    rounds = round_values(spec.prune)
+    for r in rounds:
+        if r is not None and r < 1:
+            raise UserError(f"prune.round_to must be >= 1 (or null: no rounding), got {r}")
+    if isinstance(spec.prune.round_to, list) and not rounds:
+        raise UserError("prune.round_to lists no value; give null, a number, or a list such as [null, 8, 32]")
+    if len({r or 1 for r in rounds}) < len(rounds):
+        raise UserError(f"prune.round_to lists one rounding twice ({rounds}; null and 1 both mean none)")
     for t in spec.prune.op_types or []:
         one_of(t, OP_TYPES, "prune.op_types entry")
     for s in spec.prune.sparsities:
         if not 0.0 < s < 1.0:
             raise UserError(f"prune.sparsities: {s} is outside (0, 1) (sparsity is the fraction removed)")
     for name, values in (("prune.sparsities", spec.prune.sparsities), ("prune.methods", spec.prune.methods),
-                         ("prune.mac_targets", spec.prune.mac_targets), ("seeds", spec.seeds)):
+                         ("prune.mac_targets", spec.prune.mac_targets), ("seeds", spec.seeds),
+                         ("prune.speedup_targets", spec.prune.speedup_targets)):
         twice = sorted({str(v) for v in values if values.count(v) > 1})
         if twice:
             raise UserError(f"{name} lists {', '.join(twice)} more than once")
@@ -98,14 +114,16 @@ def validate(spec, check_backends=True):
         raise UserError(f"study name {spec.study!r} must be a plain name (it becomes a directory)")
     if not spec.seeds:
         raise UserError("seeds must list at least one seed")
-    if not spec.prune.methods or not (spec.prune.sparsities or spec.prune.mac_targets):
+    if not spec.prune.methods or not (spec.prune.sparsities or spec.prune.mac_targets or spec.prune.speedup_targets):
         raise UserError("the grid is empty: list at least one method in prune.methods and one sparsity in "
                         "prune.sparsities (or a target in prune.mac_targets)")
     seen = {}
     for t in grid(spec):  # ids keep two decimals: 0.5 and 0.501 would share one record and one checkpoint
         other = seen.setdefault(t.id, t)
         if other is not t:
-            key, a, b = ("mac_targets", other.target, t.target) if t.target else ("sparsities", other.sparsity, t.sparsity)
+            key, a, b = (("mac_targets", other.target, t.target) if t.target else
+                         ("speedup_targets", other.speedup_target, t.speedup_target) if t.speedup_target else
+                         ("sparsities", other.sparsity, t.sparsity))
             raise UserError(f"prune.{key} {a:g} and {b:g} would both be trial {t.id}: trial ids keep two decimals; "
                             "make them differ there")
     return spec

@@ -25,7 +25,9 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     from ..spec import config_of, grid, load_spec, parse_shard, resolve, shard_trials
 
     spec, job_text = load_spec(job, overrides)
-    if "onnxruntime" in spec.latency.runtimes:  # before dense training, not in every trial's record
+    lat = spec.latency
+    if "onnxruntime" in lat.runtimes or lat.target_runtime == "onnxruntime" and spec.prune.speedup_targets:
+        # before dense training, not in every trial's record
         require("latency.runtimes: onnxruntime", "onnx", "onnxruntime", "onnxscript")
     i, n = parse_shard(shard)
     # ops MPS lacks run on the CPU instead of failing, in the dense training's process and Ray's workers alike

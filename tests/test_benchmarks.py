@@ -97,3 +97,19 @@ def test_trial_memory_benchmark_quick():
         peaks = [float(r[-1]) for r in rows if r[2] == arm]
         assert peaks == sorted(peaks) and peaks[0] > 100
     assert "resources.memory_per_trial:" in p.stdout
+
+
+def test_deploy_latency_benchmark_quick():
+    # every runtime available here, dense and pruned paired per runtime: one row per runtime x batch
+    p = subprocess.run([sys.executable, "benchmarks/deploy_latency.py", "--quick", "--trials", "3"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("simple_cnn")]
+    assert sorted((r[2], r[3]) for r in rows) == [("compiled", "1"), ("compiled", "8"), ("eager", "1"), ("eager", "8"),
+                                                  ("onnxruntime", "1"), ("onnxruntime", "8")]
+    for r in rows:
+        speedup, mac_reduction, efficiency = float(r[6]), float(r[8]), float(r[9])
+        assert mac_reduction > 3 and abs(efficiency - speedup / mac_reduction) < 0.01
+    bad = subprocess.run([sys.executable, "benchmarks/deploy_latency.py", "--quick", "--runtimes", "tensorrt"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert_clean_error(bad, "tensorrt")

@@ -26,6 +26,9 @@ SCHEMA_VERSION = 1
 # Field metadata RERUN: a re-run of a study may change this setting without making its results incomparable
 # (which trials the grid holds, where things are, how the machine is used); every other setting shapes results.
 RERUN = {"rerun": True}
+# Field metadata SINCE: added later with a default that does what older versions did, so a file that lacks the
+# setting ran with that default (resuming an older study with it is no change)
+SINCE = {"absent_is_default": True}
 
 
 @dataclass(frozen=True)
@@ -96,11 +99,12 @@ class LatencySpec:
     threads: int = 1
     # Deployment timing (issue 30): each runtime x batch size, dense and trial timed pair by pair in it.
     # eager | compiled (torch.compile) | onnxruntime; batch_sizes empty = [batch_size]
-    runtimes: typing.List[str] = field(default_factory=lambda: ["eager"])
-    batch_sizes: typing.List[int] = field(default_factory=list)
-    compile_mode: str = "auto"  # compiled: auto (CUDA: the faster CUDA-graph mode; CPU: default) or a torch mode
-    target_runtime: str = "eager"  # where prune.speedup_targets are measured
-    target_batch: typing.Optional[int] = None  # and at which batch (default: batch_size)
+    runtimes: typing.List[str] = field(default_factory=lambda: ["eager"], metadata=SINCE)
+    batch_sizes: typing.List[int] = field(default_factory=list, metadata=SINCE)
+    # compiled: auto (CUDA: the faster CUDA-graph mode; CPU: default) or a torch mode
+    compile_mode: str = field(default="auto", metadata=SINCE)
+    target_runtime: str = field(default="eager", metadata=SINCE)  # where prune.speedup_targets are measured
+    target_batch: typing.Optional[int] = field(default=None, metadata=SINCE)  # and at which batch (None: batch_size)
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,17 @@ def load_spec(path, overrides=None, check_backends=True):
         print("note: performance.cpu_kernels has no effect any more (stock PyTorch kernels; on the CPU, "
               "performance.compile is the lever)", file=sys.stderr)
     return spec, text
+
+
+def absent_defaults(cls=None, prefix=""):
+    """{dotted name: default} of the settings marked SINCE: absent from an older file's config = this default."""
+    out = {}
+    for f in dataclasses.fields(cls or StudySpec):
+        if dataclasses.is_dataclass(f.type):
+            out.update(absent_defaults(f.type, f"{prefix}{f.name}."))
+        elif f.metadata.get("absent_is_default"):
+            out[f"{prefix}{f.name}"] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return out
 
 
 def rerun_settings(cls=None, prefix=""):

@@ -190,3 +190,22 @@ def test_without_onnxruntime_the_runtime_names_the_extra(dense_ckpt, tmp_path, a
     p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert_clean_error(p, needle)
     assert "pruneflow[onnx]" in p.stderr and not (tmp_path / "quickstart").exists()
+
+
+def test_a_study_from_before_the_runtimes_resumes_with_their_defaults(tmp_path):
+    from pruneflow.errors import UserError
+    from pruneflow.results import ResultStore
+    from pruneflow.spec import config_of, load_spec, resolve
+    from pruneflow.sweep.driver import check_same_settings
+
+    spec, text = load_spec("jobs/quickstart.yaml")
+    config = config_of(resolve(spec))
+    older = json.loads(json.dumps(config))  # as a file written before latency.runtimes existed holds it
+    for k in ("runtimes", "batch_sizes", "compile_mode", "target_runtime", "target_batch"):
+        del older["latency"][k]
+    path = tmp_path / "shard-0-of-1.h5"
+    ResultStore(path, "quickstart", text, older).close()
+    check_same_settings(str(path), config)  # eager at batch_size is what it ran: no change
+    spec, _ = load_spec("jobs/quickstart.yaml", {"latency.runtimes": ["eager", "compiled"]})
+    with pytest.raises(UserError, match=r"latency.runtimes \['eager'\] -> \['eager', 'compiled'\]"):
+        check_same_settings(str(path), config_of(resolve(spec)))

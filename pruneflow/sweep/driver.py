@@ -116,10 +116,11 @@ def check_same_settings(path, config):
     """Refuse to resume ``path`` with settings that would make its new trials incomparable with its old ones
     (a re-run with --finetune.epochs 2 used to report the old 1-epoch trials as done, silently)."""
     from ..results import read_file_attrs
-    from ..spec import rerun_settings
+    from ..spec import absent_defaults, rerun_settings
 
-    free = rerun_settings()
+    free, since = rerun_settings(), absent_defaults()
     before, now = flat(read_file_attrs(path)["config"]), flat(config)
+    before.update({k: v for k, v in since.items() if k not in before})  # an older file ran with the default
     changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
                and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in free)]
     if changed:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmarks on one GPU, as quoted in docs/benchmarks.md:   bash benchmarks/gpu_suite.sh OUTDIR [STEP ...]
-# Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine (up to 32 min
+# Each step is time-boxed so that one slow step cannot eat the others' time on a borrowed machine (up to 39 min
 # in all: name a few STEPs to fit a shorter lease); every step's output is kept in OUTDIR/<step>.txt,
 # and the packing study's results files in OUTDIR/packing-study.
 # On a machine without Ray/Torch-Pruning/Fire, carry the wheels that benchmarks/device_wheels.sh fetches.
@@ -42,6 +42,9 @@ step packing-graph 270 "$py" benchmarks/packing.py --device cuda --compile cudag
 step projection 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda  # the job's compile
 step projection-bf16 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda --precision bf16
 step latency 60 "$py" benchmarks/latency.py --device cuda
+# what pruning buys per runtime: eager vs torch.compile (CUDA graphs, the faster of reduce-overhead and
+# max-autotune) at batch 1/64/256; onnxruntime too where onnxruntime-gpu is installed
+step deploy 420 "$py" benchmarks/deploy_latency.py --device cuda --models resnet18,resnet101 --batches 1,64,256
 # a user's first sweep: dense training in its own process (the driver must hold no GPU memory), the auto-packing
 # probe measured once and reused by the grown study (benchmarks/sweep_auto_check.sh)
 step sweep-auto 200 bash benchmarks/sweep_auto_check.sh "$out/sweep-auto"

@@ -43,8 +43,9 @@ step projection 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml -
 step projection-bf16 240 "$py" benchmarks/projection.py jobs/resnet101_cifar10.yaml --device cuda --precision bf16
 step latency 60 "$py" benchmarks/latency.py --device cuda
 # what pruning buys per runtime: eager vs torch.compile (CUDA graphs, the faster of reduce-overhead and
-# max-autotune) at batch 1/64/256; onnxruntime too where onnxruntime-gpu is installed
-step deploy 420 "$py" benchmarks/deploy_latency.py --device cuda --models resnet18,resnet101 --batches 1,64,256
+# max-autotune) at batch 1/64/256 (add onnxruntime to --runtimes where onnxruntime-gpu is installed)
+step deploy 420 "$py" benchmarks/deploy_latency.py --device cuda --models resnet18,resnet101 --batches 1,64,256 \
+    --runtimes eager,compiled
 # a user's first sweep: dense training in its own process (the driver must hold no GPU memory), the auto-packing
 # probe measured once and reused by the grown study (benchmarks/sweep_auto_check.sh)
 step sweep-auto 200 bash benchmarks/sweep_auto_check.sh "$out/sweep-auto"

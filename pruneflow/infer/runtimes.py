@@ -96,8 +96,11 @@ def _compiled(model, batch, mode, t0):
     if best is None:
         raise RuntimeUnavailable(f"torch.compile failed in every mode tried ({', '.join(modes)})")
     m, _, fn = best
+    graphs = cuda and m in ("reduce-overhead", "max-autotune")
 
     def call():
+        if graphs:  # each call a new step: CUDA-graph trees may then reuse the previous call's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.inference_mode():
             return fn(batch)
 
@@ -179,6 +182,7 @@ def _onnxruntime(model, batch, threads, workdir, t0):
     import numpy as np
     import torch
 
+    providers_for(batch.device.type)  # no provider for this device: say so before spending time on the export
     tmp = tempfile.mkdtemp(prefix="pruneflow-onnx-", dir=workdir)
     path = os.path.join(tmp, "model.onnx")
     cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float()

@@ -72,6 +72,17 @@ def check_whole(v, what, minimum):
     return v
 
 
+def check_above(v, what, bound, hint=""):
+    """``v`` as a float if it is a number > ``bound`` (Fire passes '2x' as a string); ``hint`` says what it means."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        x = None
+    if isinstance(v, bool) or x is None or not x > bound:
+        raise UserError(f"{what} must be a number > {bound:g}{hint}, got {v!r}")
+    return x
+
+
 def check_flag(v, what):
     """``v`` as a bool. Fire gives True/False for --flag/--noflag and --flag=True, but the string 'true' for
     --flag=true, and the int 1 for --flag=1: accept those, refuse anything else (a typo would otherwise count

@@ -11,7 +11,7 @@ import os
 import sys
 
 from .cli import run_cli
-from .errors import UserError, check_flag
+from .errors import UserError, check_above, check_flag, check_whole
 
 FORMATS = ("onnx",)
 
@@ -34,14 +34,7 @@ def export(ckpt, format="onnx", batch=1, dynamic_batch=False, atol=1e-4, data_ro
     if format not in FORMATS:
         raise UserError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
     dynamic_batch = check_flag(dynamic_batch, "dynamic_batch")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise UserError(f"--batch must be a whole number >= 1, got {batch!r}")
-    try:
-        atol = float(atol)
-    except (TypeError, ValueError):
-        raise UserError(f"--atol must be a number, got {atol!r}") from None
-    if not atol > 0:
-        raise UserError(f"--atol must be > 0, got {atol}")
+    batch, atol = check_whole(batch, "--batch", 1), check_above(atol, "--atol", 0)
     files = _checkpoints(os.fspath(ckpt))
     if out is not None and len(files) > 1:
         raise UserError("--out names one file: export a directory without it (each .onnx goes beside its checkpoint)")

@@ -4,7 +4,7 @@ checkpoint and physically shrink it; print params / MACs / layer widths before -
 import sys
 import time
 
-from .errors import UserError, check_flag
+from .errors import UserError, check_above, check_flag, check_whole
 from .prune import (MAC_TOLERANCE, NNI_PARTS, calibration_batches, check_sparsity, format_widths, parse_method, prune,
                     prune_to_mac_reduction, pruned_meta)
 from .spec import misses_mac_target
@@ -120,22 +120,14 @@ def _speedup_settings(target, runtime, batch, device, threads):
     from .infer.device import resolve_device
     from .infer.runtimes import RUNTIMES
 
-    try:
-        target = float(target)
-    except (TypeError, ValueError):
-        raise UserError(f"--target-speedup must be a number > 1 (e.g. 2 for twice as fast), got {target!r}") from None
-    if not target > 1:
-        raise UserError(f"--target-speedup must be > 1 (e.g. 2 for twice as fast), got {target:g}")
+    target = check_above(target, "--target-speedup", 1, " (e.g. 2 for twice as fast)")
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
     if runtime == "onnxruntime" and missing_packages("onnx", "onnxruntime", "onnxscript"):
         raise UserError(install_hint("--runtime onnxruntime", missing_packages("onnx", "onnxruntime", "onnxscript")))
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise UserError(f"--batch must be a whole number >= 1, got {batch!r}")
+    check_whole(batch, "--batch", 1)
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise UserError(f"--threads must be a whole number >= 1, got {threads!r}")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_whole(threads, "--threads", 1))
     return dict(target=target, device=resolve_device(device), runtime=runtime, batch_size=batch, threads=threads)
 
 

@@ -130,7 +130,7 @@ def test_export_cli_writes_checked_onnx_beside_each_checkpoint(deployed, tmp_pat
     for args, needle in ((["--ckpt", pickle], "not a .safetensors checkpoint"),
                          (["--ckpt", ckpts, "--batch", 0], "--batch must be a whole number >= 1"),
                          (["--ckpt", ckpts, "--format", "tensorrt"], "unknown format 'tensorrt'"),
-                         (["--ckpt", ckpts, "--atol", -1], "--atol must be > 0"),
+                         (["--ckpt", ckpts, "--atol", -1], "--atol must be a number > 0"),
                          (["--ckpt", ckpts, "--out", tmp_path / "x.onnx"], "--out names one file"),
                          (["--ckpt", tmp_path / "absent.safetensors"], "no such checkpoint")):
         assert_clean_error(run_module("pruneflow.export", *args), needle)

@@ -70,7 +70,7 @@ def test_prune_cli_targets_a_measured_speedup(dense_ckpt, tmp_path):
                    "--threads", 1, "--noprint_model")
     assert p.returncode == 0, p.stderr
     assert "speedup target 1.3x in eager at batch 16: reached" in p.stdout and "probes (sparsity" in p.stdout
-    for args, needle in ((["--target-speedup", 1], "--target-speedup must be > 1"),
+    for args, needle in ((["--target-speedup", 1], "--target-speedup must be a number > 1"),
                          (["--target-speedup", 2, "--sparsity", 0.5], "give exactly one of"),
                          (["--target-speedup", 2, "--runtime", "trt"], "unknown runtime 'trt'"),
                          (["--target-speedup", 2, "--batch", 0], "--batch must be a whole number >= 1")):

@@ -32,7 +32,7 @@ BUILD = os.path.join(ROOT, "containers", "build.sh")
 IMAGE_ROOT = "/opt/pruneflow"  # where %files puts the repository inside the image
 KNOWN_SECTIONS = {"setup", "files", "post", "environment", "runscript", "startscript", "test", "labels", "help"}
 SHELL_SECTIONS = ("post", "environment", "runscript", "test")
-COMMANDS = ("train", "prune", "sweep", "submit", "report", "infer", "convert", "data")
+COMMANDS = ("train", "prune", "sweep", "submit", "report", "infer", "export", "convert", "data")
 # A study small enough for a test (dense + one L1 trial, one epoch each), as slurm/sweep.sh takes it.
 SMALL_ARGS = ("--seeds [0] --prune.methods [l1] --prune.sparsities [0.5] --train.epochs 1 --finetune.epochs 1 "
               "--latency.trials 2 --control false --resources.device cpu")

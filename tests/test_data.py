@@ -186,3 +186,39 @@ def test_random_crop_flip_matches_definition():
         if flip[i]:
             ref = ref.flip(-1)
         assert torch.equal(out[i], ref)
+
+
+def make_cifar100(root, n=8):
+    """CIFAR-100 python pickles as torchvision reads them: train / test dicts with data (N, 3072 uint8) and
+    fine_labels (0-99; coarse_labels too), meta with fine_label_names."""
+    base = os.path.join(root, "cifar-100-python")
+    os.makedirs(base)
+    rng = np.random.default_rng(2)
+    written = {}
+    for name in ("train", "test"):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = rng.integers(0, 100, n).tolist()
+        with open(os.path.join(base, name), "wb") as f:
+            pickle.dump({"data": data, "fine_labels": fine, "coarse_labels": [x // 5 for x in fine]}, f)
+        written[name] = (data, fine)
+    with open(os.path.join(base, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)],
+                     "coarse_label_names": [f"super{i}" for i in range(20)]}, f)
+    return written
+
+
+def test_cifar100_pickles(tmp_path, monkeypatch):
+    import torchvision
+
+    written = make_cifar100(tmp_path, n=20)
+    cls = torchvision.datasets.CIFAR100  # stand-in files: skip the MD5 sums, keep torchvision's real reader
+    monkeypatch.setattr(cls, "train_list", [[name, None] for name, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[name, None] for name, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", dict(cls.meta, md5=None))
+    test_images, test_labels = load_split("cifar100", "test", tmp_path)
+    assert test_images.shape == (20, 3, 32, 32) and test_labels.tolist() == written["test"][1]
+    assert torch.equal(test_images[3], torch.from_numpy(written["test"][0][3].reshape(3, 32, 32)))
+    images, _ = load_split("cifar100", "train", tmp_path, val=(2, 0))
+    assert images.shape == (18, 3, 32, 32)
+    with pytest.raises(UserError, match="cifar100 not found under"):
+        load_split("cifar100", "train", tmp_path / "nowhere")

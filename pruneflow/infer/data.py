@@ -23,16 +23,23 @@ DATASETS = {
     "digits": dict(shape=(1, 28, 28), classes=10, mean=(0.3056,), std=(0.3247,), augment=False),
     "mnist": dict(shape=(1, 28, 28), classes=10, mean=(0.1307,), std=(0.3081,), augment=False),
     "cifar10": dict(shape=(3, 32, 32), classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), augment=True),
+    "cifar100": dict(shape=(3, 32, 32), classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+                     augment=True),
 }
 # Random uint8 images of a real data set's shape and size (train, test), for measuring speed and packing
 # where the data is not staged (benchmarks, a first try on a cluster): accuracy on them means nothing.
-SYNTHETIC = {"synthetic-mnist": ("mnist", 60000, 10000), "synthetic-cifar10": ("cifar10", 50000, 10000)}
+SYNTHETIC = {"synthetic-mnist": ("mnist", 60000, 10000), "synthetic-cifar10": ("cifar10", 50000, 10000),
+             "synthetic-cifar100": ("cifar100", 50000, 10000),
+             # smoke runs of a job file in a minute on a laptop CPU (jobs/*.yaml name the override)
+             "synthetic-cifar10-tiny": ("cifar10", 1000, 500), "synthetic-cifar100-tiny": ("cifar100", 1000, 500)}
 for _name, (_base, _, _) in SYNTHETIC.items():
     DATASETS[_name] = DATASETS[_base]
 # train is the data set's training part minus a held-out val carve (``carve``); test is the data set's own.
 SPLITS = ("train", "val", "test")
 # The val carve when a job file does not size it: a count of images, or a fraction of the training part.
-VAL_SIZES = {"digits": 0.1, "mnist": 5000, "cifar10": 5000, "synthetic-mnist": 5000, "synthetic-cifar10": 5000}
+VAL_SIZES = {"digits": 0.1, "mnist": 5000, "cifar10": 5000, "cifar100": 5000, "synthetic-mnist": 5000,
+             "synthetic-cifar10": 5000, "synthetic-cifar100": 5000, "synthetic-cifar10-tiny": 0.1,
+             "synthetic-cifar100-tiny": 0.1}
 DEFAULT_DATA_ROOT = os.environ.get("PRUNEFLOW_DATA", os.path.join("~", ".cache", "pruneflow", "data"))
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -134,7 +141,8 @@ def _load(name, train, root=None, download=False):
         raise UserError(_missing(name, root, "the directory does not exist"))
     import torchvision
 
-    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
+    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10,
+           "cifar100": torchvision.datasets.CIFAR100}[name]
     made = [d for d in _folders(name, root) if not os.path.exists(d)]  # what a failed download may leave empty
     try:
         ds = cls(root, train=train, download=download)
@@ -159,7 +167,8 @@ def _load(name, train, root=None, download=False):
 def _folders(name, root):
     """The folders torchvision keeps ``name`` in under ``root``, innermost first."""
     return {"mnist": [os.path.join(root, "MNIST", "raw"), os.path.join(root, "MNIST")],
-            "cifar10": [os.path.join(root, "cifar-10-batches-py")]}[name]
+            "cifar10": [os.path.join(root, "cifar-10-batches-py")],
+            "cifar100": [os.path.join(root, "cifar-100-python")]}[name]
 
 
 def _missing(name, root, why):

@@ -97,7 +97,7 @@ def check_inputs(spec, dense, train_only):
                         "with --train_only)")
     if spec.train.checkpoint and not dense and not os.path.exists(spec.train.checkpoint):
         raise UserError(f"train.checkpoint {spec.train.checkpoint} does not exist")
-    if spec.data.dataset in ("mnist", "cifar10") and not spec.data.download:
+    if spec.data.dataset in ("mnist", "cifar10", "cifar100") and not spec.data.download:
         load_split(spec.data.dataset, "test", spec.data.root)  # not staged: where it looked and how to stage it
 
 

@@ -41,7 +41,7 @@ def prune_depgraph(model, method, sparsity, input_shape, op_types, exclude, cali
     if method == "slim" and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         raise UserError("slim (BatchNorm-scale) pruning needs BatchNorm layers; this model has none")
     example = torch.rand(2, *input_shape)
-    pruner = tp.pruner.MetaPruner(model, example, importance=importance(method), pruning_ratio=sparsity,
+    pruner = tp.pruner.BasePruner(model, example, importance=importance(method), pruning_ratio=sparsity,
                                   ignored_layers=ignored, round_to=round_to, global_pruning=global_pruning)
     if method == "taylor":
         if not calibration:

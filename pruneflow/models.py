@@ -12,4 +12,8 @@ def default_prune_targets(arch):
     classifier fc2; ResNets prune Conv2d only (their classifier fc is a Linear, so it is untouched)."""
     if arch == "simple_cnn":
         return ("Conv2d", "Linear"), ("fc2",)
+    if arch.startswith("vgg"):
+        return ("Conv2d",), ("classifier",)
+    if arch == "mobilenet_v2":
+        return ("Conv2d",), ("classifier.1",)
     return ("Conv2d",), ("fc",)

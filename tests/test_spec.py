@@ -3,7 +3,8 @@ import pytest
 from pruneflow.errors import UserError
 from pruneflow.spec import config_of, grid, load_spec, parse_shard, resolve, shard_trials
 
-JOBS = ["jobs/quickstart.yaml", "jobs/mnist_cnn.yaml", "jobs/resnet101_cifar10.yaml"]
+JOBS = ["jobs/quickstart.yaml", "jobs/mnist_cnn.yaml", "jobs/resnet101_cifar10.yaml", "jobs/resnet56_cifar10.yaml",
+        "jobs/mobilenetv2_cifar10.yaml", "jobs/vgg19_cifar100.yaml"]
 
 
 @pytest.mark.parametrize("job", JOBS)
@@ -11,7 +12,9 @@ def test_shipped_jobs_validate(job):
     spec, text = load_spec(job)
     cfg = config_of(resolve(spec))
     assert cfg["prune"]["op_types"] and text
-    per_seed = 1 + spec.control + len(spec.prune.methods) * len(spec.prune.sparsities)
+    structured = [m for m in spec.prune.methods if not m.startswith("level")]
+    per_seed = (1 + spec.control + len(spec.prune.methods) * len(spec.prune.sparsities)
+                + len(structured) * len(spec.prune.mac_targets))
     assert len(grid(spec)) == len(spec.seeds) * per_seed
 
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .cifar import CIFAR_ARCHS, build_cifar
 
 
 class SimpleCNN(nn.Module):
@@ -55,7 +56,7 @@ def cifar_resnet_class():
 
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-ARCHITECTURES = ("simple_cnn",) + RESNETS
+ARCHITECTURES = ("simple_cnn",) + RESNETS + CIFAR_ARCHS
 STEMS = ("imagenet", "cifar")
 
 
@@ -68,6 +69,8 @@ def build_model(arch, num_classes=10, in_channels=3, stem="imagenet"):
     """
     if arch == "simple_cnn":
         return SimpleCNN(in_channels=in_channels, num_classes=num_classes)
+    if arch in CIFAR_ARCHS:  # CIFAR-sized by design: the stem setting does not apply
+        return build_cifar(arch, num_classes, in_channels)
     if arch not in RESNETS:
         raise UserError(f"unknown model {arch!r}; valid models: {', '.join(ARCHITECTURES)}")
     if stem not in STEMS:

@@ -176,8 +176,11 @@ def resize_to(model, tensors):
         if isinstance(module, nn.Conv2d):
             if w.dim() != 4 or tuple(w.shape[2:]) != module.kernel_size:
                 raise ValueError(f"{name}.weight has shape {tuple(w.shape)}, expected kernel {module.kernel_size}")
-            new = nn.Conv2d(w.shape[1] * module.groups, w.shape[0], module.kernel_size, module.stride,
-                            module.padding, module.dilation, module.groups, module.bias is not None)
+            # a depthwise convolution (MobileNetV2) pruned to C channels keeps groups = C
+            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            groups = w.shape[0] if depthwise else module.groups
+            new = nn.Conv2d(w.shape[1] * groups, w.shape[0], module.kernel_size, module.stride,
+                            module.padding, module.dilation, groups, module.bias is not None)
         elif isinstance(module, nn.BatchNorm2d):
             new = nn.BatchNorm2d(w.shape[0], module.eps, module.momentum, module.affine, module.track_running_stats)
         elif isinstance(module, nn.Linear):

@@ -95,7 +95,8 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
         raise UserError(f"op types {list(op_types)} invalid; choose from {', '.join(OP_TYPES)}")
     if round_to is not None:
         check_whole(round_to, "round_to", 1)
-    model = copy.deepcopy(model).cpu().eval()
+    # contiguous weights: a model fine-tuned in channels_last (iterative rounds) breaks NNI's mask views
+    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
     names = {n for n, _ in model.named_modules() if n}
     unknown = [e for e in exclude if e not in names]
     if unknown:

@@ -35,6 +35,7 @@ from .errors import UserError
 SCHEMA = 1
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 PROBE_FIELDS = ("sparsity", "speedup", "lo", "hi")
+POINT_FIELDS = ("round", "sparsity", "channel_sparsity", "macs", "params", "epochs")
 TRIAL_TABLES = ("epochs", "latency", "widths")  # every trial has them (latency_dense: all but the dense trial)
 
 
@@ -94,6 +95,14 @@ class TrialRecord:
     split_sha: str = _field("fingerprint of the val carve (infer.data.carve_id): equal in every comparable trial", "")
     precision: str = _field("fp32 | bf16: the arithmetic it trained and was scored in", "")
     compile: str = _field("performance.compile it trained with", "")
+    schedule: str = _field("iterative <ramp> x<steps> (prune.schedule); empty: one-shot", "")
+    prune_points: list = _field("table: round, sparsity (cumulative, nominal), channel_sparsity (achieved), macs, "
+                                "params, epochs after it; attribute widths: each round's (layer, out) as JSON",
+                                table=True, factory=list)
+    distill_teacher: str = _field("fine-tuned by distillation from this checkpoint (the seed's dense model); empty: "
+                                  "plain cross-entropy", "")
+    distill_alpha: float = _field("distillation: weight of the cross-entropy term (finetune.distill.alpha)", None)
+    distill_temperature: float = _field("distillation: softmax temperature (finetune.distill.temperature)", None)
     latency_mean: float = _field("seconds per timed batch", 0.0, need="done")
     latency_std: float = _field("seconds per timed batch", 0.0, need="done")
     latency_median: float = _field("seconds per timed batch", 0.0, need="done")
@@ -278,6 +287,12 @@ class ResultStore:
             wt = np.array([(n, t, i, o) for n, t, i, o in record.widths],
                           dtype=[("layer", h5py.string_dtype()), ("type", h5py.string_dtype()), ("in", "i8"), ("out", "i8")])
             g.create_dataset("widths", data=wt)
+            if record.prune_points:
+                pts = g.create_dataset("prune_points", data=np.array(
+                    [tuple(pt[k] for k in POINT_FIELDS) for pt in record.prune_points],
+                    dtype=[("round", "i8"), ("sparsity", "f8"), ("channel_sparsity", "f8"), ("macs", "i8"),
+                           ("params", "i8"), ("epochs", "i8")]))
+                pts.attrs["widths"] = json.dumps([pt["widths"] for pt in record.prune_points])
             if record.speedup_probes:
                 g.create_dataset("speedup_probes", data=np.array([tuple(map(float, p)) for p in record.speedup_probes],
                                                                  dtype=[(k, "f8") for k in PROBE_FIELDS]))
@@ -397,6 +412,10 @@ def _read_trial(path, tid, g, labels):
             r[f"{split}_pred"] = g[f"{split}_pred"][()] if f"{split}_pred" in g else None
             r[f"{split}_labels"] = labels.get(split) if r[f"{split}_pred"] is not None else None
         r["deploy"] = _read_deploy(g["deploy"]) if "deploy" in g else []  # absent before issue 30
+        if "prune_points" in g:  # iterative trials (issue 31)
+            widths = json.loads(_plain(g["prune_points"].attrs.get("widths", "[]")))
+            r["prune_points"] = [dict({k: row[k].item() for k in POINT_FIELDS}, widths=[tuple(w) for w in ws])
+                                 for row, ws in zip(g["prune_points"][()], widths)]
         r["speedup_probes"] = ([tuple(float(row[k]) for k in PROBE_FIELDS) for row in g["speedup_probes"][()]]
                                if "speedup_probes" in g else [])
     except (KeyError, ValueError, TypeError, OSError) as e:  # a table of the wrong shape or type, unreadable data

@@ -33,7 +33,8 @@ SINCE = {"absent_is_default": True}
 
 @dataclass(frozen=True)
 class ModelSpec:
-    arch: str = "simple_cnn"  # simple_cnn | resnet18 | resnet34 | resnet50 | resnet101 | resnet152
+    # simple_cnn | resnet18 ... resnet152 (torchvision) | resnet20/32/56/110 | vgg16_bn | vgg19_bn | mobilenet_v2
+    arch: str = "simple_cnn"
     stem: str = "cifar"  # ResNets: cifar (3x3/1, no pool) | imagenet (7x7/2 + pool, as the 2022 report)
 
 
@@ -79,6 +80,19 @@ class PruneSpec:
     op_types: typing.Optional[typing.List[str]] = None  # default: the 2022 report's for the model
     exclude: typing.Optional[typing.List[str]] = None  # default: the classifier
     dependency_aware: typing.Optional[bool] = None  # default: on for ResNets
+    # oneshot (prune once, then fine-tune) | iterative: prune.steps rounds on a prune.ramp (agp | linear) with
+    # the fine-tune epochs split between them (pruneflow/schedule.py)
+    schedule: str = field(default="oneshot", metadata=SINCE)
+    steps: int = field(default=3, metadata=SINCE)
+    ramp: str = field(default="agp", metadata=SINCE)
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    # loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T), teacher = the trial's
+    # own dense checkpoint (Hinton et al. 2015); the control arm distils too, so arms stay comparable
+    alpha: float = 0.5
+    temperature: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,7 @@ class FinetuneSpec:
     epochs: int = 3
     batch_size: typing.Optional[int] = None
     lr: typing.Optional[float] = None
+    distill: typing.Optional[DistillSpec] = field(default=None, metadata=SINCE)  # null: plain cross-entropy
 
 
 @dataclass(frozen=True)

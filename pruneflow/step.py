@@ -64,13 +64,35 @@ def autocast(device_type, amp_dtype, cache_enabled=True):
     return torch.autocast(device_type, dtype=amp_dtype, cache_enabled=cache_enabled)
 
 
-def train_step(forward, opt, x, y, sums, masks=None, amp_dtype=None):
+def distill_loss(student, teacher, y, alpha, temperature):
+    """alpha * CE(student, y) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T)), batch mean:
+    Hinton et al. 2015's knowledge distillation (T^2 keeps the soft term's gradients on the CE term's scale)."""
+    soft = F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
+                    reduction="batchmean", log_target=True)
+    return alpha * F.cross_entropy(student, y) + (1 - alpha) * temperature ** 2 * soft
+
+
+class Distill:
+    """The loss of a distilled step: the teacher (eval mode, no gradients) scores each batch as the student trains."""
+
+    def __init__(self, teacher, alpha, temperature):
+        self.teacher, self.alpha, self.temperature = teacher.eval(), float(alpha), float(temperature)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, out, x, y):
+        with torch.no_grad():
+            t = self.teacher(x)
+        return distill_loss(out, t.to(out.dtype), y, self.alpha, self.temperature)
+
+
+def train_step(forward, opt, x, y, sums, masks=None, amp_dtype=None, loss_fn=None):
     """One optimiser step on (x, y), gradients None on entry; the batch's summed loss and correct count are added
     to ``sums`` in place, so the same code runs eagerly and recorded in a CUDA graph. Autocast's weight cache is
-    off, as torch asks of regions recorded in CUDA graphs."""
+    off, as torch asks of regions recorded in CUDA graphs. ``loss_fn(out, x, y)``: default cross-entropy."""
     with autocast(x.device.type, amp_dtype, cache_enabled=False):
         out = forward(x)
-        loss = F.cross_entropy(out, y)
+        loss = F.cross_entropy(out, y) if loss_fn is None else loss_fn(out, x, y)
     loss.backward()
     opt.step()
     if masks:
@@ -85,8 +107,8 @@ class Step:
     """``step(x, y)``: one training step; ``sums`` hold the running (summed loss, correct count) on the device,
     read by the caller once in a while (a read per step would make the CPU wait for the GPU every step)."""
 
-    def __init__(self, model, opt, masks=None, amp_dtype=None, forward=None, graph=None):
-        self.model, self.opt, self.masks, self.amp_dtype = model, opt, masks, amp_dtype
+    def __init__(self, model, opt, masks=None, amp_dtype=None, forward=None, graph=None, loss_fn=None):
+        self.model, self.opt, self.masks, self.amp_dtype, self.loss_fn = model, opt, masks, amp_dtype, loss_fn
         self.forward, self.graph = forward, graph  # forward: the compiled model (None: the module itself)
         self.full = 0  # the first batch's size: compiled and recorded steps run batches of this size only
         self.sums = None
@@ -109,22 +131,22 @@ class Step:
         # module has no truth value
         forward = self.forward if self.forward is not None and len(x) == self.full else self.model
         self.opt.zero_grad(set_to_none=True)
-        train_step(forward, self.opt, x, y, self.sums, self.masks, self.amp_dtype)
+        train_step(forward, self.opt, x, y, self.sums, self.masks, self.amp_dtype, self.loss_fn)
 
 
-def make_step(model, opt, perf, masks=None):
+def make_step(model, opt, perf, masks=None, loss_fn=None):
     """The training step ``perf`` (a Perf) asks for: eager, a torch.compile'd forward, or (GRAPH_MODES on CUDA)
     the whole step recorded as a CUDA graph around the eager model ('cudagraphs') or Inductor's ('reduce-overhead').
     ``opt`` must come from make_optimizer with the same ``perf`` (capturable for the graph modes)."""
     if perf.compile is None:
-        return Step(model, opt, masks, perf.amp_dtype)
+        return Step(model, opt, masks, perf.amp_dtype, loss_fn=loss_fn)
     if perf.compile not in GRAPH_MODES:
-        return Step(model, opt, masks, perf.amp_dtype, forward=compile_model(model, perf.compile))
+        return Step(model, opt, masks, perf.amp_dtype, forward=compile_model(model, perf.compile), loss_fn=loss_fn)
     forward = model if perf.compile == "cudagraphs" else compile_model(model, "default")
-    step = Step(model, opt, masks, perf.amp_dtype, forward=None if forward is model else forward)
+    step = Step(model, opt, masks, perf.amp_dtype, forward=None if forward is model else forward, loss_fn=loss_fn)
 
     def whole_step(x, y, sums):
-        train_step(forward, opt, x, y, sums, masks, perf.amp_dtype)
+        train_step(forward, opt, x, y, sums, masks, perf.amp_dtype, loss_fn)
 
     step.graph = StepGraph(whole_step, opt, next(model.parameters()).device)
     return step

@@ -130,7 +130,7 @@ def evaluate(model, batches, amp_dtype=None, predictions=False):
 
 
 def fit(model, train_batches, val_batches, recipe, epochs, perf, masks=None, progress=False, on_epoch=None,
-        resume=None):
+        resume=None, loss_fn=None):
     """Train for ``epochs`` with the step ``perf`` (a step.Perf) asks for, scoring ``val_batches`` after each;
     returns the per-epoch history.
 
@@ -138,7 +138,7 @@ def fit(model, train_batches, val_batches, recipe, epochs, perf, masks=None, pro
     ``resume`` is a state dict written from such a callback ({epoch, history, model, optimizer, scheduler}).
     """
     opt, sched = make_optimizer(model, recipe, epochs, perf)
-    step = make_step(model, opt, perf, masks)  # the module keeps the weights: evaluation never sees a wrapper
+    step = make_step(model, opt, perf, masks, loss_fn)  # the module keeps the weights: evaluation sees no wrapper
     history, start = [], 0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -248,9 +248,10 @@ def _read_resume(path, meta, device):
 
 
 def finetune(model, meta, epochs, recipe="finetune", seed=0, device="auto", data_root=None, download=False,
-             progress=False, batch_size=None, lr=None, perf=None):
+             progress=False, batch_size=None, lr=None, perf=None, teacher=None, distill=None):
     """Fine-tune a (pruned) model in place on the train split its dense model trained on (``meta``'s carve);
-    unstructured zeros stay zero. Returns the history (val_* on the val split)."""
+    unstructured zeros stay zero. With ``teacher`` and ``distill`` (a spec.DistillSpec) the loss distils the
+    teacher's logits into it (step.Distill). Returns the history (val_* on the val split)."""
     from .infer.device import resolve_device
     from .prune import zero_masks
 
@@ -263,7 +264,15 @@ def finetune(model, meta, epochs, recipe="finetune", seed=0, device="auto", data
     if epochs == 0:
         loss, acc = evaluate(model, val_b, p.amp_dtype)
         return [dict(epoch=0, train_loss=math.nan, train_acc=math.nan, val_loss=loss, val_acc=acc, lr=0.0, seconds=0.0)]
-    return fit(model, train_b, val_b, recipe, epochs, p, masks=masks, progress=progress)
+    loss_fn = None
+    if distill is not None:
+        from .step import Distill
+
+        teacher.to(dev)
+        if p.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        loss_fn = Distill(teacher, distill.alpha, distill.temperature)
+    return fit(model, train_b, val_b, recipe, epochs, p, masks=masks, progress=progress, loss_fn=loss_fn)
 
 
 def meta_carve(meta):
@@ -294,10 +303,12 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
 
     Args:
       out: output checkpoint (.safetensors); per-epoch metrics are stored in its metadata and OUT.json.
-      model: simple_cnn | resnet18 | resnet34 | resnet50 | resnet101 | resnet152.
-      dataset: digits (embedded, offline) | mnist | cifar10.
+      model: simple_cnn | resnet18 | resnet34 | resnet50 | resnet101 | resnet152 (torchvision) | resnet20 |
+        resnet32 | resnet56 | resnet110 (He et al.'s CIFAR ResNets) | vgg16_bn | vgg19_bn | mobilenet_v2.
+      dataset: digits (embedded, offline) | mnist | cifar10 | cifar100 | synthetic-* (random images).
       epochs: training epochs.
-      recipe: mnist | cifar_resnet | finetune (default: the 2022 report's for the model; finetune with --init).
+      recipe: mnist | cifar_resnet | cifar_depgraph | finetune | finetune_depgraph | ... (default: the 2022
+        report's for the model; finetune with --init).
       stem: cifar (3x3 conv, no pool) | imagenet (torchvision's 7x7/2 + max-pool, as the 2022 report) — ResNets only.
       init: fine-tune this checkpoint instead of training from scratch (pruned zeros stay zero).
       seed: random seed (recorded in the checkpoint).

@@ -5,6 +5,7 @@ driver to store.
 Every trial of a seed starts from the same dense checkpoint file: nothing carries over from one trial to the next.
 """
 
+import dataclasses
 import os
 import time
 import traceback
@@ -107,7 +108,16 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
     stats = {"params_dense": ckpt_io.count_params(model), "macs_dense": ckpt_io.count_macs(model, meta["input_shape"])}
     stats.update(params=stats["params_dense"], macs=stats["macs_dense"], mac_reduction=1.0, channel_sparsity=0.0,
                  weight_sparsity=0.0, nonzero_params=stats["params_dense"])
-    backend, search = "", None
+    backend, search, points, history = "", None, None, None
+    ft, data = spec.finetune, spec.data
+    epochs = 0 if trial.arm == "dense" else ft.epochs
+    distilled = ft.distill is not None and epochs > 0
+    teacher = ckpt_io.load(dense_path)[0] if distilled else None  # the seed's own dense model teaches
+
+    def tune(m, m_meta, n):  # fine-tune m for n epochs, as every arm of the study is
+        return finetune(m, m_meta, n, ft.recipe, trial.seed, dev, data.root, data.download, batch_size=ft.batch_size,
+                        lr=ft.lr, perf=spec.performance, teacher=teacher, distill=ft.distill)
+
     if trial.arm == "pruned":
         p = spec.prune
         criterion, backend = parse_method(trial.method)
@@ -118,14 +128,20 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
             model, stats = prune_to_mac_reduction(model, trial.method, trial.target, meta["input_shape"], **kwargs)
         elif trial.speedup_target:
             model, stats, search = _prune_to_speedup(model, trial, spec, meta, dev, kwargs)
+        elif p.schedule == "iterative":  # prune and fine-tune in rounds: the epochs are spent here
+            from .schedule import prune_iteratively
+
+            round_meta = dict(meta, method=trial.method)
+            model, stats, points, history = prune_iteratively(
+                model, trial.method, trial.sparsity, meta["input_shape"], p.steps, p.ramp, epochs,
+                lambda m, n: tune(m, round_meta, n), **kwargs)
         else:
             model, stats = prune(model, trial.method, trial.sparsity, meta["input_shape"], **kwargs)
         meta = pruned_meta(meta, stats)
     clock.stage("prune")
-    ft, data = spec.finetune, spec.data
-    epochs = 0 if trial.arm == "dense" else ft.epochs
-    history = finetune(model, meta, epochs, ft.recipe, trial.seed, dev, data.root, data.download,
-                       batch_size=ft.batch_size, lr=ft.lr, perf=spec.performance)
+    if history is None:
+        history = tune(model, meta, epochs)
+    teacher = None  # its memory back before scoring and timing
     clock.stage("finetune")
     # Every arm scored the same way: eval mode, no augmentation, each whole split (the running accuracy of the
     # last epoch would mix in dropout and the weights' drift over the epoch). val and test keep every image's
@@ -193,6 +209,10 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
         latency_settings=dict(batch_size=lat.batch_size, warmup=lat.warmup, device=str(dev),
                               threads=lat.threads, channels_last=bool(channels_last)),
         widths=ckpt_io.layer_widths(model), deploy=deploy, **_search_fields(search),
+        **(dict(distill_teacher=os.path.basename(dense_path), distill_alpha=ft.distill.alpha,
+                distill_temperature=ft.distill.temperature) if distilled else {}),
+        **(dict(schedule=f"iterative {spec.prune.ramp} x{spec.prune.steps}", prune_points=[
+            dataclasses.asdict(pt) for pt in points]) if points else {}),
     )
 
 

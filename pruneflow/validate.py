@@ -53,6 +53,19 @@ def validate(spec, check_backends=True):
                         "(under Slurm, --gpus chooses the GPUs)")
     check_performance(spec.performance)
     check_latency(spec.latency)
+    from .schedule import RAMPS
+
+    one_of(spec.prune.schedule, ("oneshot", "iterative"), "prune.schedule")
+    one_of(spec.prune.ramp, RAMPS, "prune.ramp")
+    if spec.prune.steps < 1:
+        raise UserError(f"prune.steps must be >= 1, got {spec.prune.steps}")
+    if spec.prune.schedule == "iterative" and (spec.prune.mac_targets or spec.prune.speedup_targets):
+        raise UserError("prune.schedule: iterative prunes to prune.sparsities; MAC and speedup targets search "
+                        "one-shot (leave prune.mac_targets / speedup_targets empty, or schedule: oneshot)")
+    d = spec.finetune.distill
+    if d is not None and not (0.0 <= d.alpha <= 1.0 and d.temperature > 0):
+        raise UserError(f"finetune.distill: alpha must be in [0, 1] and temperature > 0, got alpha {d.alpha}, "
+                        f"temperature {d.temperature}")
     for m in spec.prune.methods:
         (require_backend if check_backends else parse_method)(m)  # before hours of dense training
     for t in spec.prune.mac_targets:

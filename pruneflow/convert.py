@@ -1,6 +1,9 @@
-"""Convert a pickled PyTorch model (``torch.save``) into a portable pruneflow checkpoint — on a trusted
-machine only, because unpickling can run arbitrary code. That is exactly why ``pruneflow.infer`` refuses
-pickles: convert once here, then ship the .safetensors file.
+"""Convert a PyTorch ``torch.save`` file into a portable pruneflow checkpoint, then ship the .safetensors file
+(``pruneflow.infer`` refuses pickles).
+
+A state_dict loads with ``weights_only=True``: tensors and plain containers, no code. A whole pickled
+``nn.Module`` (what the 2022 study saved) can only be rebuilt by running code named in the file, so it converts
+only with ``--trust-pickle``, for a file whose origin the user trusts.
 
 ``python -m pruneflow.convert --src model.pt --out model.safetensors --model resnet101 --dataset cifar10``
 """
@@ -8,7 +11,7 @@ pickles: convert once here, then ship the .safetensors file.
 from .errors import UserError
 
 
-def cli(src, out, model, dataset="cifar10", stem="imagenet", method="none", sparsity=0.0):
+def cli(src, out, model, dataset="cifar10", stem="imagenet", method="none", sparsity=0.0, trust_pickle=False):
     """Convert a torch.save file (a whole nn.Module, as the 2022 report saved, or a state_dict) to .safetensors.
 
     Args:
@@ -19,6 +22,8 @@ def cli(src, out, model, dataset="cifar10", stem="imagenet", method="none", spar
       stem: ResNet stem: imagenet (torchvision's) | cifar.
       method: the pruning method that produced it, if any (recorded): none | level | l1 | l2 | fpgm | METHOD@depgraph.
       sparsity: its pruning sparsity, if any (recorded): a fraction in [0, 1).
+      trust_pickle: allow a file that holds pickled Python objects (a whole nn.Module): loading it runs code
+        from the file, so only for a file whose origin you trust. A state_dict never needs it.
     """
     import torch
 
@@ -27,15 +32,22 @@ def cli(src, out, model, dataset="cifar10", stem="imagenet", method="none", spar
     from .train import model_meta
     from .data import dataset_info
 
+    from .errors import check_flag
+
     recorded = pruning_meta(method, sparsity)  # fail before loading anything
+    trust_pickle = check_flag(trust_pickle, "trust_pickle")
     out = check_writable_file(out)
     refuse_pruneflow_checkpoint(src)
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=False)  # trusted input, by this command's contract
+    try:  # weights_only: tensors and containers only; nothing in the file is run unless the user trusts it
+        obj = torch.load(src, map_location="cpu", weights_only=not trust_pickle)
     except FileNotFoundError:
         raise UserError(f"{src} does not exist") from None
     except Exception as e:
-        raise UserError(f"{src} is not a torch.save file ({type(e).__name__}: {e})") from None
+        if not trust_pickle and "weights_only" in str(e):
+            raise UserError(f"{src} holds pickled Python objects (e.g. a whole nn.Module), which load only by "
+                            "running code from the file; if you trust where it came from, re-run with "
+                            "--trust-pickle (a state_dict converts without it)") from None
+        raise UserError(f"{src} is not a torch.save file ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     state = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{src} holds neither an nn.Module nor a state_dict of tensors")

@@ -61,14 +61,18 @@ def test_checkpoint_of_another_architecture(dense_ckpt, tmp_path):
 
 def test_convert_a_pickled_pruned_model(dense_ckpt, tmp_path):
     """The seed saved whole pruned modules with torch.save; convert turns one into a portable checkpoint."""
-    from conftest import run_module
+    from conftest import assert_clean_error, run_module
 
     model, meta = ckpt_io.load(dense_ckpt)
     pruned, _ = prune(model, "l1", 0.5, meta["input_shape"], ("Conv2d", "Linear"), ("fc2",))
     torch.save(pruned, tmp_path / "seed.pt")
     out = tmp_path / "seed.safetensors"
-    p = run_module("pruneflow.convert", "--src", tmp_path / "seed.pt", "--out", out, "--model", "simple_cnn",
-                   "--dataset", "digits", "--method", "l1", "--sparsity", 0.5)
+    args = ["--src", tmp_path / "seed.pt", "--out", out, "--model", "simple_cnn", "--dataset", "digits", "--method",
+            "l1", "--sparsity", 0.5]
+    # a whole module loads only by running code from the file: refused unless the user says they trust it
+    assert_clean_error(run_module("pruneflow.convert", *args), "holds pickled Python objects", "--trust-pickle")
+    assert not out.exists()
+    p = run_module("pruneflow.convert", *args, "--trust-pickle")
     assert p.returncode == 0, p.stderr
     loaded, lmeta = ckpt_io.load(out)
     x = torch.randn(2, 1, 28, 28)
@@ -90,3 +94,24 @@ def test_header_length_starting_with_0x80_is_not_mistaken_for_a_pickle(dense_ckp
             ckpt_io.load(path)  # must not raise "is a pickle"
             break
     assert hits > 0
+
+
+class _Planted:
+    """A pickle that runs code when loaded (what a hostile .pt file does): it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_convert_never_runs_code_from_a_file_it_was_not_told_to_trust(tmp_path):
+    from conftest import assert_clean_error, run_module
+
+    marker, src = tmp_path / "ran", tmp_path / "hostile.pt"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": _Planted(str(marker))}, src)
+    p = run_module("pruneflow.convert", "--src", src, "--out", tmp_path / "x.safetensors", "--model", "simple_cnn",
+                   "--dataset", "digits")
+    assert_clean_error(p, "holds pickled Python objects", "--trust-pickle")
+    assert not marker.exists()  # refused before anything in the file ran

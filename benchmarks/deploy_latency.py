@@ -74,7 +74,6 @@ def main():
         shape = (1, 28, 28) if arch == "simple_cnn" else (3, 32, 32)
         dense = build_model(arch, 10, shape[0], "cifar").eval()
         ops, exclude = default_prune_targets(arch)
-        dense_dev = dense.to(dev, memory_format=torch.channels_last) if channels_last else dense.to(dev)
         for s in sparsities:
             pruned, st = prune(dense.cpu(), "l1@depgraph", s, shape, ops, exclude, round_to=args.round_to,
                                dependency_aware=True)

@@ -9,7 +9,12 @@ their reason, never drawn as zero.
 import dataclasses
 import typing
 
+from .infer.timing import summarize
 from .study import done, mean
+
+
+def _median(xs):
+    return summarize(xs)["median"]
 
 
 @dataclasses.dataclass
@@ -162,8 +167,3 @@ def fig_deploy_throughput(model, dataset, cells, subtitle=""):
 def _runtime_order(name):
     return {"eager": 0, "compiled": 1, "onnxruntime": 2}.get(name, 3), name
 
-
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2

@@ -7,6 +7,7 @@ grows with sparsity up to noise; the search keeps the smallest sparsity seen to 
 it measured. A target out of reach is reported with the best speedup found, never faked.
 """
 
+import copy
 import dataclasses
 import typing
 
@@ -59,7 +60,7 @@ def prune_to_speedup(model, method, target, input_shape, device, runtime="eager"
         m = m.to(device).eval()
         return m.to(memory_format=torch.channels_last) if channels_last else m
 
-    dense = on_device(_copy(model))
+    dense = on_device(copy.deepcopy(model))
     try:
         reference = prepare(runtime, dense, x, compile_mode, threads)
     except RuntimeUnavailable as e:
@@ -68,7 +69,7 @@ def prune_to_speedup(model, method, target, input_shape, device, runtime="eager"
 
     def measure(sparsity):
         pruned, stats = prune(model, method, sparsity, input_shape, **prune_kwargs)
-        runner = prepare(runtime, on_device(_copy(pruned)), x, compile_mode, threads)
+        runner = prepare(runtime, on_device(copy.deepcopy(pruned)), x, compile_mode, threads)
         try:
             s, d = time_calls_paired(runner.call, reference.call, device, warmup, trials)
         finally:
@@ -100,8 +101,3 @@ def prune_to_speedup(model, method, target, input_shape, device, runtime="eager"
     stats["target_speedup"] = float(target)
     return pruned, stats, search
 
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)

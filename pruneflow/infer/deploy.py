@@ -47,7 +47,7 @@ def time_deployed(model, reference, input_shape, device, runtimes, batch_sizes, 
 
     from ..stats import bootstrap_ratio
     from .runtimes import RuntimeUnavailable, prepare
-    from .timing import time_calls, time_calls_paired
+    from .timing import summarize, time_calls, time_calls_paired
 
     _allow_recompiles(torch)
     cells = []
@@ -65,11 +65,11 @@ def time_deployed(model, reference, input_shape, device, runtimes, batch_sizes, 
                     runners.append(prepare(runtime, reference, x, compile_mode, threads))
                     s, d = time_calls_paired(trial.call, runners[1].call, device, warmup, trials)
                     cell.speedup, cell.speedup_lo, cell.speedup_hi = bootstrap_ratio(d, s)
-                    cell.prepare_dense_s, cell.dense_median = runners[1].prepare_s, _median(d)
+                    cell.prepare_dense_s, cell.dense_median = runners[1].prepare_s, summarize(d)["median"]
                 else:
                     s, d = time_calls(trial.call, device, warmup, trials), []
                 cell.latency, cell.latency_dense = s, d
-                cell.median = _median(s)
+                cell.median = summarize(s)["median"]
                 cell.images_per_s = b / cell.median if cell.median > 0 else 0.0
                 cell.provider, cell.mode, cell.opset, cell.prepare_s = trial.provider, trial.mode, trial.opset, trial.prepare_s
                 cell.status = "done"
@@ -92,8 +92,3 @@ def _allow_recompiles(torch, need=1024):
         if hasattr(cfg, name) and getattr(cfg, name) < need:
             setattr(cfg, name, need)
 
-
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2

@@ -4,12 +4,14 @@ installs where NNI cannot (Apple silicon).
 
 Criteria: l1 / l2 (group magnitude), fpgm (geometric median), taylor (first-order, needs calibration
 batches for gradients), slim (BatchNorm scale, network slimming; needs BatchNorm layers).
+ViTs (pruneflow.infer.vit): embedding width, MLP width and attention head dimensions, or whole heads.
 """
 
 import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .infer import vit
 
 METHODS = ("l1", "l2", "fpgm", "taylor", "slim")
 
@@ -29,9 +31,10 @@ def importance(method):
 
 
 def prune_depgraph(model, method, sparsity, input_shape, op_types, exclude, calibration=None, round_to=None,
-                   global_pruning=False):
+                   global_pruning=False, heads=False):
     """Prune ``model`` in place (the caller passes a copy). ``sparsity`` is the fraction of channels removed
-    from each prunable group (or, with ``global_pruning``, overall)."""
+    from each prunable group (or, with ``global_pruning``, overall); ``heads``: a ViT loses whole attention
+    heads rather than head dimensions."""
     import torch_pruning as tp
 
     kinds = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
@@ -42,7 +45,8 @@ def prune_depgraph(model, method, sparsity, input_shape, op_types, exclude, cali
         raise UserError("slim (BatchNorm-scale) pruning needs BatchNorm layers; this model has none")
     example = torch.rand(2, *input_shape)
     pruner = tp.pruner.BasePruner(model, example, importance=importance(method), pruning_ratio=sparsity,
-                                  ignored_layers=ignored, round_to=round_to, global_pruning=global_pruning)
+                                  ignored_layers=ignored, round_to=round_to, global_pruning=global_pruning,
+                                  **_attention_settings(model, sparsity, heads))
     if method == "taylor":
         if not calibration:
             raise UserError("taylor pruning needs calibration batches (training data) for its gradients")
@@ -51,4 +55,20 @@ def prune_depgraph(model, method, sparsity, input_shape, op_types, exclude, cali
             torch.nn.functional.cross_entropy(model(x.cpu()), y.cpu()).backward()
     pruner.step()
     model.zero_grad(set_to_none=True)
+    if vit.is_vit(model):
+        for attention in vit.attentions(model):
+            attention.num_heads = pruner.num_heads[attention.q]
+        vit.sync_width(model)
     return model
+
+
+def _attention_settings(model, sparsity, heads):
+    """Torch-Pruning's settings for a ViT: q/k/v widths in heads, the class token and position table pruned
+    along the embedding (their dim 2), and ``heads``: whole heads go (a ``sparsity`` share of each layer's,
+    rounded up) instead of each head's dimensions."""
+    if not vit.is_vit(model):
+        return {}
+    num_heads = {layer: a.num_heads for a in vit.attentions(model) for layer in (a.q, a.k, a.v)}
+    return dict(num_heads=num_heads, prune_num_heads=heads, prune_head_dims=not heads,
+                head_pruning_ratio=sparsity if heads else 0.0,
+                unwrapped_parameters=[(model.class_token, 2), (model.encoder.pos_embedding, 2)])

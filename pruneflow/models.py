@@ -16,4 +16,6 @@ def default_prune_targets(arch):
         return ("Conv2d",), ("classifier",)
     if arch == "mobilenet_v2":
         return ("Conv2d",), ("classifier.1",)
+    if arch.startswith("vit"):  # the patch embedding, attention and MLP; not the classifier
+        return ("Conv2d", "Linear"), ("heads.head",)
     return ("Conv2d",), ("fc",)

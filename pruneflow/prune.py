@@ -18,6 +18,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from .infer import vit
 from .infer.checkpoint import count_macs, count_params, layer_widths
 from .errors import UserError, check_whole
 from .spec import MAC_TOLERANCE
@@ -78,14 +79,15 @@ def check_sparsity(sparsity):
 
 
 def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=(), dependency_aware=False,
-          verbose=False, calibration=None, round_to=None, global_pruning=False):
+          verbose=False, calibration=None, round_to=None, global_pruning=False, heads=False):
     """Prune a copy of ``model``; ``sparsity`` is the fraction of each targeted layer removed.
 
     ``method`` is a label: 'l1' (NNI) or 'l1@depgraph' (Torch-Pruning's DepGraph; see pruneflow.depgraph).
     Returns (pruned model on CPU in eval mode, stats dict). ``dependency_aware`` groups residual-coupled
     channels (NNI's auto_set_denpendency_group_ids) so they are pruned together and the speedup can remove
     them; without it NNI merges disagreeing masks and removes far less than asked. ``calibration`` (a few
-    training batches) feeds the taylor criterion; ``round_to`` / ``global_pruning`` apply to DepGraph.
+    training batches) feeds the taylor criterion; ``round_to`` / ``global_pruning`` / ``heads`` (a ViT loses
+    whole attention heads) apply to DepGraph.
     """
     label = method
     method, backend = require_backend(method)
@@ -95,6 +97,13 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
         raise UserError(f"op types {list(op_types)} invalid; choose from {', '.join(OP_TYPES)}")
     if round_to is not None:
         check_whole(round_to, "round_to", 1)
+    attention = vit.is_vit(model)
+    if attention and backend == "nni" and method in STRUCTURED:
+        raise UserError(f"NNI's speed-up cannot shrink a ViT's attention and embedding; prune it with "
+                        f"{method}@depgraph (Torch-Pruning), or with level (unstructured)")
+    if heads and not (attention and backend == "depgraph"):
+        raise UserError("head pruning (prune.heads) needs a ViT (model.arch vit_tiny) and a DepGraph method "
+                        "such as l1@depgraph")
     # contiguous weights: a model fine-tuned in channels_last (iterative rounds) breaks NNI's mask views
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
     names = {n for n, _ in model.named_modules() if n}
@@ -117,7 +126,7 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
 
         with _quiet(verbose):
             prune_depgraph(model, method, sparsity, input_shape, op_types, exclude, calibration, round_to,
-                           global_pruning)
+                           global_pruning, heads)
     else:
         seconds = _prune_nni(model, method, sparsity, example, config, dependency_aware, verbose)
     model.eval()

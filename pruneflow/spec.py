@@ -32,10 +32,22 @@ SINCE = {"absent_is_default": True}
 
 
 @dataclass(frozen=True)
+class VitSpec:
+    # vit_tiny's size (DeiT-Tiny's on 4x4 patches: 5.4M parameters); stored in its checkpoints
+    patch: int = 4
+    layers: int = 12
+    heads: int = 3
+    width: int = 192
+    mlp: int = 768
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     # simple_cnn | resnet18 ... resnet152 (torchvision) | resnet20/32/56/110 | vgg16_bn | vgg19_bn | mobilenet_v2
+    # | vit_tiny
     arch: str = "simple_cnn"
     stem: str = "cifar"  # ResNets: cifar (3x3/1, no pool) | imagenet (7x7/2 + pool, as the 2022 report)
+    vit: VitSpec = field(default_factory=VitSpec, metadata=SINCE)  # vit_tiny only
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,8 @@ class PruneSpec:
     schedule: str = field(default="oneshot", metadata=SINCE)
     steps: int = field(default=3, metadata=SINCE)
     ramp: str = field(default="agp", metadata=SINCE)
+    # ViTs, DepGraph: remove whole attention heads (a sparsity share of each layer's) instead of head dimensions
+    heads: bool = field(default=False, metadata=SINCE)
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ def _run(trial, spec, dense_path, ckpt_dir, threads):
         p = spec.prune
         criterion, backend = parse_method(trial.method)
         kwargs = dict(op_types=p.op_types, exclude=p.exclude, dependency_aware=p.dependency_aware,
-                      round_to=trial.round_to, global_pruning=p.global_pruning,
+                      round_to=trial.round_to, global_pruning=p.global_pruning, heads=p.heads,
                       calibration=calibration_batches(meta, data_root=spec.data.root) if criterion == "taylor" else None)
         if trial.target:
             model, stats = prune_to_mac_reduction(model, trial.method, trial.target, meta["input_shape"], **kwargs)

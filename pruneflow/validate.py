@@ -28,6 +28,30 @@ def check_latency(lat):
         raise UserError(f"latency.compile_mode {lat.compile_mode!r} is not valid; choose from: {', '.join(COMPILE_MODES)}")
 
 
+def check_model(spec):
+    """A ViT's size must build on the data set's images; head pruning needs a ViT and DepGraph."""
+    import dataclasses
+
+    from .data import dataset_info
+    from .infer import vit
+
+    is_vit = spec.model.arch in vit.VIT_ARCHS
+    if is_vit:
+        problem = vit.config_problem(dataclasses.asdict(spec.model.vit), dataset_info(spec.data.dataset)["shape"][-1])
+        if problem:
+            raise UserError(f"model.{problem}")
+    if spec.prune.heads:
+        nni = [m for m in spec.prune.methods if not m.endswith("@depgraph")]
+        if not is_vit or nni:
+            raise UserError("prune.heads removes attention heads: it needs model.arch vit_tiny and DepGraph methods "
+                            f"only (such as l1@depgraph){f'; not {nni}' if is_vit else ''}")
+    if is_vit:
+        structured = [m for m in spec.prune.methods if m in ("l1", "l2", "fpgm")]
+        if structured:
+            raise UserError(f"prune.methods {structured}: NNI's speed-up cannot shrink a ViT's attention and "
+                            f"embedding; use {', '.join(m + '@depgraph' for m in structured)} (or level)")
+
+
 def validate(spec, check_backends=True):
     from .data import DATASETS
     from .models import ARCHITECTURES, STEMS
@@ -41,6 +65,7 @@ def validate(spec, check_backends=True):
     one_of(spec.model.arch, ARCHITECTURES, "model.arch")
     one_of(spec.model.stem, STEMS, "model.stem")
     one_of(spec.data.dataset, tuple(DATASETS), "data.dataset")
+    check_model(spec)
     if spec.train.recipe is not None:
         one_of(spec.train.recipe, tuple(RECIPES), "train.recipe")
     one_of(spec.finetune.recipe, tuple(RECIPES), "finetune.recipe")

@@ -86,10 +86,12 @@ def test_train_prune_finetune_save_and_rebuild_with_torch_alone(arch, tmp_path):
     assert p.returncode == 0 and f"rebuilt {len(DEPGRAPH)}" in p.stdout, p.stderr
 
 
-@pytest.mark.parametrize("job, dataset", [("jobs/resnet56_cifar10.yaml", "synthetic-cifar10-tiny"),
-                                          ("jobs/mobilenetv2_cifar10.yaml", "synthetic-cifar10-tiny"),
-                                          ("jobs/vgg19_cifar100.yaml", "synthetic-cifar100-tiny")])
-def test_each_new_job_file_runs_on_tiny_synthetic_data(job, dataset, tmp_path):
+@pytest.mark.parametrize("job, dataset, extra", [("jobs/resnet56_cifar10.yaml", "synthetic-cifar10-tiny", []),
+                                                 ("jobs/mobilenetv2_cifar10.yaml", "synthetic-cifar10-tiny", []),
+                                                 ("jobs/vgg19_cifar100.yaml", "synthetic-cifar100-tiny", []),
+                                                 ("jobs/vit_cifar10.yaml", "synthetic-cifar10-tiny",
+                                                  ["--model.vit.layers", 2])])
+def test_each_new_job_file_runs_on_tiny_synthetic_data(job, dataset, extra, tmp_path):
     """The smoke override each job file names, on one cell of its grid: dense training, pruning, fine-tuning,
     evaluation, timing and checkpoints of the real model."""
     from pruneflow.spec import load_spec
@@ -100,9 +102,12 @@ def test_each_new_job_file_runs_on_tiny_synthetic_data(job, dataset, tmp_path):
     p = run_module("pruneflow.sweep", job, "--out", tmp_path, "--data.dataset", dataset, "--train.epochs", 1,
                    "--finetune.epochs", 1, "--seeds", "[0]", "--nocontrol", "--prune.methods",
                    f"[{spec.prune.methods[0]}]", *cell, "--latency.trials", 3, "--latency.batch_size", 16,
-                   "--noprogress", timeout=900)
+                   "--noprogress", *extra, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "2 done, 0 failed" in p.stdout
     trials = {r["id"]: r for r in read_trials(tmp_path / spec.study / "shard-0-of-1.h5")}
     pruned = next(r for r in trials.values() if r["arm"] == "pruned")
     assert pruned["model"] == spec.model.arch and pruned["macs"] < pruned["macs_dense"]
+    if spec.prune.heads:  # the job's setting reached the pruner: each layer lost whole heads
+        meta = ckpt_io.read_meta(next((tmp_path / spec.study).rglob(f"*{pruned['id']}*.safetensors")))
+        assert meta["heads"] == [2, 2], meta.get("heads")

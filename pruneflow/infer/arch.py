@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .cifar import CIFAR_ARCHS, build_cifar
+from .vit import VIT_ARCHS, build_vit
 
 
 class SimpleCNN(nn.Module):
@@ -56,21 +57,24 @@ def cifar_resnet_class():
 
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-ARCHITECTURES = ("simple_cnn",) + RESNETS + CIFAR_ARCHS
+ARCHITECTURES = ("simple_cnn",) + RESNETS + CIFAR_ARCHS + VIT_ARCHS
 STEMS = ("imagenet", "cifar")
 
 
-def build_model(arch, num_classes=10, in_channels=3, stem="imagenet"):
+def build_model(arch, num_classes=10, in_channels=3, stem="imagenet", image_size=32, vit=None):
     """A freshly initialised dense model.
 
     ``stem='imagenet'`` is torchvision's 7x7/2 conv + max-pool (what the 2022 report used on CIFAR-10);
     ``stem='cifar'`` is a 3x3/1 conv and no pool, the usual choice for 32x32 inputs. The CIFAR stem drops
     the max-pool module entirely rather than replacing it with nn.Identity, which NNI's speedup trips on.
+    ``image_size`` and ``vit`` (a size, pruneflow.infer.vit.VIT_DEFAULT's keys) apply to ViTs only.
     """
     if arch == "simple_cnn":
         return SimpleCNN(in_channels=in_channels, num_classes=num_classes)
     if arch in CIFAR_ARCHS:  # CIFAR-sized by design: the stem setting does not apply
         return build_cifar(arch, num_classes, in_channels)
+    if arch in VIT_ARCHS:
+        return build_vit(vit, num_classes, in_channels, image_size)
     if arch not in RESNETS:
         raise UserError(f"unknown model {arch!r}; valid models: {', '.join(ARCHITECTURES)}")
     if stem not in STEMS:

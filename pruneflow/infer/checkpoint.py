@@ -11,6 +11,7 @@ import os
 import torch
 import torch.nn as nn
 
+from . import vit as vit_arch
 from .arch import build_model
 from ..errors import UserError
 
@@ -30,6 +31,8 @@ def save(model, path, meta):
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
     meta = {"format": FORMAT, "pruneflow_version": version, **meta}
+    if vit_arch.is_vit(model):  # a head's width cannot be told from the tensors: store the counts
+        meta["heads"] = vit_arch.head_counts(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -111,6 +114,11 @@ def meta_problem(meta):
     for key in ("mean", "std"):
         if not (isinstance(meta[key], list) and all(isinstance(x, (int, float)) for x in meta[key])):
             return f"{key} must be a list of numbers, got {meta[key]!r}"
+    if meta["arch"] in vit_arch.VIT_ARCHS:
+        if shape[1] != shape[2]:
+            return f"input_shape {shape}: a ViT takes square images"
+        raw = meta.get("vit") or {}
+        return vit_arch.config_problem(vit_arch.vit_config(raw) if isinstance(raw, dict) else raw, shape[1])
     return None
 
 
@@ -123,9 +131,9 @@ def load(path, device="cpu"):
         tensors = load_file(os.fspath(path), device="cpu")
     except Exception as e:
         raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
-    model = build_model(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"], stem=meta["stem"])
+    model = build_from_meta(meta)
     try:
-        load_tensors(model, tensors)
+        load_tensors(model, tensors, meta.get("heads"))
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path}: tensors do not match its declared architecture {meta['arch']!r} ({first})") from None
@@ -135,10 +143,21 @@ def load(path, device="cpu"):
     return model.to(device).eval(), meta
 
 
-def load_tensors(model, tensors):
-    """Resize ``model`` to ``tensors`` and load them strictly; a ValueError names the first key or shape that
-    differs (PyTorch's own message starts with a line that names neither)."""
+def build_from_meta(meta):
+    """The dense model a checkpoint's metadata describes, before resizing to its tensors."""
+    return build_model(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+                       stem=meta["stem"], image_size=meta["input_shape"][-1], vit=meta.get("vit"))
+
+
+def load_tensors(model, tensors, heads=None):
+    """Resize ``model`` to ``tensors`` (a ViT's attention to ``heads`` per layer) and load them strictly; a
+    ValueError names the first key or shape that differs (PyTorch's own message starts with a line that names
+    neither)."""
+    if vit_arch.is_vit(model):
+        vit_arch.resize_vit(model, tensors, heads)
     resize_to(model, tensors)
+    if vit_arch.is_vit(model):
+        vit_arch.sync_width(model)
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
@@ -228,9 +247,11 @@ def count_macs(model, input_shape, device="cpu"):
     try:
         if kinds <= _NO_OWN_MACS | {"torch.nn.modules.conv.Conv2d", "torch.nn.modules.linear.Linear"}:
             return _count_macs_by_hooks(model, x)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
 
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        # the counter misses fused CPU attention kernels; the math path's matrix products count on any device
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
             model(x)
         return counter.get_total_flops() // 2
     finally:

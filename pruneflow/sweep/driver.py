@@ -143,6 +143,8 @@ def check_dense(path, meta, seed, spec, config, given):
     want = {"arch": spec.model.arch, "dataset": spec.data.dataset}
     if spec.model.arch != "simple_cnn":
         want["stem"] = spec.model.stem
+    if spec.model.arch.startswith("vit"):
+        want["vit"] = dataclasses.asdict(spec.model.vit)
     if not given:  # the recipe as train_dense stored it: resolved, with the job's batch size and lr, via JSON
         recipe = get_recipe(config["train"]["recipe"], batch_size=spec.train.batch_size, lr=spec.train.lr)
         want.update(epochs=spec.train.epochs, recipe=json.loads(json.dumps(recipe)), seed=seed)
@@ -184,7 +186,8 @@ def ensure_dense(dense_path, seed, spec, config, progress, given=False):
                      epochs=spec.train.epochs, recipe=config["train"]["recipe"], stem=spec.model.stem,
                      seed=seed, device=spec.resources.device, data_root=spec.data.root,
                      download=spec.data.download, progress=progress, batch_size=spec.train.batch_size,
-                     lr=spec.train.lr, config=config, perf=config["performance"], val=spec.data.carve())
+                     lr=spec.train.lr, config=config, perf=config["performance"], val=spec.data.carve(),
+                     vit=dataclasses.asdict(spec.model.vit))
 
 
 def slot_counts(device="auto"):

@@ -6,37 +6,70 @@ The driver is the only writer of the results file: each finished trial is stored
 
 import contextlib
 import os
+import secrets
 import shutil
 import sys
+import tempfile
 
 from .. import cluster
+from ..errors import UserError
+
+
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's single-node switch: node IP 127.0.0.1, servers bind there
+    "RAY_AUTH_MODE": "token",  # explicit: Ray's default has changed across versions
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
 
 
 @contextlib.contextmanager
 def local_ray(cpus, gpus):
-    """A Ray instance private to this process: its own temp dir (two jobs on a node never collide), no
-    dashboard, a small object store (trials exchange only small records)."""
-    import ray
+    """A Ray instance private to this process: reachable only on loopback and only with a fresh token, no
+    dashboard, a small object store (trials exchange only small records). Its files live in a directory only
+    this user can enter: the token (mode 0600, not the shared ``~/.ray``) and Ray's temp dir, which Ray
+    itself makes world-writable."""
+    # mkdtemp: mode 0700, a name no other user can have taken first; short: Ray's socket paths stay < 108 bytes
+    private = tempfile.mkdtemp(prefix=f"pf-ray-{cluster.job_tag()}-", dir="/tmp")
+    token_path = os.path.join(private, "auth_token")
+    with os.fdopen(os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))
+    saved = {k: os.environ.get(k) for k in (*RAY_ENV, "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update(RAY_ENV, RAY_AUTH_TOKEN_PATH=token_path)  # Ray's processes inherit these
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the file
+    try:
+        ray_started(cpus, gpus, os.path.join(private, "r"))
+        cluster.install_stop_handlers("driver")  # again: Ray's core worker replaced it with a crash handler
+        yield
+    finally:
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
+        shutil.rmtree(private, ignore_errors=True)
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
-    temp_dir = os.path.join("/tmp", f"pf-ray-{cluster.job_tag()}")  # short: Ray's socket paths stay < 108 bytes
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+def ray_started(cpus, gpus, temp_dir):
+    """``ray.init`` for :func:`local_ray`, checked to be on loopback; a SIGTERM during start-up becomes the
+    usual exit 143."""
+    import ray
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import: ray may have been imported before RAY_ENV was set
+    Config.initialize("")  # likewise RAY_AUTH_MODE
+    AuthenticationTokenLoader.instance().reset_cache()  # a second Ray in this process has a token of its own
     try:
         ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, _temp_dir=temp_dir,
                  object_store_memory=100 * 1024 * 1024, log_to_driver=False, logging_level="ERROR")
     except SystemExit as e:  # SIGTERM during start-up reaches Ray's own handler, sys.exit(15)
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
         if e.code == 15:
             print("stopped by signal 15 (SIGTERM) while Ray started; the same command resumes", file=sys.stderr)
             raise SystemExit(143) from None
         raise
-    cluster.install_stop_handlers("driver")  # again: Ray's core worker replaced it with a crash handler
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    gcs = ray.get_runtime_context().gcs_address
+    if not gcs.startswith(("127.", "[::1]", "localhost")):
+        raise UserError(f"Ray {ray.__version__} started on {gcs}, not loopback; pruneflow needs ray>=2.60")
 
 
 def remote_for(fn, plan):

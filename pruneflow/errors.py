@@ -26,6 +26,13 @@ def exit_on_user_error(fn, *args, **kwargs):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except OSError as e:  # a full disk that no atomic writer saw (a log, a library's own file)
+        from .files import NO_SPACE, disk_full
+
+        if e.errno not in NO_SPACE or os.environ.get("PRUNEFLOW_DEBUG"):
+            raise
+        print(f"error: {disk_full(e.filename or 'a file')}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 # Optional packages (import name -> pip name, the pyproject extra that installs it): a command run without one

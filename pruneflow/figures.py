@@ -4,10 +4,10 @@ markers per method (``mstyle``) so a method looks the same in every figure, the 
 architecture views included. docs/report.md describes each figure.
 """
 
-import contextlib
 import os
 import re
 
+from .files import atomic
 from .study import curve, device_label, done, mean, pareto_front, speedup, yerr
 
 # Fixed colours so a method looks the same in every figure.
@@ -314,10 +314,5 @@ def save_figure(fig, out, name, formats, dpi, written):
 
 def atomic_write(path, write):
     """``write(tmp)`` then rename over ``path``: readers see the old file or the new one, never half of one."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
+    with atomic(path, os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)

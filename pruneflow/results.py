@@ -31,6 +31,7 @@ import shutil
 import socket
 
 from .errors import UserError
+from .files import atomic
 
 SCHEMA = 1
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
@@ -213,13 +214,12 @@ class ResultStore:
             check_file(self.path)
         else:
             h5py = _h5py()
-            with h5py.File(tmp, "w") as f:
+            with atomic(self.path, tmp) as tmp, h5py.File(tmp, "w") as f:
                 f.attrs.update(schema=SCHEMA, pruneflow_version=_version(), study=study, shard=shard, job=job_text,
                                config=json.dumps(config or {}, sort_keys=True), host=socket.gethostname(),
                                created=_now())
                 f.create_group("env").attrs.update({k: str(v) for k, v in (env or {}).items()})
                 f.create_group("trials")
-            _commit(tmp, self.path)
 
     def close(self):
         if not self._lock_file.closed:
@@ -237,12 +237,12 @@ class ResultStore:
 
     @contextlib.contextmanager
     def _edit(self):
-        """An h5py.File on a copy of the store, which replaces the original only when the block succeeds."""
-        tmp = self.path + ".tmp"
-        shutil.copyfile(self.path, tmp)
-        with _h5py().File(tmp, "a") as f:
-            yield f
-        _commit(tmp, self.path)
+        """An h5py.File on a copy of the store, which replaces the original only when the block succeeds (a full
+        disk leaves the original as it was: complete up to its last stored trial)."""
+        with atomic(self.path, self.path + ".tmp") as tmp:
+            shutil.copyfile(self.path, tmp)
+            with _h5py().File(tmp, "a") as f:
+                yield f
 
     def update_settings(self, job_text, config):
         """Record the job file and resolved settings of this run when they differ from the stored ones (a
@@ -323,15 +323,6 @@ def _add_labels(f, split, labels, sha, trial_id):
     if _plain(have.attrs.get("split_sha", "")) != sha or not np.array_equal(have[()], labels):
         raise UserError(f"trial {trial_id} was scored on other {split} images than this file's other trials "
                         f"(carve {sha or '?'} against {_plain(have.attrs.get('split_sha', ''))}); not stored")
-
-
-def _commit(tmp, path):
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _now():

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError, check_flag, check_whole
+from .files import atomic, write_text
 from .step import autocast, make_step, resolve_perf
 
 # The 2022 report's recipes. lr is per batch of `batch_size` images; milestones are fractions of the epochs.
@@ -226,10 +227,10 @@ def train_dense(arch, dataset, out, epochs, recipe=None, stem="cifar", seed=0, d
         print(f"resuming dense training from epoch {resume['epoch']} ({state_path})")
 
     def save_state(epoch, history, model, opt, sched):
-        tmp = state_path + ".tmp"
-        torch.save(dict(epoch=epoch, history=history, model=model.state_dict(), optimizer=opt.state_dict(),
-                        scheduler=sched.state_dict(), meta=json.dumps(meta, sort_keys=True)), tmp)
-        os.replace(tmp, state_path)
+        # a file object, not a path: torch's own writer would hide a full disk's errno
+        with atomic(state_path) as tmp, open(tmp, "wb") as f:
+            torch.save(dict(epoch=epoch, history=history, model=model.state_dict(), optimizer=opt.state_dict(),
+                            scheduler=sched.state_dict(), meta=json.dumps(meta, sort_keys=True)), f)
 
     history = fit(model, train_b, val_b, recipe, epochs, p, progress=progress, on_epoch=save_state, resume=resume)
     # test is scored once, at the end, and stored: nothing in training looks at it
@@ -360,8 +361,7 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
         history = finetune(net, meta, epochs, recipe or "finetune", seed, device, data_root, download, True,
                            batch_size, lr)
         ckpt_io.save(net, path, dict(meta, accuracy=history[-1]["val_acc"], finetune_epochs=epochs, history=history))
-    with open(path + ".json", "w") as f:
-        json.dump(history, f, indent=1)
+    write_text(path + ".json", json.dumps(history, indent=1))
     last = history[-1]
     test = "" if init is not None else f", test {100 * ckpt_io.read_meta(path)['test_accuracy']:.2f} %"
     print(f"val accuracy {100 * last['val_acc']:.2f} %{test} after {epochs} epoch(s); wrote {path} "

@@ -14,6 +14,7 @@ import sys
 
 from ..cli import run_cli
 from ..errors import UserError, check_flag, check_writable_file
+from ..files import write_text
 
 # torch and friends are imported inside the functions: `--help` must answer without loading torch.
 JSON_SCHEMA = "pruneflow-device/1"
@@ -113,10 +114,7 @@ def infer(ckpt, device="auto", batch_size=64, warmup=5, trials=25, dtype="float3
     print_deploy(rows)
     doc = {"schema": JSON_SCHEMA, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "machine": machine(dev), "settings": settings, "checkpoints": rows}
-    tmp = f"{out}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=1)
-    os.replace(tmp, out)
+    write_text(out, json.dumps(doc, indent=1))
     print(f"wrote {out}")
     return None
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 from . import vit as vit_arch
 from .arch import build_model
 from ..errors import UserError
+from ..files import atomic
 
 FORMAT = "pruneflow-checkpoint/1"
 META_KEY = "pruneflow"
@@ -35,19 +36,14 @@ def save(model, path, meta):
         meta["heads"] = vit_arch.head_counts(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
     data = serialize(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
     try:
         # Written with open(), not safetensors' save_file: that creates files mode 0600 whatever the umask,
         # so nobody else could read checkpoints in a shared results directory.
-        with open(tmp, "wb") as f:
+        with atomic(path) as tmp, open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
+    except OSError as e:  # a full disk is files.DiskFull already
         raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

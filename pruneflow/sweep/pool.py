@@ -13,6 +13,7 @@ import tempfile
 
 from .. import cluster
 from ..errors import UserError
+from ..files import DiskFull
 
 
 RAY_ENV = {
@@ -121,6 +122,8 @@ class TrialPool:
     def settle(self, t, record, per_device=None):
         """A trial came back: retry it if it failed and has attempts left, else keep its record."""
         attempts = self.attempts.setdefault(t.id, 1)
+        if record.error.startswith("DiskFull: "):  # no retry and no record: the same command reruns it later
+            raise DiskFull(record.error[len("DiskFull: "):])
         if record.status != "done" and attempts <= self.retries:
             self.bar.write(f"trial {t.id} failed ({record.error[:200]}); retrying ({attempts}/{self.retries})")
             self.submit(t)

@@ -87,6 +87,27 @@ def test_cifar10_pickle_batches(tmp_path, monkeypatch):
     assert test_images.shape == (8, 3, 32, 32) and test_labels.tolist() == written["test_batch"][1]
 
 
+class _RunsCode:
+    """Unpickling this calls os.system: what a tampered data batch could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_before_it_is_unpickled(tmp_path):
+    # CIFAR's python files are pickles; torchvision checks each against the official MD5 before reading it
+    make_cifar10(tmp_path)
+    marker = tmp_path / "code-ran"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump({"data": _RunsCode(marker), "labels": []}, f)
+    with pytest.raises(UserError, match="corrupted"):
+        load_split("cifar10", "train", tmp_path)
+    assert not marker.exists()
+
+
 def test_missing_data_root_says_where_and_how(tmp_path):
     with pytest.raises(UserError) as e:
         load_split("cifar10", "train", tmp_path / "nowhere")

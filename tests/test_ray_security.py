@@ -122,3 +122,17 @@ def test_each_ray_of_a_process_gets_a_fresh_token_and_works():
             tokens.append(open(os.environ["RAY_AUTH_TOKEN_PATH"]).read())
             assert ray.get(ray.remote(lambda: 6 * 7).remote()) == 42
     assert tokens[0] != tokens[1]
+
+
+def test_a_ray_without_token_auth_or_loopback_binding_is_refused(monkeypatch):
+    import ray
+
+    from pruneflow.errors import UserError
+    from pruneflow.sweep.pool import local_ray
+
+    monkeypatch.setattr(ray, "__version__", "2.51.0")
+    before = set(os.listdir("/tmp"))
+    with pytest.raises(UserError, match=r"Ray 2\.51\.0 is too old.*ray>=2\.60"):
+        with local_ray(1, 0):
+            pass
+    assert not ray.is_initialized() and {p for p in set(os.listdir("/tmp")) - before if p.startswith("pf-ray-")} == set()

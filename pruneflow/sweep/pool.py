@@ -54,6 +54,10 @@ def ray_started(cpus, gpus, temp_dir):
     """``ray.init`` for :func:`local_ray`, checked to be on loopback; a SIGTERM during start-up becomes the
     usual exit 143."""
     import ray
+
+    if tuple(int(x) for x in ray.__version__.split(".")[:2] if x.isdigit()) < (2, 60):
+        raise UserError(f"Ray {ray.__version__} is too old: a sweep's Ray needs token auth and loopback binding "
+                        "(pip install 'ray>=2.60,<3')")
     from ray._private import ray_constants
     from ray._raylet import AuthenticationTokenLoader, Config
 

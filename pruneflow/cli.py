@@ -10,8 +10,13 @@ def run_cli(component, name=None):
     """Run a Fire CLI; turn UserError (and Ctrl-C) into one line on stderr and a non-zero exit."""
     import fire
 
+    argv = help_command(sys.argv[1:], component)
+    problem = None if argv[-1:] == ["--help"] else unknown_flag(argv, component)
+    if problem:  # before any work: Fire itself complains only after the command has run
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     try:
-        return exit_on_user_error(fire.Fire, component, command=help_command(sys.argv[1:], component), name=name)
+        return exit_on_user_error(fire.Fire, component, command=argv, name=name)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -38,3 +43,35 @@ def help_command(argv, component):
         return argv
     sub = argv[:1] if isinstance(component, dict) and argv[:1] and argv[0] in component else []
     return sub + ["--", "--help"]
+
+
+def unknown_flag(argv, component):
+    """The problem with the first ``--flag`` in ``argv`` that the command does not take (Fire's --flag,
+    --noflag, --flag=value, hyphens for underscores), or None. Commands that take **kwargs (the sweep's dotted
+    settings) check their own."""
+    import difflib
+    import inspect
+
+    args = argv[:argv.index("--")] if "--" in argv else argv
+    fn = component
+    if isinstance(component, dict):
+        if not args or args[0] not in component:
+            return None
+        fn, args = component[args[0]], args[1:]
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for a in args:
+        if not a.startswith("--") or len(a) == 2:
+            continue
+        key = a[2:].split("=", 1)[0].replace("-", "_")
+        if key in names or (key.startswith("no") and key[2:] in names):
+            continue
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        return f"unknown flag --{key}{hint}; --help lists them"
+    return None

@@ -146,3 +146,43 @@ def test_run_cli_names_a_missing_package_but_not_a_missing_submodule(missing, cl
         assert_clean_error(p, "demo needs h5py, not installed here", "pruneflow[sweep]")
     else:
         assert p.returncode == 1 and "Traceback" in p.stderr and "not installed" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["pruneflow.infer", "--ckpt", "CKPT", "--runtimes", "eager"], ["unknown flag --runtimes", "did you mean --runtime?"]),
+    (["pruneflow.prune", "CKPT", "l1", "--sparsty", "0.5", "--out", "OUT/p.safetensors"], ["--sparsty", "--sparsity?"]),
+    (["pruneflow.train", "--epoch=1", "--out", "OUT/t.safetensors"], ["unknown flag --epoch", "--epochs?"]),
+    (["pruneflow.data", "fetch", "cifar10", "--data-rooot", "OUT"], ["unknown flag --data_rooot", "--data_root?"]),
+])
+def test_a_flag_the_command_does_not_take_is_refused_before_any_work(dense_ckpt, tmp_path, args, needles):
+    # Fire says so only after running the command with the flags it knew: infer timed every checkpoint first
+    args = [dense_ckpt if a == "CKPT" else a.replace("OUT", str(tmp_path)) for a in args]
+    p = run_module(*args, timeout=120)
+    assert_clean_error(p, *needles)
+    assert p.stdout == "" and list(tmp_path.iterdir()) == []  # nothing timed, trained or written
+
+
+def test_fire_spellings_of_known_flags_pass_the_check():
+    from pruneflow.cli import unknown_flag
+
+    def command(ckpt, batch_sizes=None, progress=True):
+        return ckpt, batch_sizes, progress
+
+    for argv in (["--ckpt", "x"], ["--batch-sizes", "1,2"], ["--batch_sizes=1"], ["--noprogress"], ["x", "--", "--y"],
+                 ["x", "--progress", "--batch_sizes", "-1"]):
+        assert unknown_flag(argv, command) is None, argv
+    assert unknown_flag(["--progres"], command) == "unknown flag --progres (did you mean --progress?); --help lists them"
+    assert unknown_flag(["--anything"], lambda **kw: kw) is None  # **kwargs: the command checks its own
+    assert unknown_flag(["fetch", "--bad"], {"fetch": command}).startswith("unknown flag --bad")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--prune.exclude", "[nolayer]"], ["excluded layer(s) ['nolayer'] not in the model", "conv1, conv2, fc1, fc2"]),
+    (["--prune.op_types", "[Linear]", "--prune.exclude", "[fc1, fc2]"], ["nothing left to prune", "fc1, fc2"]),
+    (["--seeds", "[-1]"], ["seeds: -1 must be a whole number in [0, 2**32)"]),
+])
+def test_the_sweep_refuses_a_pruning_selection_before_training(tmp_path, args, needles):
+    # these failed in every trial, after the dense model had trained
+    p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--noprogress", *args, timeout=120)
+    assert_clean_error(p, *needles)
+    assert not (tmp_path / "quickstart").exists()

@@ -106,16 +106,8 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
                         "such as l1@depgraph")
     # contiguous weights: a model fine-tuned in channels_last (iterative rounds) breaks NNI's mask views
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
-    names = {n for n, _ in model.named_modules() if n}
-    unknown = [e for e in exclude if e not in names]
-    if unknown:
-        candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        raise UserError(f"excluded layer(s) {unknown} not in the model; its prunable layers: {', '.join(candidates[:12])}"
-                        + (" ..." if len(candidates) > 12 else ""))
+    targets = check_selection(model, op_types, exclude)
     widths = layer_widths(model)
-    targets = [n for n, t, _, _ in widths if t in op_types and n not in exclude]
-    if not targets:  # NNI would fail with an IndexError, DepGraph return the model unpruned
-        raise UserError(f"nothing left to prune: every {'/'.join(op_types)} layer is excluded ({', '.join(exclude)})")
     example = torch.rand(2, *input_shape)
     before = {"params": count_params(model), "macs": count_macs(model, input_shape), "widths": widths}
     config = [{"op_types": list(op_types), "sparse_ratio": sparsity, "exclude_op_names": list(exclude)}]
@@ -365,3 +357,18 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def check_selection(model, op_types, exclude):
+    """The layers that ``op_types`` and ``exclude`` select in ``model``; refuses an ``exclude`` naming a layer
+    the model lacks, and a selection that leaves nothing to prune."""
+    names = {n for n, _ in model.named_modules() if n}
+    unknown = [e for e in exclude if e not in names]
+    if unknown:
+        candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        raise UserError(f"excluded layer(s) {unknown} not in the model; its prunable layers: {', '.join(candidates[:12])}"
+                        + (" ..." if len(candidates) > 12 else ""))
+    targets = [n for n, t, _, _ in layer_widths(model) if t in op_types and n not in exclude]
+    if not targets:  # NNI would fail with an IndexError, DepGraph return the model unpruned
+        raise UserError(f"nothing left to prune: every {'/'.join(op_types)} layer is excluded ({', '.join(exclude)})")
+    return targets

@@ -152,6 +152,9 @@ def validate(spec, check_backends=True):
         raise UserError(f"study name {spec.study!r} must be a plain name (it becomes a directory)")
     if not spec.seeds:
         raise UserError("seeds must list at least one seed")
+    for seed in spec.seeds:
+        if not 0 <= seed < 2**32:  # numpy's generators take no more
+            raise UserError(f"seeds: {seed} must be a whole number in [0, 2**32)")
     if not spec.prune.methods or not (spec.prune.sparsities or spec.prune.mac_targets or spec.prune.speedup_targets):
         raise UserError("the grid is empty: list at least one method in prune.methods and one sparsity in "
                         "prune.sparsities (or a target in prune.mac_targets)")

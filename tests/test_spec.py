@@ -4,7 +4,8 @@ from pruneflow.errors import UserError
 from pruneflow.spec import config_of, grid, load_spec, parse_shard, resolve, shard_trials
 
 JOBS = ["jobs/quickstart.yaml", "jobs/mnist_cnn.yaml", "jobs/resnet101_cifar10.yaml", "jobs/resnet56_cifar10.yaml",
-        "jobs/mobilenetv2_cifar10.yaml", "jobs/vgg19_cifar100.yaml"]
+        "jobs/mobilenetv2_cifar10.yaml", "jobs/vgg19_cifar100.yaml", "jobs/vit_cifar10.yaml",
+        "jobs/quickstart_depgraph.yaml"]
 
 
 @pytest.mark.parametrize("job", JOBS)
@@ -16,6 +17,10 @@ def test_shipped_jobs_validate(job):
     per_seed = (1 + spec.control + len(spec.prune.methods) * len(spec.prune.sparsities)
                 + len(structured) * len(spec.prune.mac_targets))
     assert len(grid(spec)) == len(spec.seeds) * per_seed
+    from pruneflow.sweep.driver import check_pruning_selection
+
+    run = resolve(spec)
+    check_pruning_selection(run.model, spec.data.dataset, run.prune)  # exclude and op_types name real layers
 
 
 def test_seed_studies_are_the_seeds():
@@ -59,6 +64,23 @@ def test_overrides_from_command_line():
     ("resources:\n  memory_per_trial: 8\n", "resources.memory_per_trial must be a size with a unit, at least 1M, such as 8G"),
     ("resources:\n  memory_per_trial: 0.0001K\n", "at least 1M"),
     ("resources:\n  memory_per_trial: 0G\n", "resources.memory_per_trial must be a size with a unit"),
+    # issue 32: every class of bad input, one line each
+    ("seeds: [-1]\n", "seeds: -1 must be a whole number in [0, 2**32)"),
+    ("seeds: [4294967296]\n", "seeds: 4294967296 must be a whole number in [0, 2**32)"),
+    ("seeds: [0.5]\n", "must be a whole number"),
+    ("- study: x\n", "must be a mapping of settings, got list"),
+    ("prune:\n  mac_targets: [1]\n", "prune.mac_targets: 1.0 must be > 1"),
+    ("prune:\n  speedup_targets: [0.9]\n", "prune.speedup_targets: 0.9 must be > 1"),
+    ("retries: -1\n", "retries must be >= 0, got -1"),
+    ("resources:\n  trials_per_gpu: 0\n", "resources.trials_per_gpu must be >= 1, got 0"),
+    ("finetune:\n  batch_size: 0\n", "finetune.batch_size must be >= 1, got 0"),
+    ("train:\n  epochs: 0\n", "train.epochs must be >= 1, got 0"),
+    ("study: /etc/x\n", "must be a plain name"),
+    ("study: ../../x\n", "must be a plain name"),
+    ("resources:\n  device: tpu\n", "resources.device 'tpu' is not valid"),
+    ("latency:\n  runtimes: [tensorrtx]\n", "latency.runtimes: 'tensorrtx' is not valid"),
+    ("prune:\n  op_types: [Conv3d]\n", "prune.op_types entry 'Conv3d' is not valid"),
+    ("prune:\n  methods: [l1@foo]\n", "unknown pruning method/backend 'l1@foo'"),
 ])
 def test_bad_job_files(tmp_path, text, needle):
     job = tmp_path / "bad.yaml"
@@ -66,6 +88,11 @@ def test_bad_job_files(tmp_path, text, needle):
     with pytest.raises(UserError) as e:
         load_spec(job)
     assert needle in str(e.value)
+
+
+def test_a_job_file_that_is_a_directory(tmp_path):
+    with pytest.raises(UserError, match="cannot read job file .*: Is a directory"):
+        load_spec(tmp_path)
 
 
 def test_shards_partition_the_grid():

@@ -38,6 +38,9 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     cluster.keep_to_slurm_gpus(spec.resources.device)  # a Slurm job given no GPUs leaves the node's GPUs alone
     check_inputs(spec, dense, train_only)
+    if not train_only:  # here, not after dense training in every trial
+        resolved = resolve(spec)
+        check_pruning_selection(resolved.model, spec.data.dataset, resolved.prune)
     study_dir = check_writable_dir(os.path.join(out, spec.study))
     ckpt_dir = check_writable_dir(os.path.join(study_dir, "checkpoints"))
     given = dense or spec.train.checkpoint  # one dense model for every seed, else one per seed
@@ -99,6 +102,19 @@ def check_inputs(spec, dense, train_only):
         raise UserError(f"train.checkpoint {spec.train.checkpoint} does not exist")
     if spec.data.dataset in ("mnist", "cifar10", "cifar100") and not spec.data.download:
         load_split(spec.data.dataset, "test", spec.data.root)  # not staged: where it looked and how to stage it
+
+
+def check_pruning_selection(model_spec, dataset, prune_spec):
+    """prune.exclude and prune.op_types checked on the study's model, built untrained (the dense checkpoint
+    has the same layers: check_dense refuses another architecture)."""
+    from ..infer.arch import build_model
+    from ..infer.data import dataset_info
+    from ..prune import check_selection
+
+    info = dataset_info(dataset)
+    model = build_model(model_spec.arch, num_classes=info["classes"], in_channels=info["shape"][0],
+                        stem=model_spec.stem, image_size=info["shape"][-1], vit=dataclasses.asdict(model_spec.vit))
+    check_selection(model, prune_spec.op_types, prune_spec.exclude)
 
 
 def flat(d, prefix=""):

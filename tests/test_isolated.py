@@ -75,9 +75,14 @@ def test_stopping_the_sweep_during_dense_training_stops_the_training(tmp_path, s
     os.kill(trainers[0], signal.SIGUSR2)  # Slurm's time-limit warning to every process: the parent's to act on
     time.sleep(0.5)
     assert proc.poll() is None and os.path.exists(f"/proc/{trainers[0]}")  # still training
+    t0 = time.monotonic()
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=300)  # the machine's bound; the behaviour's is asserted below
+    took = time.monotonic() - t0
     assert proc.returncode == status and says in err and "Traceback" not in err, err
-    time.sleep(1)
+    assert took < 30, f"stopping took {took:.1f} s"  # a user's Ctrl-C: seconds, however busy the node
+    gone = time.monotonic() + 30
+    while os.path.exists(f"/proc/{trainers[0]}") and time.monotonic() < gone:
+        time.sleep(0.1)
     assert not os.path.exists(f"/proc/{trainers[0]}")  # no orphan still training (and still writing)
     assert resume.exists() and not (tmp_path / "quickstart" / "dense-s0.safetensors").exists()

@@ -89,6 +89,9 @@ def test_sweep_ray_listens_on_loopback_only_and_refuses_clients_without_its_toke
         assert {"gcs_server", "raylet"} <= names, held  # the scan sees Ray's servers at all
         exposed = {k: v for k, v in held.items() if not all(ip.is_loopback for ip in v)}
         assert not exposed, f"listening beyond loopback: {exposed}"
+        programs = {name: open(f"/proc/{pid}/cmdline").read().split("\0")[:2] for pid, name in held}
+        serving = {k: v for k, v in programs.items() if any(w in " ".join(v).lower() for w in ("dashboard", "client"))}
+        assert not serving, serving  # no web UI or dashboard agent port, no Ray client server
 
         token_path = os.environ["RAY_AUTH_TOKEN_PATH"]
         assert stat.S_IMODE(os.stat(token_path).st_mode) == 0o600

@@ -70,16 +70,13 @@ def atomic(path, tmp=None):
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except Exception as e:
-        full = no_space(e, tmp)  # measured before removing: the half-written file is what filled the disk
+    except BaseException as e:  # Ctrl-C and SystemExit too: no half file is left behind
+        # measured before removing: the half-written file is what filled the disk
+        full = isinstance(e, Exception) and no_space(e, tmp)
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if full:
             raise disk_full(path) from None
-        raise
-    except BaseException:  # Ctrl-C, SystemExit: no half file left behind either
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise
 
 

@@ -5,6 +5,7 @@ alone; this module is the name the rest of the package uses.
 """
 
 from .infer.arch import ARCHITECTURES, RESNETS, STEMS, SimpleCNN, build_model  # noqa: F401
+from .infer.vit import VIT_ARCHS
 
 
 def default_prune_targets(arch):
@@ -16,6 +17,6 @@ def default_prune_targets(arch):
         return ("Conv2d",), ("classifier",)
     if arch == "mobilenet_v2":
         return ("Conv2d",), ("classifier.1",)
-    if arch.startswith("vit"):  # the patch embedding, attention and MLP; not the classifier
+    if arch in VIT_ARCHS:  # the patch embedding, attention and MLP; not the classifier
         return ("Conv2d", "Linear"), ("heads.head",)
     return ("Conv2d",), ("fc",)

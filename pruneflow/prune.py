@@ -348,17 +348,6 @@ def pruned_meta(meta, stats):
     extra = {"target_mac_reduction": stats["target_mac_reduction"]} if "target_mac_reduction" in stats else {}
     return {**meta, **{k: stats[k] for k in keep}, **extra, "accuracy": None}
 
-
-def main():
-    from .prune_cli import main as cli_main  # the command line lives apart: this module is the pruning itself
-
-    cli_main()
-
-
-if __name__ == "__main__":
-    main()
-
-
 def check_selection(model, op_types, exclude):
     """The layers that ``op_types`` and ``exclude`` select in ``model``; refuses an ``exclude`` naming a layer
     the model lacks, and a selection that leaves nothing to prune."""
@@ -372,3 +361,14 @@ def check_selection(model, op_types, exclude):
     if not targets:  # NNI would fail with an IndexError, DepGraph return the model unpruned
         raise UserError(f"nothing left to prune: every {'/'.join(op_types)} layer is excluded ({', '.join(exclude)})")
     return targets
+
+
+def main():
+    from .prune_cli import main as cli_main  # the command line lives apart: this module is the pruning itself
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
+

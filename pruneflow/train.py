@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .errors import UserError, check_flag, check_whole
 from .files import atomic, write_text
+from .infer.vit import VIT_ARCHS, vit_config
 from .step import autocast, make_step, resolve_perf
 
 # The 2022 report's recipes. lr is per batch of `batch_size` images; milestones are fractions of the epochs.
@@ -62,7 +63,7 @@ def get_recipe(name, **overrides):
 
 
 def default_recipe(arch):
-    return "mnist" if arch == "simple_cnn" else "vit_adamw" if arch.startswith("vit") else "cifar_resnet"
+    return "mnist" if arch == "simple_cnn" else "vit_adamw" if arch in VIT_ARCHS else "cifar_resnet"
 
 
 def make_optimizer(model, recipe, epochs, perf=None):
@@ -191,7 +192,6 @@ def keep_threads_to_job():
 def model_meta(arch, dataset, stem, num_classes, vit=None):
     """The checkpoint metadata that describes how to rebuild and feed a model (``vit``: a ViT's size)."""
     from .data import dataset_info
-    from .infer.vit import VIT_ARCHS, vit_config
 
     info = dataset_info(dataset)
     size = {"vit": vit_config(vit)} if arch in VIT_ARCHS else {}

@@ -38,15 +38,14 @@ def run_sweep(job, shard=None, out="results", dense=None, progress=True, train_o
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     cluster.keep_to_slurm_gpus(spec.resources.device)  # a Slurm job given no GPUs leaves the node's GPUs alone
     check_inputs(spec, dense, train_only)
+    # what the trials run with and the files store: every default filled in (the dense checkpoint named below)
+    run_spec = resolve(spec)
     if not train_only:  # here, not after dense training in every trial
-        resolved = resolve(spec)
-        check_pruning_selection(resolved.model, spec.data.dataset, resolved.prune)
+        check_pruning_selection(run_spec.model, spec.data.dataset, run_spec.prune)
     study_dir = check_writable_dir(os.path.join(out, spec.study))
     ckpt_dir = check_writable_dir(os.path.join(study_dir, "checkpoints"))
     given = dense or spec.train.checkpoint  # one dense model for every seed, else one per seed
     dense_paths = {s: given or os.path.join(study_dir, f"dense-s{s}.safetensors") for s in spec.seeds}
-    # what the trials run with and the files store: every default filled in, the dense checkpoint(s) named
-    run_spec = resolve(spec)
     named = os.path.abspath(given or os.path.join(study_dir, "dense-s<seed>.safetensors"))
     run_spec = dataclasses.replace(run_spec, train=dataclasses.replace(run_spec.train, checkpoint=named))
     # the device kind the trials run on shapes results as much as any setting: a re-run may not change it
@@ -107,14 +106,14 @@ def check_inputs(spec, dense, train_only):
 def check_pruning_selection(model_spec, dataset, prune_spec):
     """prune.exclude and prune.op_types checked on the study's model, built untrained (the dense checkpoint
     has the same layers: check_dense refuses another architecture)."""
-    from ..infer.arch import build_model
+    from ..infer.checkpoint import build_from_meta
     from ..infer.data import dataset_info
     from ..prune import check_selection
+    from ..train import model_meta
 
-    info = dataset_info(dataset)
-    model = build_model(model_spec.arch, num_classes=info["classes"], in_channels=info["shape"][0],
-                        stem=model_spec.stem, image_size=info["shape"][-1], vit=dataclasses.asdict(model_spec.vit))
-    check_selection(model, prune_spec.op_types, prune_spec.exclude)
+    meta = model_meta(model_spec.arch, dataset, model_spec.stem, dataset_info(dataset)["classes"],
+                      dataclasses.asdict(model_spec.vit))
+    check_selection(build_from_meta(meta), prune_spec.op_types, prune_spec.exclude)
 
 
 def flat(d, prefix=""):
@@ -159,7 +158,9 @@ def check_dense(path, meta, seed, spec, config, given):
     want = {"arch": spec.model.arch, "dataset": spec.data.dataset}
     if spec.model.arch != "simple_cnn":
         want["stem"] = spec.model.stem
-    if spec.model.arch.startswith("vit"):
+    from ..infer.vit import VIT_ARCHS
+
+    if spec.model.arch in VIT_ARCHS:
         want["vit"] = dataclasses.asdict(spec.model.vit)
     if not given:  # the recipe as train_dense stored it: resolved, with the job's batch size and lr, via JSON
         recipe = get_recipe(config["train"]["recipe"], batch_size=spec.train.batch_size, lr=spec.train.lr)

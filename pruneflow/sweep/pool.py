@@ -47,7 +47,10 @@ def local_ray(cpus, gpus):
             sys.modules["ray"].shutdown()
         shutil.rmtree(private, ignore_errors=True)
         for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def ray_started(cpus, gpus, temp_dir):

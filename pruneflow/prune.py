@@ -48,6 +48,18 @@ def parse_method(label):
 BACKEND_PACKAGES = {"nni": ("nni", "pip install 'pruneflow[nni]'"), "depgraph": ("torch_pruning", "pip install torch-pruning")}
 
 
+def check_fits(label, is_vit, heads):
+    """Refuse method ``label`` where it cannot work: NNI's speed-up cannot shrink a ViT's attention, and only a
+    ViT has heads to remove (prune.heads). The job-file check and the prune CLI both ask here."""
+    method, backend = parse_method(label)
+    if is_vit and backend == "nni" and method in STRUCTURED:
+        raise UserError(f"prune.methods {label}: NNI's speed-up cannot shrink a ViT's attention and embedding; use "
+                        f"{method}@depgraph (Torch-Pruning), or level (unstructured)")
+    if heads and not (is_vit and backend == "depgraph"):
+        raise UserError(f"prune.heads removes attention heads: it needs model.arch vit_tiny and a DepGraph method "
+                        f"such as l1@depgraph, not {label}" + ("" if is_vit else " on a model without attention"))
+
+
 def require_backend(label):
     """Fail with one clear message when the backend of method ``label`` is not installed."""
     from .errors import missing_packages
@@ -97,13 +109,7 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
         raise UserError(f"op types {list(op_types)} invalid; choose from {', '.join(OP_TYPES)}")
     if round_to is not None:
         check_whole(round_to, "round_to", 1)
-    attention = vit.is_vit(model)
-    if attention and backend == "nni" and method in STRUCTURED:
-        raise UserError(f"NNI's speed-up cannot shrink a ViT's attention and embedding; prune it with "
-                        f"{method}@depgraph (Torch-Pruning), or with level (unstructured)")
-    if heads and not (attention and backend == "depgraph"):
-        raise UserError("head pruning (prune.heads) needs a ViT (model.arch vit_tiny) and a DepGraph method "
-                        "such as l1@depgraph")
+    check_fits(label, vit.is_vit(model), heads)
     # contiguous weights: a model fine-tuned in channels_last (iterative rounds) breaks NNI's mask views
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
     targets = check_selection(model, op_types, exclude)

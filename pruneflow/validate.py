@@ -34,22 +34,15 @@ def check_model(spec):
 
     from .data import dataset_info
     from .infer import vit
+    from .prune import check_fits
 
     is_vit = spec.model.arch in vit.VIT_ARCHS
     if is_vit:
         problem = vit.config_problem(dataclasses.asdict(spec.model.vit), dataset_info(spec.data.dataset)["shape"][-1])
         if problem:
             raise UserError(f"model.{problem}")
-    if spec.prune.heads:
-        nni = [m for m in spec.prune.methods if not m.endswith("@depgraph")]
-        if not is_vit or nni:
-            raise UserError("prune.heads removes attention heads: it needs model.arch vit_tiny and DepGraph methods "
-                            f"only (such as l1@depgraph){f'; not {nni}' if is_vit else ''}")
-    if is_vit:
-        structured = [m for m in spec.prune.methods if m in ("l1", "l2", "fpgm")]
-        if structured:
-            raise UserError(f"prune.methods {structured}: NNI's speed-up cannot shrink a ViT's attention and "
-                            f"embedding; use {', '.join(m + '@depgraph' for m in structured)} (or level)")
+    for method in spec.prune.methods:
+        check_fits(method, is_vit, spec.prune.heads)
 
 
 def validate(spec, check_backends=True):

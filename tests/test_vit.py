@@ -187,6 +187,16 @@ def test_impossible_vit_settings_are_refused_before_anything_runs(override, mess
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("arch, method, heads, message", [
+    ("vit_tiny", "l1", False, "use l1@depgraph"), ("vit_tiny", "level", True, "not level"),
+    ("resnet20", "l1@depgraph", True, "a model without attention")])
+def test_prune_refuses_what_the_job_file_check_refuses_in_the_same_words(arch, method, heads, message):
+    # the prune CLI and the sweep share one check (prune.check_fits): a model, not a job file, decides here
+    model = tiny() if arch == "vit_tiny" else build_model(arch)
+    with pytest.raises(UserError, match=message):
+        prune(model, method, 0.5, (3, 32, 32), heads=heads)
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
 def test_default_vit_builds_for_digits_mnist_and_cifar(shape):
     model = build_model("vit_tiny", in_channels=shape[0], image_size=shape[-1]).eval()

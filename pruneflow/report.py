@@ -15,9 +15,9 @@ import os
 import shlex
 
 from .deployment import deploy_cells, deploy_md, fig_deploy_speedup, fig_deploy_throughput
-from .figures import (_context, atomic_write, fig_devices, fig_methods, fig_pareto, fig_size, fig_time, save_figure,
-                      slug)
+from .figures import _context, fig_devices, fig_methods, fig_pareto, fig_size, fig_time, save_figure, slug
 from .errors import UserError, check_writable_dir, require
+from .files import write_text
 from .study import (baseline, device_label, device_series, done, load_study, method_order, missed_mac_targets,
                     missed_speedup_targets, missing_parts, slower_than_dense, speedup)
 
@@ -325,12 +325,7 @@ def make_report(study_dir, out=None, formats=("png", "pdf"), show=None, kinds=KI
         path = os.path.join(out, "summary.md")
         text = summary_md(study, notes, [p for p in written if p.endswith(f".{formats[0]}")], series_by_model,
                           shown, command, arch_lines, resources_md(study.paths), deploy_lines)
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                f.write(text)
-
-        atomic_write(path, write)
+        write_text(path, text)
         written.append(path)
     return written, notes
 

@@ -17,6 +17,7 @@ import subprocess
 
 from .figures import DENSE_COLOR, atomic_write, mstyle, new_figure, save_figure, slug
 from .errors import UserError
+from .files import write_text
 from .study import done
 
 GRAPHVIZ_NOTE = "graphviz not installed: architecture graphs skipped"
@@ -163,12 +164,7 @@ def graph_dot(panels, input_shape, title=""):
 def render(dot_text, base, formats=("svg",), dpi=96):
     """Write ``base``.dot and render it to ``base``.<fmt> with Graphviz's dot; returns the written paths.
     Each file is written to a temporary name and renamed (a reader never sees half a file)."""
-
-    def write_dot(tmp):
-        with open(tmp, "w") as f:
-            f.write(dot_text)
-
-    atomic_write(base + ".dot", write_dot)
+    write_text(base + ".dot", dot_text)
     written = [base + ".dot"]
     dot = shutil.which("dot")
     if dot is None:

@@ -72,7 +72,7 @@ class Study:
         except ImportError:
             raise UserError("Study.trials needs pandas: pip install 'pruneflow[report]'") from None
         from .compare import accuracy_interval, speedup_interval
-        from .results import TrialRecord
+        from .record import TrialRecord
 
         names = [f.name for f in dataclasses.fields(TrialRecord) if f.name != "traceback"]
         rows = []

@@ -10,7 +10,7 @@ import os
 import time
 import traceback
 
-from .results import TrialRecord
+from .record import TrialRecord
 
 
 def run_trial(trial, spec, dense_paths, ckpt_dir, threads=1):

@@ -4,7 +4,8 @@ import os
 import shutil
 
 from conftest import ROOT, report_of, run_module
-from pruneflow.results import TrialRecord, read_records, schema_table
+from pruneflow.record import TrialRecord, schema_table
+from pruneflow.results import read_records
 
 OLD = os.path.join(ROOT, "tests", "data", "before-issue-28")
 
@@ -35,7 +36,7 @@ def test_a_checkpoint_from_before_runs_in_infer():
 def test_the_schema_doc_lists_every_trial_field():
     # docs/results-schema.md carries schema_table()'s output: a field added to TrialRecord must be documented
     doc = open(os.path.join(ROOT, "docs", "results-schema.md")).read()
-    assert schema_table() in doc, "regenerate: python -c 'from pruneflow.results import schema_table; print(schema_table())'"
+    assert schema_table() in doc, "regenerate: python -c 'from pruneflow.record import schema_table; print(schema_table())'"
 
 
 def test_a_trial_record_round_trips_through_the_store(tmp_path):

@@ -3,7 +3,8 @@ detectable difference, a wide margin is 'better'; results-changing settings cann
 import numpy as np
 import pytest
 
-from pruneflow.results import ResultStore, TrialRecord, read_study
+from pruneflow.record import TrialRecord
+from pruneflow.results import ResultStore, read_study
 
 N_TEST, N_VAL = 400, 100
 
@@ -92,7 +93,7 @@ def test_a_rerun_may_not_change_precision(tmp_path):
 
 def test_the_study_loads_as_one_dataframe(tmp_path):
     pytest.importorskip("pandas")
-    from pruneflow.results import TrialRecord as R
+    from pruneflow.record import TrialRecord as R
     from pruneflow.study import load
 
     trials = load(study(tmp_path, pruned_right=360)).trials

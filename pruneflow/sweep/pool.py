@@ -102,7 +102,7 @@ def run_alone(fn, *args, num_gpus=0, num_cpus=1, max_retries=0):
 
 def worker_died(t, e, memory_bounded):
     """The failure record of trial ``t`` whose worker process died (``e``: Ray's error), e.g. killed for memory."""
-    from ..results import TrialRecord
+    from ..record import TrialRecord
 
     hint = "" if memory_bounded else (" (if the node ran out of memory: resources.memory_per_trial runs fewer "
                                       "trials at a time)")

@@ -25,7 +25,8 @@ class TrialRecord:
     sparsity: float = _field("nominal fraction removed (pruned arm), else 0", 0.0, need="all")
     seed: int = _field("random seed of fine-tuning, and of the dense training it started from", 0, need="all")
     dense_seed: int = _field("seed of the dense model it started from (-1: unknown; files before 29: seeds[0])", -1)
-    status: str = _field("done | failed", "failed", need="all")
+    status: str = _field("done | failed (a trial's disk_full stops the sweep and is never stored)", "failed",
+                         need="all")
     error: str = _field("why it failed (empty when done)", "")
     model: str = _field("model.arch", "")
     dataset: str = _field("data.dataset", "")

@@ -10,6 +10,7 @@ import os
 import time
 import traceback
 
+from .files import DiskFull
 from .record import TrialRecord
 
 
@@ -24,6 +25,8 @@ def run_trial(trial, spec, dense_paths, ckpt_dir, threads=1):
     try:
         dense_path = dense_paths if isinstance(dense_paths, str) else dense_paths[trial.seed]
         fields.update(_run(trial, spec, dense_path, ckpt_dir, threads), status="done", error="")
+    except DiskFull as e:  # not the trial's fault: the driver stops the sweep and stores nothing
+        fields.update(status="disk_full", error=str(e))
     except Exception as e:  # isolate: one trial's failure must not stop the study
         fields.update(status="failed", error=f"{type(e).__name__}: {e}".strip()[:2000],
                       traceback=traceback.format_exc()[-4000:])

@@ -129,8 +129,8 @@ class TrialPool:
     def settle(self, t, record, per_device=None):
         """A trial came back: retry it if it failed and has attempts left, else keep its record."""
         attempts = self.attempts.setdefault(t.id, 1)
-        if record.error.startswith("DiskFull: "):  # no retry and no record: the same command reruns it later
-            raise DiskFull(record.error[len("DiskFull: "):])
+        if record.status == "disk_full":  # no retry and no record: the same command reruns it later
+            raise DiskFull(record.error)
         if record.status != "done" and attempts <= self.retries:
             self.bar.write(f"trial {t.id} failed ({record.error[:200]}); retrying ({attempts}/{self.retries})")
             self.submit(t)

@@ -311,7 +311,8 @@ def prepare(model, dataset, recipe, seed, device, data_root=None, download=False
 
 
 def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="cifar", init=None, seed=0,
-        device="auto", data_root=None, download=False, batch_size=None, lr=None, val_size=None, val_seed=0):
+        device="auto", data_root=None, download=False, batch_size=None, lr=None, val_size=None, val_seed=0,
+        progress=True):
     """Train a dense model, or fine-tune a checkpoint (--init), and write a portable checkpoint.
 
     Args:
@@ -333,6 +334,7 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
       val_size: images held out of the training part as val (a count, or a fraction; default 5000 for
         mnist/cifar10, 0.1 for digits). Fine-tuning (--init) keeps the carve its checkpoint records.
       val_seed: seed of that carve.
+      progress: a bar per epoch and a line after it (--noprogress for batch-job logs: the last line only).
     """
     from .infer import checkpoint as ckpt_io
     from .cluster import keep_to_slurm_gpus
@@ -347,18 +349,19 @@ def cli(out, model="simple_cnn", dataset="digits", epochs=5, recipe=None, stem="
     if lr is not None:
         lr = _positive(lr, "learning rate")
     download = check_flag(download, "download")
+    progress = check_flag(progress, "progress")
     if init is None:
         if model not in ARCHITECTURES:
             raise UserError(f"unknown model {model!r}; valid models: {', '.join(ARCHITECTURES)}")
         carve = None if val_size is None else (_positive(val_size, "val size"), check_whole(val_seed, "val seed", 0))
         path, history = train_dense(model, dataset, out, epochs, recipe, stem, seed, device, data_root, download,
-                                    batch_size=batch_size, lr=lr, val=carve)
+                                    progress=progress, batch_size=batch_size, lr=lr, val=carve)
     else:
         path = check_writable_file(out)
         check_not_input(init, path, "fine-tuned model")
         net, meta = ckpt_io.load(init)
         keep_threads_to_job()  # train_dense does it itself
-        history = finetune(net, meta, epochs, recipe or "finetune", seed, device, data_root, download, True,
+        history = finetune(net, meta, epochs, recipe or "finetune", seed, device, data_root, download, progress,
                            batch_size, lr)
         ckpt_io.save(net, path, dict(meta, accuracy=history[-1]["val_acc"], finetune_epochs=epochs, history=history))
     write_text(path + ".json", json.dumps(history, indent=1))

@@ -16,7 +16,16 @@ def test_train_on_digits_reaches_90_percent(tmp_path):
 
     history = json.load(open(str(out) + ".json"))
     assert len(history) == 4 and history[-1]["val_acc"] >= 0.90
-    assert "val accuracy" in p.stdout
+    assert "val accuracy" in p.stdout and "epoch   4/4" in p.stdout  # progress is on by default
+
+
+def test_train_noprogress_prints_only_its_last_line(tmp_path):
+    # batch-job logs: no bars, no per-epoch lines
+    p = run_module("pruneflow.train", "--out", tmp_path / "d.safetensors", "--epochs", 2, "--device", "cpu",
+                   "--noprogress")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1].startswith("val accuracy") and "epoch " not in p.stdout, p.stdout
+    assert "batch/s" not in p.stderr, p.stderr
 
 
 def test_prune_cli_prints_before_after(dense_ckpt, tmp_path):

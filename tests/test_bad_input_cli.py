@@ -180,9 +180,21 @@ def test_fire_spellings_of_known_flags_pass_the_check():
     (["--prune.exclude", "[nolayer]"], ["excluded layer(s) ['nolayer'] not in the model", "conv1, conv2, fc1, fc2"]),
     (["--prune.op_types", "[Linear]", "--prune.exclude", "[fc1, fc2]"], ["nothing left to prune", "fc1, fc2"]),
     (["--seeds", "[-1]"], ["seeds: -1 must be a whole number in [0, 2**32)"]),
+    (["--latency.runtimes", "[eager, tensorrt]"], ["latency.runtimes: 'tensorrt' is not valid"]),
+    (["--latency.runtimes", "[]"], ["latency.runtimes must list at least one runtime"]),
+    (["--latency.batch_sizes", "[1, 0]"], ["latency.batch_sizes: 0 must be a whole number >= 1"]),
+    (["--latency.batch_sizes", "[8, 8]"], ["latency.batch_sizes lists 8 more than once"]),
+    (["--latency.compile_mode", "fast"], ["latency.compile_mode 'fast' is not valid"]),
+    (["--latency.target_runtime", "tensorrt"], ["latency.target_runtime 'tensorrt' is not valid"]),
+    (["--latency.target_batch", "0"], ["latency.target_batch must be >= 1"]),
+    (["--prune.round_to", "[8, 8]"], ["prune.round_to lists one rounding twice"]),
+    (["--prune.round_to", "[null, 1]"], ["null and 1 both mean none"]),
+    (["--prune.round_to", "[0]"], ["prune.round_to must be >= 1"]),
+    (["--prune.speedup_targets", "[1]"], ["prune.speedup_targets: 1.0 must be > 1"]),
+    (["--prune.speedup_targets", "[2, 2]"], ["prune.speedup_targets lists 2.0 more than once"]),
 ])
-def test_the_sweep_refuses_a_pruning_selection_before_training(tmp_path, args, needles):
-    # these failed in every trial, after the dense model had trained
+def test_the_sweep_refuses_a_bad_setting_before_training(tmp_path, args, needles):
+    # the selection cases failed in every trial, after the dense model had trained
     p = run_module("pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--noprogress", *args, timeout=120)
     assert_clean_error(p, *needles)
     assert not (tmp_path / "quickstart").exists()

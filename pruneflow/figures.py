@@ -165,6 +165,8 @@ def fig_methods(study, model, dataset, methods, records, x="nominal"):
 
 
 def fig_pareto(study, model, dataset, methods, key, records):
+    from .compare import speedup_interval
+
     rs = [r for r in done(records) if r["device_key"] == key]
     if not rs:
         return None
@@ -173,33 +175,66 @@ def fig_pareto(study, model, dataset, methods, key, records):
     # share the machine, so their absolute times are not comparable with each other; files from before
     # pairing have no speedups and keep the absolute mean.
     if all(r.get("speedup") for r in rs):
-        latency = ("latency relative to the dense model (1 / speedup, timed side by side)", lambda r: 1 / r["speedup"])
+        def x_interval(r):  # 1 / speedup: the speedup interval's ends swap
+            _, lo, hi = speedup_interval([r]) if r["arm"] != "dense" else (1.0, 1.0, 1.0)
+            return 1 / hi, 1 / lo
+
+        latency = ("latency relative to the dense model\n(1 / speedup, timed side by side)", lambda r: 1 / r["speedup"],
+                   x_interval)
     else:
-        latency = ("inference time per batch (ms, mean)", lambda r: 1e3 * r["latency_mean"])
-    for ax, (xlabel, xval) in zip(axes, (latency, ("MACs per image (millions)", lambda r: r["macs"] / 1e6))):
+        latency = ("inference time per batch (ms, mean)", lambda r: 1e3 * r["latency_mean"], None)
+    compute = ("MACs per image (millions)", lambda r: r["macs"] / 1e6, None)  # counted, not measured: exact
+    for ax, (xlabel, xval, xint) in zip(axes, (latency, compute)):
         for m in methods:
             pts = [r for r in rs if r["method"] == m and r["arm"] == "pruned"]
             if pts:
-                ax.scatter([xval(r) for r in pts], [100 * r["val_acc"] for r in pts], s=36, zorder=3,
-                           **mstyle(m, line=False))
+                style = mstyle(m, line=False)
+                _interval_bars(ax, pts, xval, xint, style.get("color") or style.get("edgecolors"))
+                ax.scatter([xval(r) for r in pts], [100 * r["val_acc"] for r in pts], s=36, zorder=3, **style)
         for arm, color, marker in (("dense", DENSE_COLOR, "*"), ("control", CONTROL_COLOR, "D")):
             pts = [r for r in rs if r["arm"] == arm]
             if pts:
                 label = "control (dense, fine-tuned)" if arm == "control" else "dense"
+                _interval_bars(ax, pts, xval, xint, color)
                 ax.scatter([xval(r) for r in pts], [100 * r["val_acc"] for r in pts], color=color, marker=marker,
                            s=110 if marker == "*" else 50, label=label, zorder=4)
         front = pareto_front([(xval(r), 100 * r["val_acc"]) for r in rs])
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", linewidth=1, zorder=2,
-                label="Pareto front")
+                label="Pareto front (point estimates)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0].set_title(f"accuracy vs latency ({_context(study, rs).split('; ')[1]})", fontsize=9)
+    axes[0].set_title(f"accuracy vs latency\n({_context(study, rs).split('; ')[1]})", fontsize=9)
     axes[1].set_title("accuracy vs compute (device-independent)", fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=9)
-    fig.suptitle(f"{model} on {dataset}: Pareto fronts, timed on {device_label(key)}")
+    fig.suptitle(f"{model} on {dataset}: Pareto fronts, timed on {device_label(key)}\nbars: 95 % intervals "
+                 "(Wilson on val, bootstrap of timed pairs)", fontsize=10)
     return fig
+
+
+def _interval_bars(ax, pts, xval, xint, color):
+    """Each trial's 95 % intervals behind its marker: accuracy (Wilson, from its stored val predictions) and,
+    with ``xint``, the x value's; an end that is unknown (files before issue 29) draws no bar."""
+    import numpy as np
+
+    ys = [_val_interval_pct(r) for r in pts]
+    x = np.array([xval(r) for r in pts])
+    yerr = np.nan_to_num(np.array([[y - lo, hi - y] for y, lo, hi in ys]).T, nan=0.0).clip(min=0)
+    xerr = None
+    if xint is not None:
+        ends = np.array([xint(r) for r in pts], dtype=float)
+        xerr = np.nan_to_num(np.vstack([x - ends[:, 0], ends[:, 1] - x]), nan=0.0).clip(min=0)
+    ax.errorbar(x, [y for y, _, _ in ys], yerr=yerr, xerr=xerr, fmt="none", ecolor=color, alpha=0.45,
+                elinewidth=1, capsize=2, zorder=2.5)
+
+
+def _val_interval_pct(r):
+    """(val accuracy, lo, hi) in %: the Wilson interval of the stored predictions (nan ends without them)."""
+    from .compare import accuracy_interval
+
+    _, lo, hi, _ = accuracy_interval(r, "val")
+    return 100 * r["val_acc"], 100 * lo, 100 * hi
 
 
 def fig_size(study, model, dataset, methods, key, records):

@@ -167,6 +167,34 @@ def plotted(study_dir):
     return s.records, alongside, ax.get_xlabel(), points
 
 
+def test_pareto_points_carry_their_95_percent_intervals(study):
+    # a point without an interval is not a result: each trial's accuracy bar is its Wilson interval on val,
+    # its latency bar the bootstrap interval of its timed pairs, inverted (x = 1 / speedup)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.collections import LineCollection
+    from pruneflow.compare import accuracy_interval, speedup_interval
+    from pruneflow.figures import fig_pareto
+    from pruneflow.study import load_study
+
+    s = load_study(study)
+    key = s.records[0]["device_key"]
+    ax = fig_pareto(s, "simple_cnn", "digits", list(METHODS), key, s.records).axes[0]
+    segs = [seg for c in ax.collections if isinstance(c, LineCollection) for seg in c.get_segments()]
+    vertical = [(a[0], a[1], b[1]) for a, b in segs if a[0] == b[0] and a[1] != b[1]]
+    horizontal = [(a[1], a[0], b[0]) for a, b in segs if a[1] == b[1] and a[0] != b[0]]
+    pruned = [r for r in s.records if r["arm"] == "pruned" and r["status"] == "done"]
+    assert pruned
+    for r in pruned:
+        _, lo, hi, n = accuracy_interval(r, "val")
+        x, y = 1 / r["speedup"], 100 * r["val_acc"]
+        assert n > 0 and 100 * lo < y < 100 * hi
+        assert any(v == pytest.approx((x, 100 * lo, 100 * hi)) for v in vertical), r["id"]
+        _, slo, shi = speedup_interval([r])
+        assert any(h == pytest.approx((y, 1 / shi, 1 / slo)) for h in horizontal), r["id"]
+
+
 def test_figures_plot_the_latencies_measured_side_by_side(study, tmp_path):
     records, alongside, xlabel, points = plotted(study)
     # the time figure draws the dense model as timed next to each l1 trial, in ms, sparsity by sparsity

@@ -1,6 +1,6 @@
-"""Bad checkpoints and bad arguments to infer / convert: one clean error line, never a traceback; saved
-checkpoints readable by others. Every file here is written by pruneflow itself (or, for tensors that must not
-match, by safetensors with pruneflow's own metadata)."""
+"""Bad checkpoints, bad arguments to infer / convert and an absent device: one clean error line, never a
+traceback; saved checkpoints readable by others. Every file here is written by pruneflow itself (or, for tensors
+that must not match, by safetensors with pruneflow's own metadata)."""
 import json
 import os
 import stat
@@ -123,3 +123,28 @@ def test_convert_checks_what_it_records(dense_ckpt, tmp_path):
     assert p.returncode == 0, p.stderr
     meta = ckpt_io.read_meta(out)
     assert (meta["in_channels"], meta["input_shape"], meta["method"], meta["sparsity"]) == (1, [1, 28, 28], "l1", 0.5)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda b: (2**60).to_bytes(8, "little") + b[8:], "header too large"),  # an absurd header length
+    (lambda b: len(b).to_bytes(8, "little") + b[8:], "invalid header length"),  # past the end of the file
+    (lambda b: b[:5], "header too small"),
+    (lambda b: b[:8] + b"[" + b[9:], "truncated or corrupt"),  # the JSON header is not an object
+])
+def test_checkpoint_bytes_that_lie_about_their_header_are_one_line(dense_ckpt, tmp_path, damage, needle):
+    # read before anything is allocated from the claimed length: no MemoryError, no traceback
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(damage(open(dense_ckpt, "rb").read()))
+    with pytest.raises(UserError, match=needle):
+        ckpt_io.load(bad)
+    assert_clean_error(run_module("pruneflow.infer", "--ckpt", bad, "--trials", 1, "--noaccuracy"), needle)
+
+
+def test_an_absent_cuda_device_is_one_line_in_each_command(dense_ckpt, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for args in (["pruneflow.infer", "--ckpt", dense_ckpt, "--device", "cuda", "--trials", 1],
+                 ["pruneflow.train", "--out", tmp_path / "d.safetensors", "--device", "cuda"],
+                 ["pruneflow.sweep", "jobs/quickstart.yaml", "--out", tmp_path, "--resources.device", "cuda"]):
+        assert_clean_error(run_module(*args), "device 'cuda' is not available on this machine; available: cpu")
+    assert not any(tmp_path.iterdir())

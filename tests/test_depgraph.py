@@ -115,6 +115,31 @@ def test_nni_speedup_without_its_mask_statistics_gives_the_same_model(caplog):
     assert a["layer1.0.conv1.weight"].shape[0] < 64  # channels were removed
 
 
+def test_rounding_keeps_a_multiple_and_never_rounds_a_layer_to_nothing():
+    from pruneflow.depgraph import kept_rounded
+
+    assert kept_rounded(8, 16, 8) == 8  # already a multiple
+    assert kept_rounded(10, 32, 8) == 16  # 22 kept -> 16
+    assert kept_rounded(14, 16, 8) == 8  # 2 kept would round to 0: keep one multiple
+    assert kept_rounded(3, 4, 8) == 0  # a layer narrower than the multiple stays whole
+
+
+def test_round_to_prunes_more_at_a_higher_sparsity():
+    # Torch-Pruning alone left SimpleCNN whole at 0.9 with round_to 8 (every kept count rounded to 0)
+    import torch.nn as nn
+
+    model = build_model("simple_cnn", 10, 1)
+    widths, reached = {}, []
+    for s in (0.3, 0.5, 0.7, 0.9):
+        pruned, stats = prune(model, "l1@depgraph", s, (1, 28, 28), op_types=("Conv2d", "Linear"),
+                              exclude=("fc2",), round_to=8)
+        widths[s] = [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for m in pruned.modules()
+                     if isinstance(m, (nn.Conv2d, nn.Linear))][:-1]
+        reached.append(stats["channel_sparsity"])
+    assert all(w % 8 == 0 for ws in widths.values() for w in ws), widths
+    assert reached == sorted(reached) and reached[-1] > 0.75, (reached, widths)
+
+
 def test_unknown_backend_method_combination_lists_valid_ones(dense_ckpt, tmp_path):
     for label in ("taylor", "level@depgraph", "l1@torchprune"):
         with pytest.raises(UserError, match=r"valid: level, l1, l2, fpgm \(nni\); l1@depgraph"):

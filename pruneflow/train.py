@@ -277,15 +277,19 @@ def finetune(model, meta, epochs, recipe="finetune", seed=0, device="auto", data
     if epochs == 0:
         loss, acc = evaluate(model, val_b, p.amp_dtype)
         return [dict(epoch=0, train_loss=math.nan, train_acc=math.nan, val_loss=loss, val_acc=acc, lr=0.0, seconds=0.0)]
-    loss_fn = None
-    if distill is not None:
-        from .step import Distill
-
-        teacher.to(dev)
-        if p.channels_last:
-            teacher.to(memory_format=torch.channels_last)
-        loss_fn = Distill(teacher, distill.alpha, distill.temperature)
+    loss_fn = None if distill is None else distiller(teacher, distill, dev, p)
     return fit(model, train_b, val_b, recipe, epochs, p, masks=masks, progress=progress, loss_fn=loss_fn)
+
+
+def distiller(teacher, distill, device, perf):
+    """step.Distill from ``teacher`` (moved to ``device`` in ``perf``'s layout) with a spec.DistillSpec's
+    weights. Fine-tuning and the GPU memory probe both use it: the teacher is part of what a trial occupies."""
+    from .step import Distill
+
+    teacher.to(device)
+    if perf.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    return Distill(teacher, distill.alpha, distill.temperature)
 
 
 def meta_carve(meta):

@@ -56,7 +56,8 @@ def peak_rss_bytes():
 
 def probe_memory(spec, dense_path, steps=4):
     """What one trial occupies on its GPU: a few fine-tuning steps of the dense model (the largest a trial
-    trains) with the study's recipe, loader, precision and compile mode, then one evaluation batch. Returns
+    trains) with the study's recipe, loader, precision, compile mode and distillation teacher, then one
+    evaluation batch. Returns
     {footprint_bytes: the whole process's share of the device (CUDA context, cuDNN workspaces, the caching
     allocator's pool, the device-resident data set), total_bytes, max_allocated_bytes}. Runs in a Ray task that
     holds a whole GPU, so nothing else is counted (on a shared GPU the footprint errs on the large side)."""
@@ -67,7 +68,7 @@ def probe_memory(spec, dense_path, steps=4):
     from .infer import checkpoint as ckpt_io
     from .infer.device import resolve_device
     from .step import WARMUP, make_step
-    from .train import evaluate, get_recipe, make_optimizer, prepare, train_one_epoch
+    from .train import distiller, evaluate, get_recipe, make_optimizer, prepare, train_one_epoch
 
     dev = resolve_device(spec.resources.device)
     if dev.type != "cuda":
@@ -78,8 +79,10 @@ def probe_memory(spec, dense_path, steps=4):
     model, train_b, val_b, p = prepare(model, meta["dataset"], recipe, 0, dev, data.root, data.download,
                                        spec.performance, data.carve())
     opt, _ = make_optimizer(model, recipe, 1, p)
+    # a distilled trial holds its teacher too: the same dense weights again, and its forward's activations
+    loss_fn = distiller(ckpt_io.load(dense_path)[0], ft.distill, dev, p) if ft.distill and ft.epochs else None
     # compiled and recorded as the trials will be: CUDA graphs keep their own memory pools, which a trial holds too
-    step = make_step(model, opt, p)
+    step = make_step(model, opt, p, loss_fn=loss_fn)
     steps = max(steps, WARMUP + 2) if step.graph is not None else steps  # the warm-up, the capture and a replay
     train_one_epoch(model, itertools.islice(iter(train_b), steps), step)
     evaluate(model, itertools.islice(iter(val_b), 1), p.amp_dtype)  # an evaluation batch, as fit runs them

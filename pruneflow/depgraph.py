@@ -44,9 +44,9 @@ def prune_depgraph(model, method, sparsity, input_shape, op_types, exclude, cali
     if method == "slim" and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         raise UserError("slim (BatchNorm-scale) pruning needs BatchNorm layers; this model has none")
     example = torch.rand(2, *input_shape)
-    pruner = RoundedPruner(tp)(model, example, importance=importance(method), pruning_ratio=sparsity,
-                                  ignored_layers=ignored, round_to=round_to, global_pruning=global_pruning,
-                                  **_attention_settings(model, sparsity, heads))
+    pruner = rounded_pruner(tp)(model, example, importance=importance(method), pruning_ratio=sparsity,
+                                ignored_layers=ignored, round_to=round_to, global_pruning=global_pruning,
+                                **_attention_settings(model, sparsity, heads))
     if method == "taylor":
         if not calibration:
             raise UserError("taylor pruning needs calibration batches (training data) for its gradients")
@@ -71,15 +71,15 @@ def kept_rounded(n_pruned, current, round_to):
     return max(current - kept, 0)
 
 
-def RoundedPruner(tp):
-    """Torch-Pruning's BasePruner with :func:`kept_rounded` as its rounding (torch-pruning is pinned to 1.6.x,
-    whose ``_round_to`` this replaces)."""
+def rounded_pruner(tp):
+    """Torch-Pruning's BasePruner class with :func:`kept_rounded` as its rounding (torch-pruning is pinned to
+    1.6.x, whose ``_round_to`` this replaces)."""
 
-    class Pruner(tp.pruner.BasePruner):
+    class RoundedPruner(tp.pruner.BasePruner):
         def _round_to(self, n_pruned, current_channels, round_to):
             return kept_rounded(n_pruned, current_channels, round_to)
 
-    return Pruner
+    return RoundedPruner
 
 
 def _attention_settings(model, sparsity, heads):

@@ -58,6 +58,12 @@ def children(pid):
     return [c.pid for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline())]
 
 
+def as_in_a_terminal():
+    # a terminal's foreground command can be Ctrl-C'd; a background job of a non-interactive shell (a CI
+    # runner's `make test &`) starts with SIGINT ignored, which Python and so the sweep and this test inherit
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig, status, says", [(signal.SIGTERM, 143, "stopped by signal 15"),
                                                (signal.SIGINT, 130, "interrupted")])
 def test_stopping_the_sweep_during_dense_training_stops_the_training(tmp_path, sig, status, says):
@@ -65,7 +71,7 @@ def test_stopping_the_sweep_during_dense_training_stops_the_training(tmp_path, s
     and the epochs it finished stay in the resume file."""
     proc = subprocess.Popen([sys.executable, "-m", "pruneflow.sweep", "jobs/quickstart.yaml", "--seeds", "[0]", "--out", str(tmp_path),
                              "--train_only", "--train.epochs", "200", "--noprogress"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal)
     resume = tmp_path / "quickstart" / "dense-s0.safetensors.resume.pt"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not resume.exists():

@@ -115,9 +115,11 @@ def test_sweep_ray_listens_on_loopback_only_and_refuses_clients_without_its_toke
 
 def test_each_ray_of_a_process_gets_a_fresh_token_and_works():
     # benchmarks/packing.py starts Ray once per K in one process: Ray caches the token it read first
+    import signal
+
     from pruneflow.sweep.pool import local_ray
 
-    tokens = []
+    on_term, tokens = signal.getsignal(signal.SIGTERM), []
     for _ in range(2):
         with local_ray(1, 0):
             import ray
@@ -125,6 +127,7 @@ def test_each_ray_of_a_process_gets_a_fresh_token_and_works():
             tokens.append(open(os.environ["RAY_AUTH_TOKEN_PATH"]).read())
             assert ray.get(ray.remote(lambda: 6 * 7).remote()) == 42
     assert tokens[0] != tokens[1]
+    assert signal.getsignal(signal.SIGTERM) is on_term  # the caller's handler is back once Ray has gone
 
 
 def test_a_ray_without_token_auth_or_loopback_binding_is_refused(monkeypatch):

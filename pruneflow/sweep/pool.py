@@ -8,8 +8,10 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 
 from .. import cluster
 from ..errors import UserError
@@ -36,6 +38,7 @@ def local_ray(cpus, gpus):
     with os.fdopen(os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
         f.write(secrets.token_hex(32))
     saved = {k: os.environ.get(k) for k in (*RAY_ENV, "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    on_term = signal.getsignal(signal.SIGTERM)  # Ray, then the driver, replace it: a caller gets it back
     os.environ.update(RAY_ENV, RAY_AUTH_TOKEN_PATH=token_path)  # Ray's processes inherit these
     os.environ.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the file
     try:
@@ -46,6 +49,8 @@ def local_ray(cpus, gpus):
         if "ray" in sys.modules:
             sys.modules["ray"].shutdown()
         shutil.rmtree(private, ignore_errors=True)
+        if on_term is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -112,8 +112,8 @@ def prune(model, method, sparsity, input_shape, op_types=("Conv2d",), exclude=()
     check_fits(label, vit.is_vit(model), heads)
     # contiguous weights: a model fine-tuned in channels_last (iterative rounds) breaks NNI's mask views
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
-    targets = check_selection(model, op_types, exclude)
     widths = layer_widths(model)
+    targets = check_selection(model, op_types, exclude, widths)
     example = torch.rand(2, *input_shape)
     before = {"params": count_params(model), "macs": count_macs(model, input_shape), "widths": widths}
     config = [{"op_types": list(op_types), "sparse_ratio": sparsity, "exclude_op_names": list(exclude)}]
@@ -354,16 +354,19 @@ def pruned_meta(meta, stats):
     extra = {"target_mac_reduction": stats["target_mac_reduction"]} if "target_mac_reduction" in stats else {}
     return {**meta, **{k: stats[k] for k in keep}, **extra, "accuracy": None}
 
-def check_selection(model, op_types, exclude):
-    """The layers that ``op_types`` and ``exclude`` select in ``model``; refuses an ``exclude`` naming a layer
-    the model lacks, and a selection that leaves nothing to prune."""
+
+def check_selection(model, op_types, exclude, widths=None):
+    """The layers that ``op_types`` and ``exclude`` select in ``model`` (``widths``: its layer_widths, if the
+    caller has them); refuses an ``exclude`` naming a layer the model lacks, and a selection that leaves nothing
+    to prune."""
     names = {n for n, _ in model.named_modules() if n}
     unknown = [e for e in exclude if e not in names]
     if unknown:
         candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         raise UserError(f"excluded layer(s) {unknown} not in the model; its prunable layers: {', '.join(candidates[:12])}"
                         + (" ..." if len(candidates) > 12 else ""))
-    targets = [n for n, t, _, _ in layer_widths(model) if t in op_types and n not in exclude]
+    widths = layer_widths(model) if widths is None else widths
+    targets = [n for n, t, _, _ in widths if t in op_types and n not in exclude]
     if not targets:  # NNI would fail with an IndexError, DepGraph return the model unpruned
         raise UserError(f"nothing left to prune: every {'/'.join(op_types)} layer is excluded ({', '.join(exclude)})")
     return targets
@@ -377,4 +380,3 @@ def main():
 
 if __name__ == "__main__":
     main()
-

@@ -8,7 +8,7 @@ import os
 import re
 
 from .files import atomic
-from .study import curve, device_label, done, mean, pareto_front, speedup, yerr
+from .study import bar_lengths, curve, device_label, done, mean, pareto_front, speedup, yerr
 
 # Fixed colours so a method looks the same in every figure.
 METHOD_COLORS = {"level": "C0", "l1": "C1", "l2": "C2", "fpgm": "C3", "taylor": "C5", "slim": "C6"}
@@ -175,8 +175,8 @@ def fig_pareto(study, model, dataset, methods, key, records):
     # share the machine, so their absolute times are not comparable with each other; files from before
     # pairing have no speedups and keep the absolute mean.
     if all(r.get("speedup") for r in rs):
-        def x_interval(r):  # 1 / speedup: the speedup interval's ends swap
-            _, lo, hi = speedup_interval([r]) if r["arm"] != "dense" else (1.0, 1.0, 1.0)
+        def x_interval(r):  # 1 / speedup: the speedup interval's ends swap (no timed pairs, as dense: no bar)
+            _, lo, hi = speedup_interval([r])
             return 1 / hi, 1 / lo
 
         latency = ("latency relative to the dense model\n(1 / speedup, timed side by side)", lambda r: 1 / r["speedup"],
@@ -216,16 +216,10 @@ def fig_pareto(study, model, dataset, methods, key, records):
 def _interval_bars(ax, pts, xval, xint, color):
     """Each trial's 95 % intervals behind its marker: accuracy (Wilson, from its stored val predictions) and,
     with ``xint``, the x value's; an end that is unknown (files before issue 29) draws no bar."""
-    import numpy as np
-
-    ys = [_val_interval_pct(r) for r in pts]
-    x = np.array([xval(r) for r in pts])
-    yerr = np.nan_to_num(np.array([[y - lo, hi - y] for y, lo, hi in ys]).T, nan=0.0).clip(min=0)
-    xerr = None
-    if xint is not None:
-        ends = np.array([xint(r) for r in pts], dtype=float)
-        xerr = np.nan_to_num(np.vstack([x - ends[:, 0], ends[:, 1] - x]), nan=0.0).clip(min=0)
-    ax.errorbar(x, [y for y, _, _ in ys], yerr=yerr, xerr=xerr, fmt="none", ecolor=color, alpha=0.45,
+    y, y_lo, y_hi = zip(*(_val_interval_pct(r) for r in pts))
+    x = [xval(r) for r in pts]
+    xerr = None if xint is None else bar_lengths(x, *zip(*(xint(r) for r in pts)))
+    ax.errorbar(x, y, yerr=bar_lengths(y, y_lo, y_hi), xerr=xerr, fmt="none", ecolor=color, alpha=0.45,
                 elinewidth=1, capsize=2, zorder=2.5)
 
 

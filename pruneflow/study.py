@@ -272,9 +272,15 @@ def curve(records, device_key, x="nominal"):
 
 def yerr(c, k):
     """matplotlib's yerr for series ``k`` of a curve: distances to the interval's ends (0 where unknown)."""
+    return bar_lengths(c[k], c[f"{k}_lo"], c[f"{k}_hi"])
+
+
+def bar_lengths(v, lo, hi):
+    """matplotlib's xerr/yerr for values ``v`` with intervals [lo, hi]: distances to the ends (0 where unknown)."""
     import numpy as np
 
-    return np.nan_to_num(np.vstack([c[k] - c[f"{k}_lo"], c[f"{k}_hi"] - c[k]]), nan=0.0).clip(min=0)
+    v, lo, hi = (np.asarray(a, dtype=float) for a in (v, lo, hi))
+    return np.nan_to_num(np.vstack([v - lo, hi - v]), nan=0.0).clip(min=0)
 
 
 def pareto_front(points):

@@ -57,10 +57,10 @@ def peak_rss_bytes():
 def probe_memory(spec, dense_path, steps=4):
     """What one trial occupies on its GPU: a few fine-tuning steps of the dense model (the largest a trial
     trains) with the study's recipe, loader, precision, compile mode and distillation teacher, then one
-    evaluation batch. Returns
-    {footprint_bytes: the whole process's share of the device (CUDA context, cuDNN workspaces, the caching
-    allocator's pool, the device-resident data set), total_bytes, max_allocated_bytes}. Runs in a Ray task that
-    holds a whole GPU, so nothing else is counted (on a shared GPU the footprint errs on the large side)."""
+    evaluation batch. Returns {footprint_bytes: the whole process's share of the device (CUDA context, cuDNN
+    workspaces, the caching allocator's pool, the device-resident data set), total_bytes, max_allocated_bytes}.
+    Runs in a Ray task that holds a whole GPU, so nothing else is counted (on a shared GPU the footprint errs on
+    the large side)."""
     import itertools
 
     import torch
